@@ -1,0 +1,3 @@
+"""defectlens: industrial visual anomaly detection on a CPU."""
+
+__version__ = "0.1.0"

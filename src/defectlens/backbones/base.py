@@ -1,0 +1,76 @@
+"""The backbone interface: images in, a dense grid of patch features out.
+
+Every detector talks to a backbone only through :class:`PatchBackbone`, so DINOv2 or CLIP
+from ``transformers`` slot in behind the same two methods as the embedded EfficientNet-Lite.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Iterable, Sequence
+
+import cv2
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from ..data.io import as_image
+
+
+def configure_threads() -> int:
+    """Use every core we were given (CPU affinity, not the machine's count) for intra-op work."""
+    wanted = int(os.environ.get("DEFECTLENS_THREADS", "0")) or len(os.sched_getaffinity(0))
+    if torch.get_num_threads() != wanted:
+        torch.set_num_threads(wanted)
+    return wanted
+
+
+class PatchBackbone:
+    """Turns RGB uint8 images into patch features of shape (N, C, h, w).
+
+    Subclasses set ``name``, ``mean``, ``std``, ``stride`` (input pixels per feature cell)
+    and implement :meth:`forward` on a normalised float tensor.
+    """
+
+    name: str = "backbone"
+    mean: tuple[float, float, float] = (0.485, 0.456, 0.406)
+    std: tuple[float, float, float] = (0.229, 0.224, 0.225)
+    stride: int = 8
+    batch_size: int = 2
+
+    def __init__(self, size: int | tuple[int, int] = 256):
+        self.input_hw = (size, size) if isinstance(size, int) else tuple(size)
+        configure_threads()
+
+    @property
+    def feature_hw(self) -> tuple[int, int]:
+        return (self.input_hw[0] // self.stride, self.input_hw[1] // self.stride)
+
+    @property
+    def feature_dim(self) -> int:
+        raise NotImplementedError
+
+    def forward(self, batch: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def preprocess(self, image: np.ndarray) -> np.ndarray:
+        height, width = self.input_hw
+        resized = cv2.resize(image, (width, height), interpolation=cv2.INTER_AREA)
+        normalised = (resized.astype(np.float32) / 255.0 - np.asarray(self.mean, np.float32)) / np.asarray(self.std, np.float32)
+        return normalised.transpose(2, 0, 1)
+
+    def embed(self, images: Sequence | Iterable, progress: str | None = None, total: int | None = None) -> torch.Tensor:
+        """Features for a list of images (arrays or paths), batched, without autograd."""
+        batches, chunk = [], []
+        items = tqdm(images, desc=progress, total=total, unit="img", disable=progress is None, leave=False)
+        with torch.inference_mode():
+            for item in items:
+                chunk.append(self.preprocess(as_image(item)))
+                if len(chunk) == self.batch_size:
+                    batches.append(self.forward(torch.from_numpy(np.stack(chunk))))
+                    chunk = []
+            if chunk:
+                batches.append(self.forward(torch.from_numpy(np.stack(chunk))))
+        if not batches:
+            return torch.empty(0, self.feature_dim, *self.feature_hw)
+        return torch.cat(batches)

