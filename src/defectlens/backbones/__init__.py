@@ -1,0 +1,22 @@
+"""Backbones: images in, patch features out. ``get_backbone`` builds one by name."""
+
+from __future__ import annotations
+
+from functools import lru_cache
+
+from .base import PatchBackbone, configure_threads
+from .efficientnet_lite import VARIANTS as EFFICIENTNET_LITE_VARIANTS
+from .efficientnet_lite import EfficientNetLite
+
+DEFAULT_BACKBONE = "efficientnet-lite0"
+
+
+@lru_cache(maxsize=4)
+def get_backbone(name: str = DEFAULT_BACKBONE, size: int = 256) -> PatchBackbone:
+    """One shared instance per (name, size): loading weights once per process."""
+    if name in EFFICIENTNET_LITE_VARIANTS:
+        return EfficientNetLite(name, size)
+    raise ValueError(f"unknown backbone '{name}'; available: {', '.join(sorted(EFFICIENTNET_LITE_VARIANTS))}")
+
+
+__all__ = ["PatchBackbone", "EfficientNetLite", "get_backbone", "configure_threads", "DEFAULT_BACKBONE"]

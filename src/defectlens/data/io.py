@@ -39,7 +39,14 @@ def _to_uint8(array: np.ndarray) -> np.ndarray:
         # 16-bit sensors often use only 10-12 bits: scale by the type's range, which keeps
         # brightness comparable between images of one line (per-image stretching would not).
         info = np.iinfo(array.dtype)
-        scaled = (array.astype(np.float64) - info.min) / (info.max - info.min)
+        lo, hi = float(info.min), float(info.max)
+        if info.bits > 16 and array.size:
+            # Wide integers are containers, not bit depths: PIL's "I" mode holds 16-bit data and
+            # numpy's default int64 arrays hold 8-bit values. Their full range would give flat grey.
+            lo, hi = float(array.min()), float(array.max())
+            if lo >= 0 and hi <= 65535:
+                lo, hi = 0.0, 255.0 if hi <= 255 else 65535.0
+        scaled = (array.astype(np.float64) - lo) / (hi - lo) if hi > lo else np.zeros(array.shape)
     else:
         finite = np.nan_to_num(array.astype(np.float64))
         lo, hi = float(finite.min()), float(finite.max())

@@ -63,6 +63,9 @@ class Detector:
         self.threshold: float | None = None
         #: Scores of normal images the model did not see while fitting (held-out folds).
         self.normal_scores: np.ndarray | None = None
+        #: (low, high) anomaly-map values for colouring heatmaps: typical and most anomalous
+        #: values seen on held-out normal images.
+        self.map_range: tuple[float, float] | None = None
 
     # -- contract -------------------------------------------------------------------------
     def fit(self, images: Sequence, masks=None, labels=None) -> "Detector":
@@ -93,6 +96,7 @@ class Detector:
             "method": self.name,
             "params": self.params,
             "threshold": self.threshold,
+            "map_range": self.map_range,
             "extra": self.extra_state(),
         }
         tensors = {k: v.detach().contiguous().cpu() for k, v in self.state_tensors().items()}
@@ -118,6 +122,7 @@ class Detector:
         normal = tensors.pop("__normal_scores__", None)
         detector.normal_scores = None if normal is None else normal.numpy().astype(np.float64)
         detector.threshold = config.get("threshold")
+        detector.map_range = tuple(config["map_range"]) if config.get("map_range") else None
         detector.load_state_tensors(tensors, config.get("extra", {}))
         return detector
 

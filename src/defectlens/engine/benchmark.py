@@ -1,0 +1,191 @@
+"""The k-shot benchmark: shots × seeds runs of one method on one category, mean ± std.
+
+Backbone features of every image are computed once and shared by all runs (the backbone is
+frozen, so this changes no result, only the time). Pixel metrics are computed on maps and
+masks at the image's own aspect ratio, scaled so the longer side is at most ``eval_side``.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Sequence
+
+import cv2
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from .. import __version__
+from ..data.datasets import Dataset, Sample, load_dataset
+from ..data.io import read_image, read_mask
+from ..data.kshot import sample_shots, shot_plan
+from ..engine.fit import normal_training_samples
+from ..metrics import evaluate
+from ..models import DEFAULT_METHOD, create_detector
+from ..models.patch import PatchDetector
+from ..report import ImageRecord
+
+SUMMARY_METRICS = ("image_auroc", "image_aupr", "f1_max", "pixel_auroc", "au_pro", "fpr_at_threshold", "tpr_at_threshold")
+
+
+def parse_shots(text: str) -> list[int | str]:
+    """"0,1,2,4,8,full" -> [0, 1, 2, 4, 8, "full"]."""
+    shots: list[int | str] = []
+    for token in (t.strip() for t in text.split(",") if t.strip()):
+        if token in ("full", "all"):
+            shots.append("full")
+        elif token.isdigit():
+            shots.append(int(token))
+        else:
+            raise ValueError(f"--shots: {token!r} is neither a number nor 'full'")
+    return shots
+
+
+@dataclass
+class TestSet:
+    samples: list[Sample]
+    labels: np.ndarray
+    defect_types: list[str]
+    masks: list[np.ndarray] = field(default_factory=list)  # at evaluation size
+    eval_shapes: list[tuple[int, int]] = field(default_factory=list)
+
+
+def _eval_shape(shape: tuple[int, int], eval_side: int) -> tuple[int, int]:
+    scale = min(1.0, eval_side / max(shape))
+    return max(1, round(shape[0] * scale)), max(1, round(shape[1] * scale))
+
+
+def _load_mask(sample: Sample, shape: tuple[int, int], eval_shape: tuple[int, int]) -> np.ndarray:
+    union = np.zeros(shape, dtype=bool)
+    for mask_path in sample.mask_paths:
+        union |= read_mask(mask_path, shape)
+    return cv2.resize(union.astype(np.uint8), (eval_shape[1], eval_shape[0]), interpolation=cv2.INTER_NEAREST) > 0
+
+
+def _embed_test(backbone, samples: list[Sample], eval_side: int) -> tuple[torch.Tensor, TestSet]:
+    test = TestSet(samples=samples, labels=np.array([s.label for s in samples]), defect_types=[s.defect_type for s in samples])
+
+    def images():
+        for sample in samples:
+            image = read_image(sample.path)
+            eval_shape = _eval_shape(image.shape[:2], eval_side)
+            test.eval_shapes.append(eval_shape)
+            test.masks.append(_load_mask(sample, image.shape[:2], eval_shape))
+            yield image
+
+    features = backbone.embed(images(), progress="test features", total=len(samples))
+    return features, test
+
+
+def _threshold_rates(scores: np.ndarray, labels: np.ndarray, threshold: float | None) -> tuple[float, float]:
+    if threshold is None:
+        return math.nan, math.nan
+    flagged = scores > threshold
+    normal, anomalous = labels == 0, labels == 1
+    fpr = float(flagged[normal].mean()) if normal.any() else math.nan
+    tpr = float(flagged[anomalous].mean()) if anomalous.any() else math.nan
+    return fpr, tpr
+
+
+def run_benchmark(data, kind: str = "auto", method: str = DEFAULT_METHOD, shots: Sequence[int | str] = (1, 2, 4, 8, "full"),
+                  seeds: int = 5, size: int = 256, eval_side: int = 512, params: dict | None = None,
+                  dataset: Dataset | None = None) -> dict:
+    """Run the k-shot protocol; returns a JSON-serialisable dict with every run and a summary.
+
+    The last run's per-image results are attached under ``"_records"`` (not JSON) for the report.
+    """
+    params = dict(params or {})
+    dataset = dataset or load_dataset(data, kind=kind)
+    train = normal_training_samples(dataset)
+    test = [s for s in dataset.test if s.label in (0, 1)]
+    if not test:
+        raise ValueError(f"{dataset.root}: no labelled test images to benchmark on")
+    probe = create_detector(method, size=size, **params)
+    if not isinstance(probe, PatchDetector):
+        raise NotImplementedError(f"benchmark of '{method}' is not supported yet")
+    backbone = probe.backbone
+    test_features, test_set = _embed_test(backbone, test, eval_side)
+    train_features = backbone.embed([s.path for s in train], progress="train features", total=len(train)) if train else None
+    index_of = {s.path: i for i, s in enumerate(train)}
+
+    shot_counts = [len(train) if s == "full" else int(s) for s in shots]
+    runs, records = [], None
+    plan = shot_plan(len(train), shot_counts, seeds)
+    for run_shots, seed in tqdm(plan, desc=f"{method} runs", unit="run"):
+        if run_shots == 0:
+            continue  # memory-bank methods need normal images; zero-shot methods come with their own path
+        picked = sample_shots(train, run_shots, seed)
+        features = train_features[[index_of[s.path] for s in picked]]
+        detector = create_detector(method, size=size, seed=seed, **params)
+        started = time.perf_counter()
+        detector.fit_from_features(features)
+        fit_seconds = time.perf_counter() - started
+        started = time.perf_counter()
+        scores, patch_maps = detector.score_feature_batch(test_features)
+        score_ms = (time.perf_counter() - started) / len(test) * 1000
+        maps = [detector.upsample_map(m.numpy(), shape) for m, shape in zip(patch_maps, test_set.eval_shapes)]
+        metrics = evaluate(test_set.labels, scores, test_set.defect_types, test_set.masks, maps)
+        fpr, tpr = _threshold_rates(scores, test_set.labels, detector.threshold)
+        runs.append({"shots": run_shots, "seed": seed, "threshold": detector.threshold, "fpr_at_threshold": fpr,
+                     "tpr_at_threshold": tpr, "fit_seconds": fit_seconds, "score_ms_per_image": score_ms, "metrics": metrics})
+        records = [ImageRecord(path=str(s.path), score=float(score), label=int(s.label), defect_type=s.defect_type,
+                               anomaly_map=m, mask=mask)
+                   for s, score, m, mask in zip(test, scores, maps, test_set.masks)]
+    return {
+        "defectlens_version": __version__,
+        "dataset": str(dataset.root), "kind": dataset.kind, "category": dataset.category,
+        "method": method, "backbone": probe.params["backbone"], "size": size, "params": params,
+        "n_train": len(train), "n_test": len(test), "seeds": seeds,
+        "runs": runs, "summary": summarise(runs),
+        "_records": records, "_threshold": runs[-1]["threshold"] if runs else None,
+    }
+
+
+def _mean_std(values: list[float]) -> tuple[float, float]:
+    finite = [v for v in values if v is not None and math.isfinite(v)]
+    if not finite:
+        return math.nan, math.nan
+    return float(np.mean(finite)), float(np.std(finite))
+
+
+def summarise(runs: list[dict]) -> list[dict]:
+    """One row per shot count: mean and std over seeds of each metric ("all" block), plus
+    image AUROC per defect type."""
+    rows = []
+    for shots in sorted({r["shots"] for r in runs}):
+        group = [r for r in runs if r["shots"] == shots]
+        row: dict = {"shots": shots, "n_seeds": len(group)}
+        for name in SUMMARY_METRICS:
+            values = [r[name] if name in r else r["metrics"]["all"].get(name, math.nan) for r in group]
+            row[name] = _mean_std(values)
+        for defect_type in group[0]["metrics"]:
+            if defect_type != "all":
+                row[f"image_auroc[{defect_type}]"] = _mean_std([r["metrics"][defect_type]["image_auroc"] for r in group])
+        row["fit_seconds"] = _mean_std([r["fit_seconds"] for r in group])
+        row["score_ms_per_image"] = _mean_std([r["score_ms_per_image"] for r in group])
+        rows.append(row)
+    return rows
+
+
+def format_table(summary: list[dict], n_train: int | None = None) -> list[dict[str, str]]:
+    """Summary rows as strings 'mean ± std' for printing and for the HTML report."""
+    table = []
+    for row in summary:
+        shots = "full" if n_train is not None and row["shots"] == n_train else str(row["shots"])
+        cells = {"shots": f"{shots} ({row['shots']} img)" if shots == "full" else shots, "seeds": str(row["n_seeds"])}
+        for key, value in row.items():
+            if isinstance(value, tuple):
+                mean, std = value
+                digits = 1 if key in ("fit_seconds", "score_ms_per_image") else 3
+                cells[key] = "–" if math.isnan(mean) else (f"{mean:.{digits}f} ± {std:.{digits}f}" if row["n_seeds"] > 1 else f"{mean:.{digits}f}")
+        table.append(cells)
+    return table
+
+
+def markdown_table(table: list[dict[str, str]], columns: Sequence[str]) -> str:
+    lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
+    lines += ["| " + " | ".join(row.get(c, "–") for c in columns) + " |" for row in table]
+    return "\n".join(lines)

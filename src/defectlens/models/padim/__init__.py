@@ -1,0 +1,3 @@
+from .model import PaDiM
+
+__all__ = ["PaDiM"]

@@ -1,0 +1,50 @@
+"""PaDiM (Defard et al., ICPR 2021): a Gaussian per patch position (mean and covariance over
+the normal images); the Mahalanobis distance to it is the patch score. Assumes aligned parts."""
+
+from __future__ import annotations
+
+import torch
+
+from ..base import register
+from ..patch import PatchDetector
+
+
+@register
+class PaDiM(PatchDetector):
+    name = "padim"
+
+    def __init__(self, feature_dims: int = 100, regularisation: float = 0.01, **params):
+        """``feature_dims``: random channels kept (the paper's dimensionality reduction, which
+        keeps the per-position covariances small). ``regularisation``: εI added to each
+        covariance so it stays invertible with few images (with one image it is εI alone)."""
+        super().__init__(feature_dims=feature_dims, regularisation=regularisation, **params)
+        self.channels: torch.Tensor | None = None
+        self.mean: torch.Tensor | None = None
+        self.precision: torch.Tensor | None = None
+
+    def fit_features(self, features: torch.Tensor) -> None:
+        total = features.shape[1]
+        keep = min(self.params["feature_dims"], total)
+        generator = torch.Generator().manual_seed(self.params["seed"])
+        self.channels = torch.randperm(total, generator=generator)[:keep].sort().values
+        # (positions, images, channels), in float64 for a stable covariance.
+        samples = features[:, self.channels].flatten(2).permute(2, 0, 1).double()
+        self.mean = samples.mean(dim=1)
+        centred = samples - self.mean[:, None, :]
+        count = samples.shape[1]
+        covariance = centred.transpose(1, 2) @ centred / max(count - 1, 1)
+        covariance += self.params["regularisation"] * torch.eye(keep, dtype=torch.float64)
+        self.precision = torch.linalg.inv(covariance).float()
+        self.mean = self.mean.float()
+
+    def score_features(self, features: torch.Tensor) -> torch.Tensor:
+        count, _, height, width = features.shape
+        centred = features[:, self.channels].flatten(2).permute(2, 0, 1) - self.mean[:, None, :]
+        squared = torch.einsum("pnc,pcd,pnd->pn", centred, self.precision, centred).clamp_min(0)
+        return squared.sqrt().T.reshape(count, height, width)
+
+    def state_tensors(self) -> dict[str, torch.Tensor]:
+        return {"channels": self.channels, "mean": self.mean, "precision": self.precision}
+
+    def load_state_tensors(self, tensors, extra) -> None:
+        self.channels, self.mean, self.precision = tensors["channels"], tensors["mean"], tensors["precision"]

@@ -1,0 +1,3 @@
+from .model import PatchCore
+
+__all__ = ["PatchCore"]

@@ -1,0 +1,67 @@
+"""PatchCore (Roth et al., CVPR 2022): a coreset of normal patch features, nearest-neighbour
+distance as the patch score, and the paper's re-weighting of the image score."""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from ..base import register
+from ..memory import NearestNeighbours, greedy_coreset
+from ..patch import PatchDetector
+
+
+def flatten_patches(features: torch.Tensor) -> torch.Tensor:
+    """(N, C, h, w) -> (N*h*w, C), one row per patch."""
+    return features.permute(0, 2, 3, 1).reshape(-1, features.shape[1])
+
+
+@register
+class PatchCore(PatchDetector):
+    name = "patchcore"
+
+    def __init__(self, bank_size: int = 4096, reweight_neighbours: int = 9, **params):
+        """``bank_size``: patches kept by the coreset. Search time grows linearly with it; 4096
+        keeps prediction within budget on 2 cores (see benchmarks/). ``reweight_neighbours``:
+        b in the paper's image-score re-weighting (0 disables it)."""
+        super().__init__(bank_size=bank_size, reweight_neighbours=reweight_neighbours, **params)
+        self.bank: torch.Tensor | None = None
+        self._index: NearestNeighbours | None = None
+
+    def fit_features(self, features: torch.Tensor) -> None:
+        patches = flatten_patches(features)
+        keep = greedy_coreset(patches, self.params["bank_size"], seed=self.params["seed"], progress=True)
+        self._set_bank(patches[keep].contiguous())
+
+    def _set_bank(self, bank: torch.Tensor) -> None:
+        self.bank = bank
+        self._index = NearestNeighbours(bank.numpy())
+
+    def score_features(self, features: torch.Tensor) -> torch.Tensor:
+        count, _, height, width = features.shape
+        distances, _ = self._index.search(flatten_patches(features).numpy(), k=1)
+        return torch.from_numpy(distances[:, 0]).reshape(count, height, width)
+
+    def image_scores(self, patch_scores: torch.Tensor, features: torch.Tensor) -> torch.Tensor:
+        """Max patch distance, scaled down when the nearest bank patch m* sits in a dense
+        region of the bank (its neighbours are nearly as close): a distance there is less
+        surprising than one near an isolated bank patch. Eq. 7 of the paper."""
+        flat = patch_scores.flatten(1)
+        worst = flat.argmax(dim=1)
+        neighbours = self.params["reweight_neighbours"]
+        if neighbours <= 0 or self.bank.shape[0] <= neighbours:
+            return flat.gather(1, worst[:, None])[:, 0]
+        patches = features.permute(0, 2, 3, 1).reshape(features.shape[0], -1, features.shape[1])
+        worst_patches = patches[torch.arange(len(worst)), worst].numpy()
+        _, nearest = self._index.search(worst_patches, k=1)
+        # Bank neighbours of m* (m* itself comes first), then distances from the test patch to them.
+        _, support = self._index.search(self.bank[nearest[:, 0]].numpy(), k=neighbours)
+        to_support = np.linalg.norm(self.bank.numpy()[support] - worst_patches[:, None, :], axis=2)
+        weights = 1.0 - torch.softmax(torch.from_numpy(to_support), dim=1)[:, 0]
+        return weights.float() * flat.gather(1, worst[:, None])[:, 0]
+
+    def state_tensors(self) -> dict[str, torch.Tensor]:
+        return {"bank": self.bank}
+
+    def load_state_tensors(self, tensors, extra) -> None:
+        self._set_bank(tensors["bank"].float())

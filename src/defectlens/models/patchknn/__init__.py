@@ -1,0 +1,3 @@
+from .model import PatchKNN
+
+__all__ = ["PatchKNN"]

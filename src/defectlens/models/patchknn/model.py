@@ -1,0 +1,89 @@
+"""Patch kNN in the style of AnomalyDINO (Damm et al., 2024): every normal patch is kept,
+cosine distance to the nearest one is the patch score, the image score is the mean of the
+top 1 % patch scores, and optional foreground masking ignores the background."""
+
+from __future__ import annotations
+
+import cv2
+import numpy as np
+import torch
+
+from ..base import register
+from ..memory import NearestNeighbours, greedy_coreset
+from ..patch import PatchDetector
+from ..patchcore.model import flatten_patches
+
+
+def pca_foreground(features: torch.Tensor, axis: torch.Tensor, mean: torch.Tensor) -> torch.Tensor:
+    """Boolean (N, h, w) foreground from the sign of the first principal component, closed
+    morphologically so thin gaps inside a part do not become background."""
+    projection = (flatten_patches(features) - mean) @ axis
+    masks = (projection > 0).reshape(features.shape[0], *features.shape[2:]).numpy().astype(np.uint8)
+    kernel = np.ones((3, 3), np.uint8)
+    closed = [cv2.dilate(cv2.morphologyEx(m, cv2.MORPH_CLOSE, kernel), kernel) > 0 for m in masks]
+    return torch.from_numpy(np.stack(closed))
+
+
+@register
+class PatchKNN(PatchDetector):
+    name = "patchknn"
+
+    def __init__(self, foreground: bool = False, top_fraction: float = 0.01, bank_size: int | None = None, **params):
+        """``foreground``: mask the background (for objects on a plain background; leave off
+        for textures, whose whole image is foreground). ``bank_size``: cap the bank with a
+        greedy coreset (None keeps every patch, as the method intends for few shots)."""
+        super().__init__(foreground=foreground, top_fraction=top_fraction, bank_size=bank_size, **params)
+        self.bank: torch.Tensor | None = None
+        self.pca_axis: torch.Tensor | None = None
+        self.pca_mean: torch.Tensor | None = None
+        self._index: NearestNeighbours | None = None
+
+    def fit_features(self, features: torch.Tensor) -> None:
+        patches = flatten_patches(features)
+        if self.params["foreground"]:
+            self._fit_foreground(features)
+            patches = patches[pca_foreground(features, self.pca_axis, self.pca_mean).flatten()]
+        if self.params["bank_size"] is not None:
+            patches = patches[greedy_coreset(patches, self.params["bank_size"], seed=self.params["seed"], progress=True)]
+        self._set_bank(patches.contiguous())
+
+    def _fit_foreground(self, features: torch.Tensor) -> None:
+        """First principal component of the normal patches, signed so that the image centre
+        (where a part usually sits) is foreground."""
+        patches = flatten_patches(features)
+        self.pca_mean = patches.mean(dim=0)
+        _, _, vectors = torch.pca_lowrank(patches - self.pca_mean, q=1, center=False)
+        axis = vectors[:, 0]
+        height, width = features.shape[2:]
+        centre = features[:, :, height // 4 : height - height // 4, width // 4 : width - width // 4]
+        if float(((flatten_patches(centre) - self.pca_mean) @ axis).mean()) < 0:
+            axis = -axis
+        self.pca_axis = axis
+
+    def _set_bank(self, bank: torch.Tensor) -> None:
+        self.bank = bank
+        self._index = NearestNeighbours(bank.numpy(), metric="cosine")
+
+    def score_features(self, features: torch.Tensor) -> torch.Tensor:
+        count, _, height, width = features.shape
+        distances, _ = self._index.search(flatten_patches(features).numpy(), k=1)
+        scores = torch.from_numpy(distances[:, 0]).reshape(count, height, width)
+        if self.params["foreground"]:
+            scores = scores * pca_foreground(features, self.pca_axis, self.pca_mean)
+        return scores
+
+    def image_scores(self, patch_scores: torch.Tensor, features: torch.Tensor) -> torch.Tensor:
+        flat = patch_scores.flatten(1)
+        top = max(1, int(round(self.params["top_fraction"] * flat.shape[1])))
+        return flat.topk(top, dim=1).values.mean(dim=1)
+
+    def state_tensors(self) -> dict[str, torch.Tensor]:
+        tensors = {"bank": self.bank}
+        if self.params["foreground"]:
+            tensors.update(pca_axis=self.pca_axis, pca_mean=self.pca_mean)
+        return tensors
+
+    def load_state_tensors(self, tensors, extra) -> None:
+        self.pca_axis = tensors.get("pca_axis")
+        self.pca_mean = tensors.get("pca_mean")
+        self._set_bank(tensors["bank"].float())

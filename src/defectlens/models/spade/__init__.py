@@ -1,0 +1,3 @@
+from .model import SPADE
+
+__all__ = ["SPADE"]

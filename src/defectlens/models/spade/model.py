@@ -1,0 +1,54 @@
+"""SPADE (Cohen & Hoshen, 2020): find the K normal images nearest in global features, then
+score each patch by its distance to the nearest patch of those images (any position)."""
+
+from __future__ import annotations
+
+import torch
+
+from ..base import register
+from ..memory import NearestNeighbours
+from ..patch import PatchDetector
+from ..patchcore.model import flatten_patches
+
+
+@register
+class SPADE(PatchDetector):
+    name = "spade"
+
+    def __init__(self, neighbour_images: int = 10, **params):
+        """``neighbour_images``: K, the normal images whose patches form each test image's gallery."""
+        super().__init__(neighbour_images=neighbour_images, **params)
+        self.patches: torch.Tensor | None = None
+        self._global_index: NearestNeighbours | None = None
+
+    @staticmethod
+    def _global(features: torch.Tensor) -> torch.Tensor:
+        return features.mean(dim=(2, 3))
+
+    def fit_features(self, features: torch.Tensor) -> None:
+        self.patches = features.contiguous()
+        self._global_index = NearestNeighbours(self._global(features).numpy())
+
+    def _nearest_images(self, features: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        distances, indices = self._global_index.search(self._global(features).numpy(), k=self.params["neighbour_images"])
+        return torch.from_numpy(distances), torch.from_numpy(indices)
+
+    def score_features(self, features: torch.Tensor) -> torch.Tensor:
+        _, nearest = self._nearest_images(features)
+        maps = []
+        for feature, gallery_ids in zip(features, nearest):
+            gallery = flatten_patches(self.patches[gallery_ids])
+            queries = flatten_patches(feature[None])
+            maps.append(torch.cdist(queries, gallery).amin(dim=1).reshape(feature.shape[1:]))
+        return torch.stack(maps)
+
+    def image_scores(self, patch_scores: torch.Tensor, features: torch.Tensor) -> torch.Tensor:
+        """The paper's image score: mean distance to the K nearest normal images."""
+        distances, _ = self._nearest_images(features)
+        return distances.float().mean(dim=1)
+
+    def state_tensors(self) -> dict[str, torch.Tensor]:
+        return {"patches": self.patches}
+
+    def load_state_tensors(self, tensors, extra) -> None:
+        self.fit_features(tensors["patches"].float())
