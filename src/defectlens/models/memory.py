@@ -37,19 +37,12 @@ class NearestNeighbours:
         return 1.0 - similarity_or_sq, indices
 
 
-def greedy_coreset(features: torch.Tensor, size: int, projection_dim: int = 128, seed: int = 0, progress: bool = False) -> torch.Tensor:
-    """Indices of a greedy k-center coreset (PatchCore): each pick is the point farthest from
-    those already picked. Distances are computed on a random projection, which preserves them
-    approximately (Johnson-Lindenstrauss) at a fraction of the cost."""
-    count = features.shape[0]
+def _k_center(points: torch.Tensor, size: int, generator: torch.Generator, progress: bool = False) -> torch.Tensor:
+    """Greedy k-center on (already projected) points: each pick is the point farthest from the
+    points picked so far. Squared distances via |x|^2 - 2 x.c + |c|^2, one product per pick."""
+    count = points.shape[0]
     if size >= count:
         return torch.arange(count)
-    generator = torch.Generator().manual_seed(seed)
-    points = features.float()
-    if points.shape[1] > projection_dim:
-        projection = torch.randn(points.shape[1], projection_dim, generator=generator) / projection_dim**0.5
-        points = points @ projection
-    # Squared distances by |x|^2 - 2 x.c + |c|^2: one matrix-vector product per pick.
     squared_norms = (points * points).sum(dim=1)
     picked = torch.empty(size, dtype=torch.long)
     picked[0] = int(torch.randint(count, (1,), generator=generator))
@@ -58,6 +51,35 @@ def greedy_coreset(features: torch.Tensor, size: int, projection_dim: int = 128,
         if step:
             picked[step] = int(torch.argmax(min_distance))
         centre = picked[step]
-        distance = squared_norms - 2.0 * (points @ points[centre]) + squared_norms[centre]
-        torch.minimum(min_distance, distance, out=min_distance)
+        torch.minimum(min_distance, squared_norms - 2.0 * (points @ points[centre]) + squared_norms[centre], out=min_distance)
     return picked
+
+
+def greedy_coreset(features: torch.Tensor, size: int, projection_dim: int = 128, seed: int = 0, progress: bool = False,
+                   groups: int = 1, pool_factor: int = 4) -> torch.Tensor:
+    """Indices of a greedy k-center coreset (PatchCore) of ``size`` rows of ``features``.
+
+    Distances are computed on a random projection, which preserves them approximately
+    (Johnson-Lindenstrauss). Each pick is one pass over all points, which is memory-bound on
+    a CPU, so with many points (``groups`` > 1 consecutive blocks, one per image) we first keep
+    the k-center of each image (about ``pool_factor`` × ``size`` points in all), then run the
+    global k-center on that pool: a patch far from every other patch is also far from those of
+    its own image, so the points that matter survive the first stage.
+    """
+    count = features.shape[0]
+    if size >= count:
+        return torch.arange(count)
+    generator = torch.Generator().manual_seed(seed)
+    points = features.float()
+    if points.shape[1] > projection_dim:
+        projection = torch.randn(points.shape[1], projection_dim, generator=generator) / projection_dim**0.5
+        points = points @ projection
+    if groups > 1 and count > pool_factor * size:
+        per_group = count // groups
+        keep = -(-pool_factor * size // groups)
+        pool = torch.cat([
+            start + _k_center(points[start : start + per_group], keep, generator)
+            for start in range(0, per_group * groups, per_group)
+        ])
+        return pool[_k_center(points[pool], size, generator, progress)]
+    return _k_center(points, size, generator, progress)

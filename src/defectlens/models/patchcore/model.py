@@ -30,7 +30,7 @@ class PatchCore(PatchDetector):
 
     def fit_features(self, features: torch.Tensor) -> None:
         patches = flatten_patches(features)
-        keep = greedy_coreset(patches, self.params["bank_size"], seed=self.params["seed"], progress=True)
+        keep = greedy_coreset(patches, self.params["bank_size"], seed=self.params["seed"], progress=True, groups=features.shape[0])
         self._set_bank(patches[keep].contiguous())
 
     def _set_bank(self, bank: torch.Tensor) -> None:

@@ -1,0 +1,92 @@
+import csv
+import json
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from defectlens.cli import main
+
+
+@pytest.fixture(scope="module")
+def model_path(tmp_path_factory, normal_images):
+    folder = tmp_path_factory.mktemp("good")
+    for i, image in enumerate(normal_images[:4]):
+        Image.fromarray(image).save(folder / f"good_{i}.png")
+    path = tmp_path_factory.mktemp("models") / "model.dlmodel"
+    assert main(["fit", str(folder), "-o", str(path), "--size", "128"]) == 0
+    return path
+
+
+@pytest.fixture()
+def mixed_inputs(tmp_path, normal_images, defect_image):
+    """Every kind of input a line PC throws at us, good and bad."""
+    folder = tmp_path / "inputs"
+    folder.mkdir()
+    Image.fromarray(defect_image).save(folder / "rgb.png")
+    Image.fromarray(normal_images[5][..., 0]).save(folder / "gray.png")
+    Image.fromarray((normal_images[5][..., 0].astype(np.uint16) * 257)).save(folder / "deep16.png")
+    rgba = np.dstack([normal_images[5], np.full(normal_images[5].shape[:2], 255, np.uint8)])
+    Image.fromarray(rgba, "RGBA").save(folder / "alpha.png")
+    (folder / "empty.png").write_bytes(b"")
+    whole = (folder / "rgb.png").read_bytes()
+    (folder / "truncated.png").write_bytes(whole[: len(whole) // 2])
+    (folder / "notes.jpg").write_text("not an image")
+    return folder
+
+
+def read_rows(path):
+    with open(path, newline="") as handle:
+        return {row["path"].rsplit("/", 1)[-1]: row for row in csv.DictReader(handle)}
+
+
+def test_predict_survives_bad_files_and_writes_maps_at_image_size(model_path, mixed_inputs, tmp_path, capsys):
+    out_csv, maps = tmp_path / "out.csv", tmp_path / "maps"
+    status = main(["predict", str(model_path), str(mixed_inputs), "--csv", str(out_csv), "--maps", str(maps)])
+    assert status == 1, "a failed input must give a non-zero exit status"
+    rows = read_rows(out_csv)
+    assert set(rows) == {"rgb.png", "gray.png", "deep16.png", "alpha.png", "empty.png", "truncated.png", "notes.jpg"}
+    for bad in ("empty.png", "truncated.png", "notes.jpg"):
+        assert rows[bad]["score"] == "" and bad in rows[bad]["error"]
+    for good in ("rgb.png", "gray.png", "deep16.png", "alpha.png"):
+        assert float(rows[good]["score"]) >= 0 and rows[good]["label"] in ("normal", "anomalous")
+        assert np.load(maps / good.replace(".png", ".npy")).shape == (128, 128)
+    assert rows["rgb.png"]["label"] == "anomalous"
+    assert float(rows["rgb.png"]["score"]) > max(float(rows[g]["score"]) for g in ("gray.png", "deep16.png", "alpha.png"))
+    assert "empty" in capsys.readouterr().err
+
+
+def test_predict_refuses_to_overwrite_and_overlays_are_images(model_path, mixed_inputs, tmp_path):
+    out_csv = tmp_path / "out.csv"
+    out_csv.write_text("precious")
+    assert main(["predict", str(model_path), str(mixed_inputs / "rgb.png"), "--csv", str(out_csv)]) == 2
+    assert out_csv.read_text() == "precious"
+    overlays = tmp_path / "overlays"
+    assert main(["predict", str(model_path), str(mixed_inputs / "rgb.png"), "--csv", str(out_csv), "--overwrite",
+                 "--overlays", str(overlays)]) == 0
+    assert Image.open(overlays / "rgb.png").size == (128, 128)
+
+
+def test_fit_refuses_to_overwrite_a_model(model_path, tmp_path):
+    before = model_path.read_bytes()
+    assert main(["fit", str(tmp_path), "-o", str(model_path)]) == 2
+    assert model_path.read_bytes() == before
+
+
+def test_predict_with_a_corrupt_model_file_is_a_clear_error(tmp_path, mixed_inputs, capsys):
+    bad = tmp_path / "bad.dlmodel"
+    bad.write_bytes(b"\x00" * 64)
+    assert main(["predict", str(bad), str(mixed_inputs / "rgb.png")]) == 2
+    assert "bad.dlmodel" in capsys.readouterr().err
+
+
+def test_benchmark_writes_json_and_report(synthetic_mvtec, tmp_path):
+    out_json, report = tmp_path / "bench.json", tmp_path / "bench.html"
+    assert main(["benchmark", str(synthetic_mvtec), "--shots", "1,2,full", "--seeds", "2", "--size", "128",
+                 "--json", str(out_json), "--report", str(report)]) == 0
+    result = json.loads(out_json.read_text())
+    assert [(r["shots"], r["seed"]) for r in result["runs"]] == [(1, 0), (1, 1), (2, 0), (2, 1), (8, 0)]
+    assert [row["shots"] for row in result["summary"]] == [1, 2, 8]
+    assert 0.0 <= result["summary"][-1]["image_auroc"][0] <= 1.0
+    assert "au_pro" in result["runs"][0]["metrics"]["all"]
+    assert report.read_text().count("<img") >= 3

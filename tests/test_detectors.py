@@ -1,0 +1,87 @@
+import numpy as np
+import pytest
+import torch
+
+from defectlens.models import REGISTRY, Detector, ModelFileError, create_detector
+from defectlens.models.memory import greedy_coreset
+
+PATCH_METHODS = ["patchcore", "padim", "spade", "patchknn"]
+
+
+@pytest.mark.parametrize("method", PATCH_METHODS)
+def test_defect_scores_above_every_normal_and_map_peaks_on_it(method, normal_images, defect_image):
+    detector = create_detector(method, size=128).fit(normal_images[:5])
+    prediction = detector.predict([normal_images[5], defect_image])
+    assert prediction.scores.shape == (2,)
+    assert prediction.scores[1] > prediction.scores[0]
+    assert prediction.maps.shape == (2, 128, 128)
+    peak = np.unravel_index(np.argmax(prediction.maps[1]), prediction.maps[1].shape)
+    assert 72 <= peak[0] <= 108 and 22 <= peak[1] <= 58, f"map peak {peak} is not on the defect"
+
+
+@pytest.mark.parametrize("method", PATCH_METHODS)
+def test_save_load_round_trip_gives_identical_predictions(method, normal_images, defect_image, tmp_path):
+    detector = create_detector(method, size=128).fit(normal_images[:4])
+    path = detector.save(tmp_path / "model.dlmodel")
+    loaded = Detector.load(path)
+    assert type(loaded) is type(detector) and loaded.params == detector.params
+    assert loaded.threshold == pytest.approx(detector.threshold)
+    before, after = detector.predict([defect_image]), loaded.predict([defect_image])
+    np.testing.assert_allclose(after.scores, before.scores, rtol=1e-5)
+    np.testing.assert_allclose(after.maps, before.maps, rtol=1e-4, atol=1e-5)
+
+
+def test_maps_come_back_at_each_images_own_size(normal_images):
+    detector = create_detector("patchcore", size=128).fit(normal_images[:3])
+    wide = np.zeros((90, 200, 3), np.uint8) + 120
+    prediction = detector.predict([normal_images[0], wide])
+    assert [m.shape for m in prediction.maps] == [(128, 128), (90, 200)]
+
+
+def test_threshold_needs_two_normal_images_and_separates_normals(normal_images, defect_image):
+    single = create_detector("patchcore", size=128).fit(normal_images[:1])
+    assert single.threshold is None
+    detector = create_detector("patchcore", size=128).fit(normal_images[:5])
+    assert detector.threshold is not None and len(detector.normal_scores) == 5
+    assert detector.predict([defect_image]).scores[0] > detector.threshold
+
+
+def test_fit_without_images_is_a_clear_error():
+    with pytest.raises(ValueError, match="at least one"):
+        create_detector("patchcore").fit([])
+
+
+def test_coreset_covers_every_cluster():
+    generator = torch.Generator().manual_seed(0)
+    centres = torch.tensor([[0.0] * 8, [10.0] * 8, [-10.0] * 8, [10.0] * 4 + [-10.0] * 4])
+    points = torch.cat([c + 0.1 * torch.randn(250, 8, generator=generator) for c in centres])
+    assert sorted({int(i) // 250 for i in greedy_coreset(points, 4)}) == [0, 1, 2, 3]
+    # Two-stage version (per image first): clusters spread over 10 "images" of 100 points.
+    shuffled = points[torch.randperm(1000, generator=generator)]
+    picked = greedy_coreset(shuffled, 4, groups=10, pool_factor=2)
+    assert len({tuple(torch.round(shuffled[i] / 10).tolist()) for i in picked}) == 4
+
+
+def test_model_file_rejects_newer_versions_and_foreign_files(tmp_path, normal_images):
+    import json
+    from safetensors.torch import load_file, save_file
+    from safetensors import safe_open
+
+    path = create_detector("padim", size=128).fit(normal_images[:2]).save(tmp_path / "m.dlmodel")
+    with safe_open(str(path), framework="pt") as handle:
+        config = json.loads(handle.metadata()["defectlens"])
+    config["format_version"] = 99
+    save_file(load_file(str(path)), str(tmp_path / "new.dlmodel"), metadata={"defectlens": json.dumps(config)})
+    with pytest.raises(ModelFileError, match="newer"):
+        Detector.load(tmp_path / "new.dlmodel")
+    torch.save({"bank": torch.zeros(2)}, tmp_path / "pickle.dlmodel")
+    with pytest.raises(ModelFileError, match="not a defectlens model"):
+        Detector.load(tmp_path / "pickle.dlmodel")
+    with pytest.raises(ModelFileError, match="does not exist"):
+        Detector.load(tmp_path / "missing.dlmodel")
+
+
+def test_every_registered_method_is_named_as_its_folder():
+    assert set(PATCH_METHODS) <= set(REGISTRY)
+    for name, cls in REGISTRY.items():
+        assert cls.__module__.split(".")[-2] == name
