@@ -75,11 +75,8 @@ def greedy_coreset(features: torch.Tensor, size: int, projection_dim: int = 128,
         projection = torch.randn(points.shape[1], projection_dim, generator=generator) / projection_dim**0.5
         points = points @ projection
     if groups > 1 and count > pool_factor * size:
-        per_group = count // groups
         keep = -(-pool_factor * size // groups)
-        pool = torch.cat([
-            start + _k_center(points[start : start + per_group], keep, generator)
-            for start in range(0, per_group * groups, per_group)
-        ])
+        pool = torch.cat([block[_k_center(points[block], keep, generator)]
+                          for block in torch.tensor_split(torch.arange(count), groups)])
         return pool[_k_center(points[pool], size, generator, progress)]
     return _k_center(points, size, generator, progress)

@@ -28,10 +28,11 @@ def pca_foreground(features: torch.Tensor, axis: torch.Tensor, mean: torch.Tenso
 class PatchKNN(PatchDetector):
     name = "patchknn"
 
-    def __init__(self, foreground: bool = False, top_fraction: float = 0.01, bank_size: int | None = None, **params):
+    def __init__(self, foreground: bool = False, top_fraction: float = 0.01, bank_size: int | None = 16384, **params):
         """``foreground``: mask the background (for objects on a plain background; leave off
-        for textures, whose whole image is foreground). ``bank_size``: cap the bank with a
-        greedy coreset (None keeps every patch, as the method intends for few shots)."""
+        for textures, whose whole image is foreground). ``bank_size``: above this many normal
+        patches (16 images at 256 px), keep each image's most distinct patches (per-image
+        greedy coreset) so search time stays bounded; None keeps every patch."""
         super().__init__(foreground=foreground, top_fraction=top_fraction, bank_size=bank_size, **params)
         self.bank: torch.Tensor | None = None
         self.pca_axis: torch.Tensor | None = None
@@ -44,7 +45,8 @@ class PatchKNN(PatchDetector):
             self._fit_foreground(features)
             patches = patches[pca_foreground(features, self.pca_axis, self.pca_mean).flatten()]
         if self.params["bank_size"] is not None:
-            patches = patches[greedy_coreset(patches, self.params["bank_size"], seed=self.params["seed"], progress=True)]
+            patches = patches[greedy_coreset(patches, self.params["bank_size"], seed=self.params["seed"],
+                                             groups=features.shape[0], pool_factor=1)]
         self._set_bank(patches.contiguous())
 
     def _fit_foreground(self, features: torch.Tensor) -> None:
