@@ -53,7 +53,6 @@ def _unique_stem(path: Path, used: set[str]) -> str:
 
 
 def cmd_predict(args) -> int:
-    from .data.io import read_image
     from .engine.predict import collect_inputs, predict_paths
     from .models import Detector
     from .report import ImageRecord, heatmap_overlay, save_png, write_report
