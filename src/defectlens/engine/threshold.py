@@ -1,16 +1,17 @@
 """Decision thresholds from normal images only: no defect samples needed.
 
 The held-out normal scores (images the model did not see while fitting) give the score a good
-part gets. The threshold is the score that a normal part exceeds with probability ``fpr`` (the
-false-alarm rate the user accepts): the empirical quantile when there are enough scores to
-resolve it, otherwise a Gaussian tail fitted to them. Whichever of the two is larger is used,
-because a handful of scores underestimates the tail.
+part gets. The threshold is the score that the next normal part exceeds with probability ``fpr``
+(the false-alarm rate the user accepts): the upper bound of a Gaussian prediction interval,
+mean + t(n-1) * std * sqrt(1 + 1/n), which widens honestly when only a few scores are known
+(Student's t instead of the normal quantile), or the empirical quantile when there are enough
+scores to resolve it and the tail is heavier than Gaussian. Whichever is larger is used.
 """
 
 from __future__ import annotations
 
 import numpy as np
-from scipy.stats import norm
+from scipy.stats import t as student_t
 
 DEFAULT_FPR = 0.01
 
@@ -22,6 +23,7 @@ def threshold_from_normal_scores(scores, fpr: float = DEFAULT_FPR) -> float | No
         raise ValueError(f"fpr must be between 0 and 1, not {fpr}")
     if scores.size < 2:
         return None
-    gaussian = scores.mean() + norm.ppf(1.0 - fpr) * scores.std(ddof=1)
-    empirical = np.quantile(scores, 1.0 - fpr) if scores.size * fpr >= 1.0 else scores.max()
+    count = scores.size
+    gaussian = scores.mean() + student_t.ppf(1.0 - fpr, count - 1) * scores.std(ddof=1) * np.sqrt(1.0 + 1.0 / count)
+    empirical = np.quantile(scores, 1.0 - fpr) if count * fpr >= 1.0 else scores.max()
     return float(max(gaussian, empirical))
