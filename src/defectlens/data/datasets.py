@@ -128,7 +128,7 @@ def _reject_dataset_root(root: Path) -> None:
     if categories:
         raise ValueError(
             f"{root}: holds several dataset categories ({', '.join(categories)}); "
-            "pass category=NAME or the category folder itself"
+            "give the category folder itself (or category=NAME in Python)"
         )
 
 

@@ -876,7 +876,7 @@ def generate(out: str | Path, kind: str = "mvtec", seed: int = 0, size: int = 25
     for folder in folders:
         if folder.is_dir() and any(folder.iterdir()):
             if not overwrite:
-                raise FileExistsError(f"{folder} already exists and is not empty; pass overwrite=True to replace it")
+                raise FileExistsError(f"{folder} already exists and is not empty; pass overwrite=True (--overwrite on the command line) to replace it")
         elif folder.exists() and not folder.is_dir():
             raise FileExistsError(f"{folder} exists and is not a folder")
     for folder in folders:
