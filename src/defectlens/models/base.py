@@ -14,9 +14,8 @@ from typing import Any, ClassVar, Sequence
 
 import numpy as np
 import torch
-from safetensors import SafetensorError
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
-from safetensors import safe_open
 
 FORMAT = "defectlens-model"
 FORMAT_VERSION = 1

@@ -63,9 +63,7 @@ class PatchDetector(Detector):
 
     def predict(self, images: Sequence) -> Prediction:
         images = [as_image(image) for image in images]
-        features = self.backbone.embed(images)
-        patch_scores = self.score_features(features)
-        scores = self.image_scores(patch_scores, features).numpy().astype(np.float64)
+        scores, patch_scores = self.score_feature_batch(self.backbone.embed(images))
         maps = [self.upsample_map(patch_map.numpy(), image.shape[:2]) for patch_map, image in zip(patch_scores, images)]
         same_size = len({m.shape for m in maps}) <= 1
         return Prediction(scores=scores, maps=np.stack(maps) if same_size and maps else maps)

@@ -497,28 +497,25 @@ _TEMPLATE = jinja2.Environment(autoescape=True, trim_blocks=True, lstrip_blocks=
   </div>
 </header>
 
-{% if metric_table %}
-<h2>Detection quality</h2>
+{% macro data_table(table) %}
 <table>
-  <thead><tr>{% for column in metric_table.columns %}<th>{{ column }}</th>{% endfor %}</tr></thead>
+  <thead><tr>{% for column in table.columns %}<th>{{ column }}</th>{% endfor %}</tr></thead>
   <tbody>
-  {% for row in metric_table.rows %}
+  {% for row in table.rows %}
     <tr>{% for cell in row %}<td>{{ cell }}</td>{% endfor %}</tr>
   {% endfor %}
   </tbody>
 </table>
+{% endmacro %}
+
+{% if metric_table %}
+<h2>Detection quality</h2>
+{{ data_table(metric_table) }}
 {% endif %}
 
 {% if extra_table %}
 <h2>{{ table_title }}</h2>
-<table>
-  <thead><tr>{% for column in extra_table.columns %}<th>{{ column }}</th>{% endfor %}</tr></thead>
-  <tbody>
-  {% for row in extra_table.rows %}
-    <tr>{% for cell in row %}<td>{{ cell }}</td>{% endfor %}</tr>
-  {% endfor %}
-  </tbody>
-</table>
+{{ data_table(extra_table) }}
 {% endif %}
 
 {% if plots %}
