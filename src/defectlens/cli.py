@@ -27,13 +27,44 @@ def _refuse_overwrite(path: Path, overwrite: bool) -> None:
         raise UsageError(f"{path} already exists; pass --overwrite to replace it")
 
 
+def parse_params(pairs: list[str] | None, backbone: str | None = None) -> dict:
+    """--param KEY=VALUE (repeatable) -> method keyword arguments; VALUE is read as JSON when it
+    parses (numbers, true/false, lists), otherwise kept as a string (paths, names)."""
+    params = {"backbone": backbone} if backbone else {}
+    for pair in pairs or []:
+        key, sep, value = pair.partition("=")
+        if not sep or not key.strip():
+            raise UsageError(f"--param {pair!r}: expected KEY=VALUE, e.g. --param bank_size=8192")
+        try:
+            params[key.strip()] = json.loads(value)
+        except json.JSONDecodeError:
+            params[key.strip()] = value
+    return params
+
+
+def _check_params(method: str, params: dict) -> None:
+    import inspect
+
+    from .models import REGISTRY
+
+    accepted = set()
+    for cls in REGISTRY[method].__mro__:
+        if "__init__" in vars(cls):
+            accepted |= {name for name, p in inspect.signature(cls.__init__).parameters.items()
+                         if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY) and name != "self"}
+    unknown = sorted(set(params) - accepted)
+    if unknown:
+        raise UsageError(f"{method} has no parameter {', '.join(unknown)}; it takes: {', '.join(sorted(accepted))}")
+
+
 # -- fit ----------------------------------------------------------------------------------------
 def cmd_fit(args) -> int:
     from .engine.fit import fit_from_folder
 
     output = Path(args.output)
     _refuse_overwrite(output, args.overwrite)
-    params = {"backbone": args.backbone} if args.backbone else {}
+    params = parse_params(args.param, args.backbone)
+    _check_params(args.method, params)
     started = time.perf_counter()
     detector, paths = fit_from_folder(args.data, method=args.method, shots=args.shots, seed=args.seed, size=args.size, **params)
     detector.save(output)
@@ -123,7 +154,8 @@ def cmd_benchmark(args) -> int:
     for target in (args.json, args.report):
         if target:
             _refuse_overwrite(Path(target), args.overwrite)
-    params = {"backbone": args.backbone} if args.backbone else {}
+    params = parse_params(args.param, args.backbone)
+    _check_params(args.method, params)
     result = run_benchmark(args.data, kind=args.dataset, method=args.method, shots=parse_shots(args.shots),
                            seeds=args.seeds, size=args.size, params=params)
     records, threshold = result.pop("_records"), result.pop("_threshold")
@@ -180,10 +212,12 @@ def build_parser() -> argparse.ArgumentParser:
     fit.add_argument("data", help="an MVTec-style category folder (its train/good is used) or a folder of normal images")
     fit.add_argument("-o", "--output", required=True, help="model file to write")
     fit.add_argument("--method", default=DEFAULT_METHOD, choices=methods, help=f"default: {DEFAULT_METHOD}")
-    fit.add_argument("--shots", type=int, default=None, help="use only K normal images (picked with --seed)")
+    fit.add_argument("--shots", type=int, default=None, help="use only K normal images (picked with --seed); 0 = zero-shot methods")
     fit.add_argument("--seed", type=int, default=0)
     fit.add_argument("--size", type=int, default=256, help="backbone input size in pixels (default 256)")
     fit.add_argument("--backbone", default=None, help="efficientnet-lite0 (default), efficientnet-lite1, efficientnet-lite2")
+    fit.add_argument("--param", action="append", metavar="KEY=VALUE",
+                     help="a method parameter, repeatable (e.g. --param bank_size=8192)")
     fit.add_argument("--overwrite", action="store_true", help="replace an existing model file")
     fit.set_defaults(func=cmd_fit)
 
@@ -202,10 +236,11 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("data")
     bench.add_argument("--dataset", default="auto", choices=["auto", "mvtec", "loco", "visa", "folder"])
     bench.add_argument("--method", default=DEFAULT_METHOD, choices=methods)
-    bench.add_argument("--shots", default="1,2,4,8,full", help="comma list; 'full' = every training image (default 1,2,4,8,full)")
+    bench.add_argument("--shots", default="1,2,4,8,full", help="comma list; 0 = zero-shot, 'full' = every training image (default 1,2,4,8,full)")
     bench.add_argument("--seeds", type=int, default=5)
     bench.add_argument("--size", type=int, default=256)
     bench.add_argument("--backbone", default=None)
+    bench.add_argument("--param", action="append", metavar="KEY=VALUE", help="a method parameter, repeatable")
     bench.add_argument("--json", help="write all runs and the summary as JSON")
     bench.add_argument("--report", help="write an HTML report")
     bench.add_argument("--overwrite", action="store_true")

@@ -64,19 +64,18 @@ def _load_mask(sample: Sample, shape: tuple[int, int], eval_shape: tuple[int, in
     return cv2.resize(union.astype(np.uint8), (eval_shape[1], eval_shape[0]), interpolation=cv2.INTER_NEAREST) > 0
 
 
-def _embed_test(backbone, samples: list[Sample], eval_side: int) -> tuple[torch.Tensor, TestSet]:
-    test = TestSet(samples=samples, labels=np.array([s.label for s in samples]), defect_types=[s.defect_type for s in samples])
+def _embed_test(backbone, test: TestSet, eval_side: int) -> torch.Tensor:
+    """Backbone features of the test images; fills the test set's masks and eval shapes."""
 
     def images():
-        for sample in samples:
+        for sample in test.samples:
             image = read_image(sample.path)
             eval_shape = _eval_shape(image.shape[:2], eval_side)
             test.eval_shapes.append(eval_shape)
             test.masks.append(_load_mask(sample, image.shape[:2], eval_shape))
             yield image
 
-    features = backbone.embed(images(), progress="test features", total=len(samples))
-    return features, test
+    return backbone.embed(images(), progress="test features", total=len(test.samples))
 
 
 def _threshold_rates(scores: np.ndarray, labels: np.ndarray, threshold: float | None) -> tuple[float, float]:
@@ -89,12 +88,61 @@ def _threshold_rates(scores: np.ndarray, labels: np.ndarray, threshold: float | 
     return fpr, tpr
 
 
+def _group_blocks(test: TestSet, scores: np.ndarray) -> dict:
+    """LOCO: image metrics of logical and of structural anomalies (each against all good images)."""
+    groups = ["logical" if s.logical else "structural" if s.label == 1 else "good" for s in test.samples]
+    if not {"logical", "structural"} & set(groups):
+        return {}
+    blocks = evaluate(test.labels, scores, groups)
+    return {name: block for name, block in blocks.items() if name in ("logical", "structural")}
+
+
+def _score_run(detector, test_set: TestSet, scores: np.ndarray, maps: list[np.ndarray] | None) -> dict:
+    metrics = evaluate(test_set.labels, scores, test_set.defect_types,
+                       test_set.masks if maps is not None else None, maps)
+    for name, block in _group_blocks(test_set, scores).items():
+        metrics.setdefault(name, block)
+    fpr, tpr = _threshold_rates(scores, test_set.labels, detector.threshold)
+    return {"threshold": detector.threshold, "fpr_at_threshold": fpr, "tpr_at_threshold": tpr, "metrics": metrics}
+
+
+def _predict_generic(detector, samples: list[Sample], test_set: TestSet, eval_side: int) -> tuple[np.ndarray, list | None]:
+    """Scores and eval-size maps of any detector, through its own ``predict`` on file paths, in
+    the detector's chunks. Fills the test set's masks and eval shapes on first use."""
+    chunk = detector.predict_chunk or len(samples)
+    scores, maps = [], []
+    first_pass = not test_set.eval_shapes
+    for start in tqdm(range(0, len(samples), chunk), desc=f"{detector.name} predict", unit="chunk", leave=False):
+        batch = samples[start : start + chunk]
+        prediction = detector.predict([s.path for s in batch])
+        scores.append(np.asarray(prediction.scores, dtype=np.float64))
+        for offset, sample in enumerate(batch):
+            if prediction.maps is None:
+                maps = None
+                shape = read_image(sample.path).shape[:2] if first_pass else None
+            else:
+                shape = prediction.maps[offset].shape[:2]
+            if first_pass:
+                eval_shape = _eval_shape(shape, eval_side)
+                test_set.eval_shapes.append(eval_shape)
+                test_set.masks.append(_load_mask(sample, shape, eval_shape))
+            if maps is not None:
+                eval_shape = test_set.eval_shapes[start + offset]
+                maps.append(cv2.resize(np.asarray(prediction.maps[offset], np.float32), (eval_shape[1], eval_shape[0]),
+                                       interpolation=cv2.INTER_LINEAR))
+    return np.concatenate(scores), maps
+
+
 def run_benchmark(data, kind: str = "auto", method: str = DEFAULT_METHOD, shots: Sequence[int | str] = (1, 2, 4, 8, "full"),
                   seeds: int = 5, size: int = 256, eval_side: int = 512, params: dict | None = None,
                   dataset: Dataset | None = None) -> dict:
     """Run the k-shot protocol; returns a JSON-serialisable dict with every run and a summary.
 
-    The last run's per-image results are attached under ``"_records"`` (not JSON) for the report.
+    Patch detectors (frozen backbone) share one feature pass over all images; every other
+    detector is fitted on the picked image files and predicts the test files itself. Shots 0
+    runs zero-shot methods only. On LOCO-layout sets the metrics also hold "logical" and
+    "structural" blocks. The last run's per-image results are attached under ``"_records"``
+    (not JSON) for the report.
     """
     params = dict(params or {})
     dataset = dataset or load_dataset(data, kind=kind)
@@ -103,40 +151,44 @@ def run_benchmark(data, kind: str = "auto", method: str = DEFAULT_METHOD, shots:
     if not test:
         raise ValueError(f"{dataset.root}: no labelled test images to benchmark on")
     probe = create_detector(method, size=size, **params)
-    if not isinstance(probe, PatchDetector):
-        raise NotImplementedError(f"benchmark of '{method}' is not supported yet")
-    backbone = probe.backbone
-    test_features, test_set = _embed_test(backbone, test, eval_side)
-    train_features = backbone.embed([s.path for s in train], progress="train features", total=len(train)) if train else None
-    index_of = {s.path: i for i, s in enumerate(train)}
+    if 0 in shots and not probe.zero_shot:
+        raise ValueError(f"--shots 0 means zero-shot, which '{method}' is not; it needs normal images")
+    patch_path = isinstance(probe, PatchDetector)
+    test_set = TestSet(samples=test, labels=np.array([s.label for s in test]), defect_types=[s.defect_type for s in test])
+    if patch_path:
+        backbone = probe.backbone
+        test_features = _embed_test(backbone, test_set, eval_side)
+        train_features = backbone.embed([s.path for s in train], progress="train features", total=len(train)) if train else None
+        index_of = {s.path: i for i, s in enumerate(train)}
 
     shot_counts = [len(train) if s == "full" else int(s) for s in shots]
     runs, records = [], None
     plan = shot_plan(len(train), shot_counts, seeds)
     for run_shots, seed in tqdm(plan, desc=f"{method} runs", unit="run"):
-        if run_shots == 0:
-            continue  # memory-bank methods need normal images; zero-shot methods come with their own path
-        picked = sample_shots(train, run_shots, seed)
-        features = train_features[[index_of[s.path] for s in picked]]
+        picked = sample_shots(train, run_shots, seed) if run_shots else []
         detector = create_detector(method, size=size, seed=seed, **params)
         started = time.perf_counter()
-        detector.fit_from_features(features)
+        if patch_path:
+            detector.fit_from_features(train_features[[index_of[s.path] for s in picked]])
+        else:
+            detector.fit([s.path for s in picked])
         fit_seconds = time.perf_counter() - started
         started = time.perf_counter()
-        scores, patch_maps = detector.score_feature_batch(test_features)
+        if patch_path:
+            scores, patch_maps = detector.score_feature_batch(test_features)
+            maps = [detector.upsample_map(m.numpy(), shape) for m, shape in zip(patch_maps, test_set.eval_shapes)]
+        else:
+            scores, maps = _predict_generic(detector, test, test_set, eval_side)
         score_ms = (time.perf_counter() - started) / len(test) * 1000
-        maps = [detector.upsample_map(m.numpy(), shape) for m, shape in zip(patch_maps, test_set.eval_shapes)]
-        metrics = evaluate(test_set.labels, scores, test_set.defect_types, test_set.masks, maps)
-        fpr, tpr = _threshold_rates(scores, test_set.labels, detector.threshold)
-        runs.append({"shots": run_shots, "seed": seed, "threshold": detector.threshold, "fpr_at_threshold": fpr,
-                     "tpr_at_threshold": tpr, "fit_seconds": fit_seconds, "score_ms_per_image": score_ms, "metrics": metrics})
+        runs.append({"shots": run_shots, "seed": seed, "fit_seconds": fit_seconds, "score_ms_per_image": score_ms,
+                     **_score_run(detector, test_set, scores, maps)})
         records = [ImageRecord(path=str(s.path), score=float(score), label=int(s.label), defect_type=s.defect_type,
-                               anomaly_map=m, mask=mask)
-                   for s, score, m, mask in zip(test, scores, maps, test_set.masks)]
+                               anomaly_map=None if maps is None else m, mask=mask)
+                   for s, score, m, mask in zip(test, scores, maps or [None] * len(test), test_set.masks)]
     return {
         "defectlens_version": __version__,
         "dataset": str(dataset.root), "kind": dataset.kind, "category": dataset.category,
-        "method": method, "backbone": probe.params["backbone"], "size": size, "params": params,
+        "method": method, "backbone": probe.params.get("backbone"), "size": size, "params": params,
         "n_train": len(train), "n_test": len(test), "seeds": seeds,
         "runs": runs, "summary": summarise(runs),
         "_records": records, "_threshold": runs[-1]["threshold"] if runs else None,

@@ -35,10 +35,12 @@ def collect_inputs(inputs: Sequence[str | os.PathLike]) -> list[Path]:
     return paths
 
 
-def predict_paths(detector: Detector, paths: Sequence[Path], chunk: int = 8, keep_images: bool = False,
+def predict_paths(detector: Detector, paths: Sequence[Path], keep_images: bool = False,
                   progress: bool = True) -> Iterator[Result]:
     """Yield one Result per path, in order. Images are decoded one by one so that a corrupt
-    file becomes an error row; the readable ones are scored in chunks."""
+    file becomes an error row; the readable ones are scored in chunks of the detector's
+    ``predict_chunk`` (all together for transductive methods)."""
+    chunk = detector.predict_chunk or max(1, len(paths))
     pending: list[Result] = []
     bar = tqdm(total=len(paths), desc="predict", unit="img", disable=not progress, leave=False)
 

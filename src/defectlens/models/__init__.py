@@ -1,12 +1,20 @@
-"""Detectors. Importing this package registers every method under its ``--method`` name."""
+"""Detectors. Importing this package registers every method under its ``--method`` name.
+
+Each method lives in its own sub-package (its folder name is its ``--method`` name) and is
+imported here automatically, so adding a method means adding a folder. Methods that need
+optional packages (transformers, diffusers) import them inside their functions.
+"""
 
 from __future__ import annotations
 
+import importlib
+import pkgutil
+
 from .base import REGISTRY, Detector, ModelFileError, Prediction
-from .padim import PaDiM
-from .patchcore import PatchCore
-from .patchknn import PatchKNN
-from .spade import SPADE
+
+for _module in pkgutil.iter_modules(__path__):
+    if _module.ispkg:
+        importlib.import_module(f"{__name__}.{_module.name}")
 
 DEFAULT_METHOD = "patchcore"
 
@@ -17,5 +25,4 @@ def create_detector(method: str = DEFAULT_METHOD, **params) -> Detector:
     return REGISTRY[method](**params)
 
 
-__all__ = ["Detector", "Prediction", "ModelFileError", "REGISTRY", "DEFAULT_METHOD", "create_detector",
-           "PatchCore", "PaDiM", "SPADE", "PatchKNN"]
+__all__ = ["Detector", "Prediction", "ModelFileError", "REGISTRY", "DEFAULT_METHOD", "create_detector"]

@@ -55,6 +55,9 @@ class Detector:
     name: ClassVar[str] = "detector"
     #: Zero-shot methods accept ``fit([])``.
     zero_shot: ClassVar[bool] = False
+    #: How many images one ``predict`` call should get in batch loops; ``None`` = all at once,
+    #: for transductive methods that score the images of a batch against each other.
+    predict_chunk: ClassVar[int | None] = 8
 
     def __init__(self, **params: Any):
         self.params = params
