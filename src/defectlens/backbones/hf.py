@@ -1,0 +1,61 @@
+"""Hugging Face models (CLIP, DINOv2, SAM) from a local folder or the user's HF cache.
+
+defectlens never downloads weights: ``local_files_only`` is always on. A missing model gives
+:class:`ModelNotAvailable`, one message naming the model and how to provide it.
+"""
+
+from __future__ import annotations
+
+import os
+from functools import lru_cache
+from pathlib import Path
+
+# Which environment variable names the default of each family, and a checkpoint to suggest.
+FAMILIES = {
+    "clip": ("DEFECTLENS_CLIP_MODEL", "openai/clip-vit-base-patch16"),
+    "dinov2": ("DEFECTLENS_DINOV2_MODEL", "facebook/dinov2-small"),
+    "sam": ("DEFECTLENS_SAM_MODEL", "facebook/sam-vit-base"),
+}
+
+
+class ModelNotAvailable(RuntimeError):
+    """Weights a method needs are not on this machine (defectlens does not download them)."""
+
+
+def _how_to(family: str) -> str:
+    variable, example = FAMILIES[family]
+    return (f"download it once where you have internet (e.g. `huggingface-cli download {example} --local-dir "
+            f"models/{example.split('/')[-1]}`), then pass its folder with --param {family}_model=PATH "
+            f"or set {variable}=PATH")
+
+
+def resolve_model(family: str, model: str | os.PathLike | None) -> str:
+    """The folder or hub id to load: the argument, else the family's environment variable."""
+    variable, _ = FAMILIES[family]
+    chosen = model or os.environ.get(variable)
+    if not chosen:
+        raise ModelNotAvailable(f"no {family.upper()} model given: {_how_to(family)}")
+    return str(chosen)
+
+
+def _require_transformers():
+    try:
+        import transformers
+    except ImportError:
+        raise ModelNotAvailable("this method needs the `transformers` package: pip install 'defectlens[hf]'") from None
+    return transformers
+
+
+@lru_cache(maxsize=2)
+def load_clip(model: str | None = None):
+    """(CLIPModel in eval mode, CLIPTokenizer or CLIPTokenizerFast) from a folder or the HF cache."""
+    source = resolve_model("clip", model)
+    transformers = _require_transformers()
+    try:
+        clip = transformers.CLIPModel.from_pretrained(source, local_files_only=True)
+        tokenizer = transformers.AutoTokenizer.from_pretrained(source, local_files_only=True)
+    except (OSError, ValueError) as error:
+        where = "folder" if Path(source).exists() else "model"
+        raise ModelNotAvailable(f"CLIP {where} '{source}' could not be loaded ({str(error).splitlines()[0]}); "
+                                f"{_how_to('clip')}") from None
+    return clip.eval(), tokenizer
