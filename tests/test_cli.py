@@ -25,7 +25,7 @@ def mixed_inputs(tmp_path, normal_images, defect_image):
     folder.mkdir()
     Image.fromarray(defect_image).save(folder / "rgb.png")
     Image.fromarray(normal_images[5][..., 0]).save(folder / "gray.png")
-    Image.fromarray((normal_images[5][..., 0].astype(np.uint16) * 257)).save(folder / "deep16.png")
+    Image.fromarray(normal_images[5][..., 0].astype(np.uint16) * 257).save(folder / "deep16.png")
     rgba = np.dstack([normal_images[5], np.full(normal_images[5].shape[:2], 255, np.uint8)])
     Image.fromarray(rgba, "RGBA").save(folder / "alpha.png")
     (folder / "empty.png").write_bytes(b"")
@@ -90,3 +90,25 @@ def test_benchmark_writes_json_and_report(synthetic_mvtec, tmp_path):
     assert 0.0 <= result["summary"][-1]["image_auroc"][0] <= 1.0
     assert "au_pro" in result["runs"][0]["metrics"]["all"]
     assert report.read_text().count("<img") >= 3
+
+
+def test_param_reaches_the_method_and_unknown_params_are_named(tmp_path, normal_images, capsys):
+    from defectlens.models import Detector
+
+    folder = tmp_path / "good"
+    folder.mkdir()
+    for i, image in enumerate(normal_images[:3]):
+        Image.fromarray(image).save(folder / f"good_{i}.png")
+    path = tmp_path / "small.dlmodel"
+    assert main(["fit", str(folder), "-o", str(path), "--size", "128", "--param", "bank_size=64",
+                 "--param", "reweight_neighbours=0"]) == 0
+    model = Detector.load(path)
+    assert model.params["bank_size"] == 64 and model.params["reweight_neighbours"] == 0
+    assert model.bank.shape[0] == 64
+
+    assert main(["fit", str(folder), "-o", str(tmp_path / "x.dlmodel"), "--param", "bank_sise=64"]) == 2
+    error = capsys.readouterr().err
+    assert "bank_sise" in error and "bank_size" in error  # names the typo and what is accepted
+    assert main(["fit", str(folder), "-o", str(tmp_path / "y.dlmodel"), "--param", "novalue"]) == 2
+    assert "KEY=VALUE" in capsys.readouterr().err
+    assert not (tmp_path / "x.dlmodel").exists() and not (tmp_path / "y.dlmodel").exists()

@@ -64,8 +64,9 @@ def test_coreset_covers_every_cluster():
 
 def test_model_file_rejects_newer_versions_and_foreign_files(tmp_path, normal_images):
     import json
-    from safetensors.torch import load_file, save_file
+
     from safetensors import safe_open
+    from safetensors.torch import load_file, save_file
 
     path = create_detector("padim", size=128).fit(normal_images[:2]).save(tmp_path / "m.dlmodel")
     with safe_open(str(path), framework="pt") as handle:

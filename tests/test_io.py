@@ -4,7 +4,13 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from defectlens.data.io import ImageReadError, as_image, is_image_file, read_image, read_mask
+from defectlens.data.io import (
+    ImageReadError,
+    as_image,
+    is_image_file,
+    read_image,
+    read_mask,
+)
 
 
 def _noise(height, width, seed=0):

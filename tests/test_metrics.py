@@ -5,9 +5,14 @@ import pytest
 from scipy import ndimage
 from sklearn.metrics import roc_auc_score
 
-from defectlens.metrics import (au_pro, evaluate, f1_max, image_aupr, image_auroc,
-                                pixel_auroc)
-
+from defectlens.metrics import (
+    au_pro,
+    evaluate,
+    f1_max,
+    image_aupr,
+    image_auroc,
+    pixel_auroc,
+)
 
 # ---------------------------------------------------------------- image level
 

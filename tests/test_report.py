@@ -4,7 +4,13 @@ import numpy as np
 import pytest
 
 from defectlens.data.io import read_image
-from defectlens.report import ImageRecord, colorize, heatmap_overlay, save_png, write_report
+from defectlens.report import (
+    ImageRecord,
+    colorize,
+    heatmap_overlay,
+    save_png,
+    write_report,
+)
 
 GREEN = (0, 255, 0)
 

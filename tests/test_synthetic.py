@@ -6,8 +6,14 @@ import numpy as np
 import pytest
 
 from defectlens.data import synthetic
-from defectlens.data.synthetic import (LOCO_STRUCTURAL_DEFECTS, LOGICAL_DEFECTS, MVTEC_CATEGORIES, STRUCTURAL_DEFECTS,
-                                       generate, render_pair)
+from defectlens.data.synthetic import (
+    LOCO_STRUCTURAL_DEFECTS,
+    LOGICAL_DEFECTS,
+    MVTEC_CATEGORIES,
+    STRUCTURAL_DEFECTS,
+    generate,
+    render_pair,
+)
 
 SMALL = dict(size=64, n_train=3, n_test_good=2, n_test_defect_per_type=2)
 

@@ -148,7 +148,12 @@ TABLE_COLUMNS = ["shots", "seeds", "image_auroc", "image_aupr", "f1_max", "pixel
 
 
 def cmd_benchmark(args) -> int:
-    from .engine.benchmark import format_table, markdown_table, parse_shots, run_benchmark
+    from .engine.benchmark import (
+        format_table,
+        markdown_table,
+        parse_shots,
+        run_benchmark,
+    )
     from .report import write_report
 
     for target in (args.json, args.report):

@@ -19,4 +19,4 @@ def get_backbone(name: str = DEFAULT_BACKBONE, size: int = 256) -> PatchBackbone
     raise ValueError(f"unknown backbone '{name}'; available: {', '.join(sorted(EFFICIENTNET_LITE_VARIANTS))}")
 
 
-__all__ = ["PatchBackbone", "EfficientNetLite", "get_backbone", "configure_threads", "DEFAULT_BACKBONE"]
+__all__ = ["DEFAULT_BACKBONE", "EfficientNetLite", "PatchBackbone", "configure_threads", "get_backbone"]

@@ -7,7 +7,7 @@ from ``transformers`` slot in behind the same two methods as the embedded Effici
 from __future__ import annotations
 
 import os
-from typing import Iterable, Sequence
+from collections.abc import Iterable, Sequence
 
 import cv2
 import numpy as np

@@ -1,4 +1,4 @@
-"""Hugging Face models (CLIP, DINOv2, SAM) from a local folder or the user's HF cache.
+"""Hugging Face models (CLIP, DINOv2, SAM, Stable Diffusion) from a local folder or the user's HF cache.
 
 defectlens never downloads weights: ``local_files_only`` is always on. A missing model gives
 :class:`ModelNotAvailable`, one message naming the model and how to provide it.
@@ -15,6 +15,7 @@ FAMILIES = {
     "clip": ("DEFECTLENS_CLIP_MODEL", "openai/clip-vit-base-patch16"),
     "dinov2": ("DEFECTLENS_DINOV2_MODEL", "facebook/dinov2-small"),
     "sam": ("DEFECTLENS_SAM_MODEL", "facebook/sam-vit-base"),
+    "sd": ("DEFECTLENS_SD_MODEL", "stable-diffusion-v1-5/stable-diffusion-v1-5"),
 }
 
 

@@ -16,11 +16,11 @@ import json
 import os
 import shutil
 import zlib
+from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, replace
 from functools import lru_cache, partial
 from pathlib import Path
-from typing import Callable, Sequence
 
 import cv2
 import numpy as np

@@ -8,7 +8,11 @@ breakdowns and small test splits hit that case routinely.
 from __future__ import annotations
 
 import numpy as np
-from sklearn.metrics import average_precision_score, precision_recall_curve, roc_auc_score
+from sklearn.metrics import (
+    average_precision_score,
+    precision_recall_curve,
+    roc_auc_score,
+)
 
 
 def _prepare(labels, scores) -> tuple[np.ndarray, np.ndarray] | None:

@@ -25,4 +25,4 @@ def create_detector(method: str = DEFAULT_METHOD, **params) -> Detector:
     return REGISTRY[method](**params)
 
 
-__all__ = ["Detector", "Prediction", "ModelFileError", "REGISTRY", "DEFAULT_METHOD", "create_detector"]
+__all__ = ["DEFAULT_METHOD", "REGISTRY", "Detector", "ModelFileError", "Prediction", "create_detector"]

@@ -8,9 +8,10 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, ClassVar, Sequence
+from typing import Any, ClassVar
 
 import numpy as np
 import torch
@@ -20,7 +21,7 @@ from safetensors.torch import load_file, save_file
 FORMAT = "defectlens-model"
 FORMAT_VERSION = 1
 
-REGISTRY: dict[str, type["Detector"]] = {}
+REGISTRY: dict[str, type[Detector]] = {}
 
 
 class ModelFileError(ValueError):
@@ -43,7 +44,7 @@ class Prediction:
         return self.scores > threshold
 
 
-def register(cls: type["Detector"]) -> type["Detector"]:
+def register(cls: type[Detector]) -> type[Detector]:
     REGISTRY[cls.name] = cls
     return cls
 
@@ -70,7 +71,7 @@ class Detector:
         self.map_range: tuple[float, float] | None = None
 
     # -- contract -------------------------------------------------------------------------
-    def fit(self, images: Sequence, masks=None, labels=None) -> "Detector":
+    def fit(self, images: Sequence, masks=None, labels=None) -> Detector:
         raise NotImplementedError
 
     def predict(self, images: Sequence) -> Prediction:
@@ -112,7 +113,7 @@ class Detector:
         return path
 
     @classmethod
-    def load(cls, path: str | os.PathLike) -> "Detector":
+    def load(cls, path: str | os.PathLike) -> Detector:
         config, tensors = read_model_file(path)
         method = config["method"]
         if method not in REGISTRY:

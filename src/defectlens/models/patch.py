@@ -8,7 +8,7 @@ backbone, held-out normal scores and the threshold, and maps at each image's own
 
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import cv2
 import numpy as np
@@ -48,13 +48,13 @@ class PatchDetector(Detector):
         return patch_scores.flatten(1).amax(dim=1)
 
     # -- contract ---------------------------------------------------------------------------
-    def fit(self, images: Sequence, masks=None, labels=None) -> "PatchDetector":
+    def fit(self, images: Sequence, masks=None, labels=None) -> PatchDetector:
         images = list(images)
         if not images:
             raise ValueError(f"{self.name} learns from normal images: give at least one")
         return self.fit_from_features(self.backbone.embed(images, progress="features", total=len(images)))
 
-    def fit_from_features(self, features: torch.Tensor) -> "PatchDetector":
+    def fit_from_features(self, features: torch.Tensor) -> PatchDetector:
         """Calibrate the threshold on held-out folds, then fit on all ``features``."""
         self.normal_scores = self._held_out_scores(features)
         self.threshold = None if self.normal_scores is None else threshold_from_normal_scores(self.normal_scores)

@@ -1,7 +1,13 @@
 """Reports: heatmap overlays and a self-contained HTML report."""
 
 from defectlens.report.html import ImageRecord, default_map_range, write_report
-from defectlens.report.overlay import colorize, draw_mask_contour, heatmap_overlay, resize_map, save_png
+from defectlens.report.overlay import (
+    colorize,
+    draw_mask_contour,
+    heatmap_overlay,
+    resize_map,
+    save_png,
+)
 
 __all__ = [
     "ImageRecord",
