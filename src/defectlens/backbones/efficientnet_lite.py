@@ -57,8 +57,9 @@ class EfficientNetLite(PatchBackbone):
         # Only the blocks up to the last stage we read are ever run.
         stage_ends = self._stage_ends(network)
         self._taps = [stage_ends[s] for s in self.stages]
-        self.stem = torch.nn.Sequential(network._conv_stem, network._bn0, network._swish)
-        self.blocks = network._blocks[: self._taps[-1] + 1]
+        # Channels-last weights (inputs come channels-last from to_tensor): faster oneDNN kernels.
+        self.stem = torch.nn.Sequential(network._conv_stem, network._bn0, network._swish).to(memory_format=torch.channels_last)
+        self.blocks = network._blocks[: self._taps[-1] + 1].to(memory_format=torch.channels_last)
         self._dim = sum(self.blocks[i]._block_args.output_filters for i in self._taps)
 
     @staticmethod
@@ -79,4 +80,4 @@ class EfficientNetLite(PatchBackbone):
                 taps.append(F.avg_pool2d(hidden, kernel_size=3, stride=1, padding=1, count_include_pad=False))
         target = taps[0].shape[-2:]
         taps = [t if t.shape[-2:] == target else F.interpolate(t, size=target, mode="bilinear", align_corners=False) for t in taps]
-        return torch.cat(taps, dim=1)
+        return torch.cat(taps, dim=1).contiguous()

@@ -56,7 +56,25 @@ def load_clip(model: str | None = None):
         clip = transformers.CLIPModel.from_pretrained(source, local_files_only=True)
         tokenizer = transformers.AutoTokenizer.from_pretrained(source, local_files_only=True)
     except (OSError, ValueError) as error:
-        where = "folder" if Path(source).exists() else "model"
-        raise ModelNotAvailable(f"CLIP {where} '{source}' could not be loaded ({str(error).splitlines()[0]}); "
-                                f"{_how_to('clip')}") from None
+        if Path(source).exists():
+            problem = f"CLIP folder '{source}' could not be loaded ({str(error).splitlines()[0]})"
+        else:  # transformers' own message here is about hub ids or the network, which misleads offline
+            problem = f"CLIP model '{source}' is neither a folder on this machine nor in the Hugging Face cache"
+        raise ModelNotAvailable(f"{problem}; {_how_to('clip')}") from None
     return clip.eval(), tokenizer
+
+
+@lru_cache(maxsize=2)
+def load_sam(model: str | None = None):
+    """SamModel in eval mode from a folder or the HF cache (used by the composition detector)."""
+    source = resolve_model("sam", model)
+    transformers = _require_transformers()
+    try:
+        sam = transformers.SamModel.from_pretrained(source, local_files_only=True)
+    except (OSError, ValueError) as error:
+        if Path(source).exists():
+            problem = f"SAM folder '{source}' could not be loaded ({str(error).splitlines()[0]})"
+        else:
+            problem = f"SAM model '{source}' is neither a folder on this machine nor in the Hugging Face cache"
+        raise ModelNotAvailable(f"{problem}; {_how_to('sam')}") from None
+    return sam.eval()
