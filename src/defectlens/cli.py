@@ -69,7 +69,8 @@ def cmd_fit(args) -> int:
     detector, paths = fit_from_folder(args.data, method=args.method, shots=args.shots, seed=args.seed, size=args.size, **params)
     detector.save(output)
     threshold = "none (needs at least 2 normal images; pass --threshold to predict)" if detector.threshold is None else f"{detector.threshold:.4g}"
-    print(f"fitted {detector.name} on {len(paths)} normal images in {time.perf_counter() - started:.1f} s; "
+    kind = "labelled" if getattr(detector, "trains_on_anomalies", False) and args.shots is None else "normal"
+    print(f"fitted {detector.name} on {len(paths)} {kind} images in {time.perf_counter() - started:.1f} s; "
           f"threshold {threshold}; saved {output}")
     return 0
 
@@ -198,6 +199,20 @@ def cmd_generate(args) -> int:
     return 0
 
 
+def cmd_synthesize(args) -> int:
+    from .synthesis.run import synthesize_folder
+
+    params = parse_params(args.param)
+    started = time.perf_counter()
+    manifest = synthesize_folder(args.data, args.out, kind=args.kind, count=args.n, seed=args.seed,
+                                 anomalies=args.anomalies, textures=args.textures, params=params, overwrite=args.overwrite)
+    seconds = time.perf_counter() - started
+    held = f"; {len(manifest['held_out'])} anomaly examples used, listed under held_out" if manifest["held_out"] else ""
+    print(f"wrote {args.n} {args.kind} anomalies to {args.out} in {seconds:.1f} s ({args.n / seconds:.2f} images/s){held}; "
+          f"boxes and sources in {Path(args.out) / 'synthesis.json'}")
+    return 0
+
+
 def cmd_demo(args) -> int:
     from .demo import run_demo
 
@@ -258,6 +273,20 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--size", type=int, default=256)
     gen.add_argument("--overwrite", action="store_true")
     gen.set_defaults(func=cmd_generate)
+
+    synth = commands.add_parser("synthesize", help="write synthetic anomalies (image, mask, box) made from normal images")
+    synth.add_argument("data", help="an MVTec-style category folder (train/good are the normal images) or a folder of images")
+    synth.add_argument("out", help="output folder: images/, masks/, synthesis.json")
+    synth.add_argument("--kind", default="perlin", choices=["perlin", "cutpaste", "anogen", "diffusion"])
+    synth.add_argument("-n", type=int, default=16, help="how many anomalous images to write (default 16)")
+    synth.add_argument("--seed", type=int, default=0)
+    synth.add_argument("--anomalies", type=int, default=3,
+                       help="anogen/diffusion: real anomalous test images (with masks) to learn from (default 3)")
+    synth.add_argument("--textures", help="perlin: a folder of images to take foreign textures from (default: procedural)")
+    synth.add_argument("--param", action="append", metavar="KEY=VALUE",
+                       help="a synthesizer parameter, repeatable (e.g. --param blend=alpha, --param sd_model=PATH)")
+    synth.add_argument("--overwrite", action="store_true", help="replace earlier synthesize output in OUT")
+    synth.set_defaults(func=cmd_synthesize)
 
     demo = commands.add_parser("demo", help="generate data, fit, predict, benchmark and report: the whole job, offline")
     demo.add_argument("--out", default="defectlens-demo", help="output folder (default ./defectlens-demo)")
