@@ -21,7 +21,7 @@ from .. import __version__
 from ..data.datasets import Dataset, Sample, load_dataset
 from ..data.io import read_image, read_mask
 from ..data.kshot import sample_shots, shot_plan
-from ..engine.fit import normal_training_samples
+from ..engine.fit import normal_training_samples, with_category
 from ..metrics import evaluate
 from ..models import DEFAULT_METHOD, create_detector
 from ..models.patch import PatchDetector
@@ -146,6 +146,7 @@ def run_benchmark(data, kind: str = "auto", method: str = DEFAULT_METHOD, shots:
     """
     params = dict(params or {})
     dataset = dataset or load_dataset(data, kind=kind)
+    params = with_category(method, dataset, params)
     train = normal_training_samples(dataset)
     test = [s for s in dataset.test if s.label in (0, 1)]
     if not test:

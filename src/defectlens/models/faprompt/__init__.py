@@ -1,0 +1,3 @@
+from .model import FAPrompt
+
+__all__ = ["FAPrompt"]

@@ -1,0 +1,263 @@
+"""FAPrompt (Zhu et al., "Fine-grained Abnormality Prompt Learning for Zero-shot Anomaly
+Detection", arXiv 2410.10289) as a defectlens detector.
+
+Prompts are learned once on an annotated auxiliary set (normal and anomalous images with masks,
+e.g. another category or a generated set), CLIP stays frozen, and the learned prompts then
+score images of categories never seen in training. Only the learned parts go in the model
+file; the CLIP they belong to is a parameter (``clip_model``).
+
+Three ways to fit, by what is given:
+  fit(images, masks, labels)  trains (starting from ``prompt_file`` if one is set: resuming);
+  fit([])                     takes the learned prompts of ``prompt_file`` as they are (zero-shot);
+  fit(normal_images)          takes them from ``prompt_file`` and sets the threshold from these
+                              normal images of the target category (nothing is learned from them).
+"""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Sequence
+
+import cv2
+import numpy as np
+import torch
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+
+from ...backbones.base import configure_threads
+from ...backbones.hf import load_clip, resolve_model
+from ...data.io import as_image, read_mask
+from ...engine.threshold import threshold_from_normal_scores
+from ..base import Detector, ModelFileError, Prediction, register
+from . import losses
+from .clip import default_layers, encode_images, input_side, preprocess
+from .prompts import FinePrompts
+
+# Parameters that shape the learned tensors: taken from a prompt file together with them.
+STRUCTURE = ("normal_tokens", "abnormal_tokens", "prompts", "top_patches", "text_depth", "deep_tokens", "layers")
+HELD_OUT_FRACTION = 0.2  # of the auxiliary set's normal images, scored after training for the threshold
+MIN_NORMAL_TO_HOLD_OUT = 5
+EMBED_BATCH = 4
+ORTHOGONALITY_WEIGHT = 0.1
+NEEDS_PROMPTS = ("faprompt needs learned prompts: train them on an annotated set (`defectlens fit AUX_DATA --method "
+                 "faprompt -o prompts.dlmodel`, AUX_DATA with test/<defect> images and ground_truth masks), then pass "
+                 "--param prompt_file=prompts.dlmodel")
+
+
+def mask_target(mask, side: int) -> np.ndarray:
+    """A mask (None, a path, several paths, or an array) -> float32 side×side, the fraction of
+    each cell that is defective."""
+    if mask is None or (isinstance(mask, (tuple, list)) and not mask):
+        return np.zeros((side, side), np.float32)
+    if isinstance(mask, (tuple, list)):
+        union = np.any([read_mask(path) for path in mask], axis=0)
+    elif isinstance(mask, np.ndarray):
+        union = mask > 0
+    else:
+        union = read_mask(mask)
+    return cv2.resize(union.astype(np.float32), (side, side), interpolation=cv2.INTER_AREA)
+
+
+def training_loss(net: FinePrompts, image: torch.Tensor, patches: torch.Tensor, masks: torch.Tensor,
+                  labels: torch.Tensor) -> torch.Tensor:
+    """FAPrompt's loss on one batch: local (static and data-dependent maps, at the mask
+    resolution), global (focal on s(x)), prior (normal images), orthogonality."""
+    scores = net(image, patches)
+    grid, side = round(scores.static.shape[1] ** 0.5), masks.shape[-1]
+
+    def upsample(maps: torch.Tensor) -> torch.Tensor:
+        return F.interpolate(maps.reshape(-1, 1, grid, grid), size=(side, side), mode="bilinear", align_corners=False)[:, 0]
+
+    return (losses.local(upsample(scores.static), masks) + losses.local(upsample(scores.dynamic), masks)
+            + losses.focal(scores.image_score(), labels.float()) + losses.prior(scores.omega, labels)
+            + ORTHOGONALITY_WEIGHT * losses.orthogonality(scores.abnormal))
+
+
+@register
+class FAPrompt(Detector):
+    name = "faprompt"
+    zero_shot = True
+    #: engine.fit gives this method every labelled image of DATA (train and test, with masks).
+    trains_on_anomalies = True
+
+    def __init__(self, clip_model: str | None = None, prompt_file: str | None = None, size: int = 256,
+                 normal_tokens: int = 5, abnormal_tokens: int = 2, prompts: int = 10, top_patches: int = 10,
+                 text_depth: int = 9, deep_tokens: int = 4, layers: list[int] | None = None, steps: int = 300,
+                 batch_size: int = 8, lr: float = 1e-3, max_images: int = 512, blur_sigma: float = 4.0, seed: int = 0):
+        """``clip_model``: CLIP folder or cached hub id (default: $DEFECTLENS_CLIP_MODEL).
+        ``prompt_file``: a trained faprompt model file to start from or to use zero-shot.
+        ``size``: input side in pixels (rounded down to whole CLIP patches).
+        E = ``normal_tokens``, E' = ``abnormal_tokens``, K = ``prompts``, M = ``top_patches``
+        as in the paper; ``text_depth``/``deep_tokens``: text layers that get ``deep_tokens``
+        learned tokens of their own (AnomalyCLIP's deep prompts; 1 = none); ``layers``: 1-based
+        vision layers tapped for patch tokens (default: quarter points of the depth).
+        ``steps`` × ``batch_size`` images: the training budget; ``max_images``: at most this
+        many auxiliary images are embedded (their CLIP features are kept in memory)."""
+        super().__init__(clip_model=clip_model, prompt_file=prompt_file, size=size, normal_tokens=normal_tokens,
+                         abnormal_tokens=abnormal_tokens, prompts=prompts, top_patches=top_patches, text_depth=text_depth,
+                         deep_tokens=deep_tokens, layers=layers, steps=steps, batch_size=batch_size, lr=lr,
+                         max_images=max_images, blur_sigma=blur_sigma, seed=seed)
+        self._learned: dict[str, torch.Tensor] | None = None
+        self._net: FinePrompts | None = None
+        self.steps_done = 0
+
+    # -- CLIP and the learned module --------------------------------------------------------
+    def _clip(self):
+        self.params["clip_model"] = resolve_model("clip", self.params["clip_model"])
+        configure_threads()
+        return load_clip(self.params["clip_model"])
+
+    def _network(self) -> FinePrompts:
+        if self._net is None:
+            clip, tokenizer = self._clip()
+            with torch.random.fork_rng():
+                torch.manual_seed(self.params["seed"])
+                net = FinePrompts(clip, tokenizer, **{k: self.params[k] for k in STRUCTURE if k != "layers"})
+            if self._learned is not None:
+                try:
+                    net.load_state_dict(self._learned)
+                except RuntimeError as error:
+                    raise ModelFileError(f"the learned prompts do not fit CLIP '{self.params['clip_model']}' "
+                                         f"({str(error).splitlines()[-1].strip()}); use the CLIP they were trained with") from None
+            self._net = net
+        return self._net
+
+    def _geometry(self) -> tuple[int, int, list[int]]:
+        """(input side, patch grid side, tapped vision layers)."""
+        config = self._network().clip[0].config.vision_config
+        layers = self.params["layers"] or default_layers(config.num_hidden_layers)
+        if not all(1 <= layer <= config.num_hidden_layers for layer in layers) or list(layers) != sorted(set(layers)):
+            raise ValueError(f"layers {layers}: expected increasing vision layers between 1 and {config.num_hidden_layers}")
+        side = input_side(self.params["size"], config.patch_size)
+        return side, side // config.patch_size, list(layers)
+
+    def _embed(self, images: Sequence, progress: str | None = None,
+               dtype: torch.dtype = torch.float32) -> tuple[torch.Tensor, torch.Tensor]:
+        side, _, layers = self._geometry()
+        clip = self._network().clip[0]
+        embeddings, patches = [], []
+        for start in tqdm(range(0, len(images), EMBED_BATCH), desc=progress, disable=progress is None, unit="batch", leave=False):
+            image, patch = encode_images(clip, preprocess(images[start : start + EMBED_BATCH], side), layers)
+            embeddings.append(image)
+            patches.append(patch.to(dtype))
+        return torch.cat(embeddings), torch.cat(patches)
+
+    # -- contract ---------------------------------------------------------------------------
+    def fit(self, images: Sequence, masks=None, labels=None) -> FAPrompt:
+        images = list(images)
+        if labels is not None:
+            if self.params["prompt_file"]:
+                self._adopt(self.params["prompt_file"])
+            self._train(images, masks, [int(label) for label in labels])
+            return self
+        if not self.params["prompt_file"]:
+            raise ValueError(NEEDS_PROMPTS)
+        self._adopt(self.params["prompt_file"])
+        if images:
+            self._calibrate(images)
+        return self
+
+    def predict(self, images: Sequence) -> Prediction:
+        if self._learned is None and self._net is None:
+            raise ValueError(NEEDS_PROMPTS)
+        images = [as_image(image) for image in images]
+        net = self._network()
+        side, grid, _ = self._geometry()
+        with torch.no_grad():
+            scores = net(*self._embed(images))
+        maps = [self._upsample(patch_map.reshape(grid, grid).numpy(), side, image.shape[:2])
+                for patch_map, image in zip(scores.fused_map(), images)]
+        same_size = len({m.shape for m in maps}) <= 1
+        return Prediction(scores=scores.image_score().numpy().astype(np.float64), maps=np.stack(maps) if same_size and maps else maps)
+
+    # -- state ------------------------------------------------------------------------------
+    def state_tensors(self) -> dict[str, torch.Tensor]:
+        learned = self._net.state_dict() if self._net is not None else self._learned
+        if learned is None:
+            raise ValueError("faprompt has learned nothing yet: fit it before saving")
+        return {f"prompts.{key}": value for key, value in learned.items()}
+
+    def load_state_tensors(self, tensors, extra) -> None:
+        self._learned = {key.removeprefix("prompts."): value for key, value in tensors.items()}
+        self._net = None
+        self.steps_done = int(extra.get("steps_done", 0))
+
+    def extra_state(self) -> dict:
+        return {"steps_done": self.steps_done}
+
+    # -- internals --------------------------------------------------------------------------
+    def _adopt(self, path) -> None:
+        """Take learned prompts, their structure, threshold and CLIP path from a model file."""
+        trained = FAPrompt.load(path)
+        self.params.update({key: trained.params[key] for key in STRUCTURE})
+        self.params["clip_model"] = self.params["clip_model"] or trained.params["clip_model"]
+        self._learned, self._net = trained._learned, None
+        self.threshold, self.normal_scores, self.map_range = trained.threshold, trained.normal_scores, trained.map_range
+        self.steps_done = trained.steps_done
+
+    def _train(self, images: list, masks, labels: list[int]) -> None:
+        if masks is None or len(masks) != len(images) or len(labels) != len(images):
+            raise ValueError("faprompt trains on images with one mask (or None for normal images) and one label each")
+        labels_array = np.asarray(labels)
+        if not (labels_array == 1).any():
+            raise ValueError(f"faprompt learns abnormality from annotated anomalies, and none were given: {NEEDS_PROMPTS}")
+        for image, mask, label in zip(images, masks, labels):
+            if label == 1 and (mask is None or (isinstance(mask, (tuple, list)) and not mask)):
+                raise ValueError(f"{image}: an anomalous training image needs a ground-truth mask")
+        rng = np.random.default_rng(self.params["seed"])
+        normal = np.flatnonzero(labels_array == 0)
+        count = round(HELD_OUT_FRACTION * len(normal)) if len(normal) >= MIN_NORMAL_TO_HOLD_OUT else 0
+        held_out = rng.choice(normal, size=count, replace=False)
+        train = np.setdiff1d(np.arange(len(images)), held_out)
+        if len(train) > self.params["max_images"]:
+            train = np.sort(rng.choice(train, size=self.params["max_images"], replace=False))
+        if not (labels_array[train] == 1).any():
+            raise ValueError("no anomalous image left among the training images picked; raise max_images")
+
+        net = self._network()
+        side = self._geometry()[0]
+        # Every training image's tokens stay in memory for all steps: half precision halves that.
+        image, patches = self._embed([images[i] for i in train], progress="faprompt: CLIP features", dtype=torch.float16)
+        targets = torch.from_numpy(np.stack([mask_target(masks[i], side) for i in train]))
+        train_labels = torch.from_numpy(labels_array[train])
+        optimizer = torch.optim.Adam(net.parameters(), lr=self.params["lr"], betas=(0.5, 0.999))
+        steps, batch = self.params["steps"], min(self.params["batch_size"], len(train))
+        bar = tqdm(range(steps), desc="faprompt training", unit="step")
+        try:
+            for _ in bar:
+                pick = torch.from_numpy(rng.choice(len(train), size=batch, replace=False))
+                loss = training_loss(net, image[pick], patches[pick].float(), targets[pick], train_labels[pick])
+                optimizer.zero_grad()
+                loss.backward(inputs=list(net.parameters()))  # CLIP stays frozen: no gradients for it at all
+                optimizer.step()
+                self.steps_done += 1
+                bar.set_postfix(loss=f"{loss.item():.3f}")
+        except KeyboardInterrupt:
+            bar.close()
+            print(f"faprompt: training interrupted after {self.steps_done} steps; keeping the prompts learned so far",
+                  file=sys.stderr)
+        self._calibrate([images[i] for i in held_out])
+
+    def _calibrate(self, normal_images: list) -> None:
+        """Threshold and heatmap range from normal images the prompts were not trained on."""
+        if len(normal_images) < 2:
+            self.normal_scores = self.threshold = self.map_range = None
+            return
+        scores, maps = [], []
+        for start in range(0, len(normal_images), self.predict_chunk):
+            prediction = self.predict(normal_images[start : start + self.predict_chunk])
+            scores.append(prediction.scores)
+            maps += [np.asarray(m).ravel() for m in prediction.maps]
+        self.normal_scores = np.concatenate(scores)
+        self.threshold = threshold_from_normal_scores(self.normal_scores)
+        values = np.concatenate(maps)
+        # Heatmap colours: blue at a typical normal pixel, red beyond the worst normal pixel.
+        self.map_range = (float(np.median(values)), float(values.max()) * 1.25)
+
+    def _upsample(self, patch_map: np.ndarray, side: int, shape: tuple[int, int]) -> np.ndarray:
+        """Patch grid -> input side, Gaussian smoothing (sigma in input pixels) -> the image's size."""
+        smooth = cv2.resize(patch_map.astype(np.float32), (side, side), interpolation=cv2.INTER_LINEAR)
+        sigma = self.params["blur_sigma"]
+        if sigma > 0:
+            smooth = cv2.GaussianBlur(smooth, (0, 0), sigmaX=sigma, sigmaY=sigma, borderType=cv2.BORDER_REFLECT)
+        return cv2.resize(smooth, (shape[1], shape[0]), interpolation=cv2.INTER_LINEAR)
