@@ -1,0 +1,3 @@
+from .model import WinCLIP
+
+__all__ = ["WinCLIP"]

@@ -1,0 +1,176 @@
+"""WinCLIP and WinCLIP+ (Jeong et al., "WinCLIP: Zero-/Few-Shot Anomaly Classification and
+Segmentation", CVPR 2023) on any CLIP checkpoint that transformers loads.
+
+Zero-shot (``fit([])``): the image score is CLIP's two-class probability that the whole image
+matches the anomalous rather than the normal prompt ensemble. The map is the per-patch harmonic
+mean of three scales: that image score, and the same probability for every 2×2 and 3×3 window
+of patch tokens, each window's score spread over its patches by harmonic averaging.
+
+With K normal images (WinCLIP+): their window embeddings and penultimate-layer patch tokens are
+kept as a visual memory per scale. A test feature's association score is min over the memory of
+(1 - cos)/2; window scores go back to patches by harmonic averaging, and the scales are averaged
+into a visual map. Final map = mean of language and visual maps; image score = mean of the
+language image score and the visual map's maximum (the paper's fusion).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from pathlib import Path
+
+import cv2
+import numpy as np
+import torch
+
+from ...backbones.hf import ModelNotAvailable, load_clip, resolve_model
+from ...data.io import as_image
+from ...engine.threshold import threshold_from_normal_scores
+from ..base import Detector, Prediction, register
+from ..patch import HELD_OUT_FRACTION, LEAVE_ONE_OUT_MAX
+from .encoder import ImageFeatures, WindowEncoder, text_prototypes
+from .prompts import object_name
+from .windows import (
+    association_scores,
+    harmonic_aggregation,
+    harmonic_mean,
+    two_class_scores,
+    window_patches,
+)
+
+PATCH_BANK = "patch"
+
+
+def clip_fingerprint(clip) -> list[float]:
+    """Sums of CLIP's two projection matrices: tells one checkpoint from another cheaply."""
+    return [float(clip.visual_projection.weight.detach().double().sum()), float(clip.text_projection.weight.detach().double().sum())]
+
+
+@register
+class WinCLIP(Detector):
+    name = "winclip"
+    zero_shot = True
+
+    def __init__(self, clip_model: str | None = None, object_name: str | None = None, size: int = 240,
+                 scales: Sequence[int] = (2, 3), seed: int = 0):
+        """``clip_model``: a folder (or Hugging Face cache id) holding a transformers CLIPModel and
+        its tokenizer; default $DEFECTLENS_CLIP_MODEL. ``object_name``: the object in the prompts
+        ("ball screw"); the CLI passes the dataset's category, else "object" is used. ``size``:
+        CLIP input side in pixels, rounded down to whole patches (240: 15×15 patches at ViT-B/16,
+        WinCLIP's reference setting). ``scales``: window sides in patches. ``seed``: which normal images
+        are held out for the threshold when there are more than 10."""
+        if not scales or min(scales) < 1:
+            raise ValueError(f"winclip: scales={scales!r}; give window sides in patches, e.g. [2, 3]")
+        if clip_model and Path(clip_model).expanduser().is_dir():
+            clip_model = str(Path(clip_model).expanduser().resolve())  # the model file must not depend on the cwd
+        super().__init__(clip_model=clip_model, object_name=object_name, size=size, scales=sorted(set(scales)), seed=seed)
+        self.prototypes: torch.Tensor | None = None  # (2, D) unit [normal, anomalous] text embeddings
+        self.temperature: float | None = None  # CLIP's logit scale
+        self.fingerprint: list[float] | None = None
+        self.banks: dict[str, torch.Tensor] | None = None  # WinCLIP+ memory: scale -> (M, D) unit features
+        self._encoder: WindowEncoder | None = None
+
+    @property
+    def encoder(self) -> WindowEncoder:
+        """CLIP, loaded on first use and checked against the one the model was fitted with."""
+        if self._encoder is None:
+            clip, _ = load_clip(self.params["clip_model"])
+            if self.fingerprint is not None and not np.allclose(clip_fingerprint(clip), self.fingerprint, rtol=1e-5):
+                raise ModelNotAvailable(f"the CLIP model at {resolve_model('clip', self.params['clip_model'])} is not "
+                                        "the one this winclip model was fitted with; fit again or point to that CLIP")
+            self._encoder = WindowEncoder(clip, self.params["size"], self.params["scales"])
+        return self._encoder
+
+    # -- contract ---------------------------------------------------------------------------
+    def fit(self, images: Sequence, masks=None, labels=None) -> WinCLIP:
+        """Text prototypes for the object; with normal images, also the visual memory and the
+        threshold from held-out normal images."""
+        images = list(images)
+        clip, tokenizer = load_clip(self.params["clip_model"])
+        self.params["object_name"] = object_name(self.params["object_name"])
+        self.prototypes = text_prototypes(clip, tokenizer, self.params["object_name"])
+        self.temperature = float(clip.logit_scale.detach().exp())
+        self.fingerprint = clip_fingerprint(clip)
+        self._encoder = None
+        self.banks, self.normal_scores, self.threshold, self.map_range = None, None, None, None
+        if images:
+            features = self.encoder.encode(images, progress="winclip normal images")
+            self.normal_scores = self._held_out_scores(features)
+            self.threshold = None if self.normal_scores is None else threshold_from_normal_scores(self.normal_scores)
+            self.banks = self._banks(features)
+        return self
+
+    def predict(self, images: Sequence) -> Prediction:
+        if self.prototypes is None:
+            raise ValueError("winclip: call fit first (fit([]) for zero-shot)")
+        images = [as_image(image) for image in images]
+        if not images:
+            return Prediction(scores=np.zeros(0), maps=[])
+        scores, patch_maps = self.score_features(self.encoder.encode(images), self.banks)
+        grid = math.isqrt(patch_maps.shape[1])
+        maps = [cv2.resize(m.view(grid, grid).numpy(), (image.shape[1], image.shape[0]), interpolation=cv2.INTER_LINEAR)
+                for m, image in zip(patch_maps, images)]
+        same_size = len({m.shape for m in maps}) <= 1
+        return Prediction(scores=scores.numpy().astype(np.float64), maps=np.stack(maps) if same_size and maps else maps)
+
+    # -- scoring ----------------------------------------------------------------------------
+    def score_features(self, features: ImageFeatures, banks: dict[str, torch.Tensor] | None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Image scores (N,) and patch-grid maps (N, h*w): language only without ``banks``,
+        language and visual fused with them."""
+        count, patches = features.patches.shape[:2]
+        grid = math.isqrt(patches)
+        language_image = two_class_scores(features.image, self.prototypes, self.temperature)
+        language = [language_image[:, None].expand(-1, patches)]
+        visual = []
+        if banks is not None:
+            visual.append(association_scores(features.patches.flatten(0, 1), banks[PATCH_BANK]).view(count, patches))
+        for k, embeddings in features.windows.items():
+            windows = window_patches(grid, grid, k)
+            language.append(harmonic_aggregation(two_class_scores(embeddings, self.prototypes, self.temperature), windows, patches))
+            if banks is not None:
+                associated = association_scores(embeddings.flatten(0, 1), banks[f"window{k}"]).view(count, -1)
+                visual.append(harmonic_aggregation(associated, windows, patches))
+        language_map = harmonic_mean(torch.stack(language))
+        if banks is None:
+            return language_image, language_map
+        visual_map = torch.stack(visual).mean(0)
+        return (language_image + visual_map.amax(1)) / 2, (language_map + visual_map) / 2
+
+    @staticmethod
+    def _banks(features: ImageFeatures) -> dict[str, torch.Tensor]:
+        banks = {f"window{k}": embeddings.flatten(0, 1) for k, embeddings in features.windows.items()}
+        banks[PATCH_BANK] = features.patches.flatten(0, 1)
+        return banks
+
+    def _held_out_scores(self, features: ImageFeatures) -> np.ndarray | None:
+        """Scores of normal images against a memory of the other normal images (leave-one-out
+        up to 10 images, one held-out fifth above), and the heatmap range from their maps."""
+        count = len(features)
+        if count < 2:
+            return None
+        order = torch.from_numpy(np.random.default_rng(self.params["seed"]).permutation(count))
+        folds = order.split(1) if count <= LEAVE_ONE_OUT_MAX else [order[: max(1, round(HELD_OUT_FRACTION * count))]]
+        scores, maps = [], []
+        for held_out in folds:
+            keep = torch.from_numpy(np.setdiff1d(np.arange(count), held_out.numpy()))
+            fold_scores, fold_maps = self.score_features(features.select(held_out), self._banks(features.select(keep)))
+            scores.append(fold_scores)
+            maps.append(fold_maps.flatten())
+        normal_patches = torch.cat(maps)
+        self.map_range = (float(normal_patches.median()), float(normal_patches.max()) * 1.25)
+        return torch.cat(scores).numpy().astype(np.float64)
+
+    # -- model file -------------------------------------------------------------------------
+    def state_tensors(self) -> dict[str, torch.Tensor]:
+        if self.prototypes is None:
+            raise ValueError("winclip: nothing to save before fit")
+        return {"prototypes": self.prototypes, **{f"bank.{name}": bank for name, bank in (self.banks or {}).items()}}
+
+    def extra_state(self) -> dict:
+        return {"temperature": self.temperature, "fingerprint": self.fingerprint}
+
+    def load_state_tensors(self, tensors, extra) -> None:
+        self.prototypes = tensors["prototypes"].float()
+        banks = {name.removeprefix("bank."): t.float() for name, t in tensors.items() if name.startswith("bank.")}
+        self.banks = banks or None
+        self.temperature, self.fingerprint = extra["temperature"], extra["fingerprint"]
