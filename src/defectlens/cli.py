@@ -104,6 +104,9 @@ def cmd_predict(args) -> int:
 
     rows, records, failed, used_stems = [], [], 0, set()
     for result in predict_paths(detector, paths, keep_images=bool(args.overlays)):
+        # Read after each batch: zero-shot musc sets both from the batch it has just scored.
+        map_range = detector.map_range
+        threshold = args.threshold if args.threshold is not None else detector.threshold
         label = ""
         if result.error:
             failed += 1
@@ -166,7 +169,7 @@ def cmd_benchmark(args) -> int:
                            seeds=args.seeds, size=args.size, params=params)
     records, threshold = result.pop("_records"), result.pop("_threshold")
     table = format_table(result["summary"], result["n_train"])
-    extra = [c for c in table[0] if c.startswith("image_auroc[")] if table else []
+    extra = [c for c in table[0] if c.startswith(("image_auroc[", "au_spro"))] if table else []
     print(f"{result['method']} on {result['dataset']} ({result['n_train']} train, {result['n_test']} test, size {result['size']})")
     print(markdown_table(table, TABLE_COLUMNS + extra))
     if args.json:

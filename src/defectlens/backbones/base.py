@@ -50,6 +50,12 @@ class PatchBackbone:
     def feature_dim(self) -> int:
         raise NotImplementedError
 
+    @property
+    def levels(self) -> tuple[tuple[int, int], ...]:
+        """(channels, stride) of each level concatenated in the features, finest first; coarser
+        levels are upsampled to the finest grid, which a method may undo to use them apart."""
+        return ((self.feature_dim, self.stride),)
+
     def forward(self, batch: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
 

@@ -61,6 +61,13 @@ class EfficientNetLite(PatchBackbone):
         self.stem = torch.nn.Sequential(network._conv_stem, network._bn0, network._swish).to(memory_format=torch.channels_last)
         self.blocks = network._blocks[: self._taps[-1] + 1].to(memory_format=torch.channels_last)
         self._dim = sum(self.blocks[i]._block_args.output_filters for i in self._taps)
+        # Input pixels per cell after each block (the stem halves the image): the stride of each tap.
+        stride, strides = 2, []
+        for block in self.blocks:
+            step = block._block_args.stride
+            stride *= step[0] if isinstance(step, (list, tuple)) else step
+            strides.append(stride)
+        self._levels = tuple((self.blocks[i]._block_args.output_filters, strides[i]) for i in self._taps)
 
     @staticmethod
     def _stage_ends(network) -> list[int]:
@@ -70,6 +77,10 @@ class EfficientNetLite(PatchBackbone):
     @property
     def feature_dim(self) -> int:
         return self._dim
+
+    @property
+    def levels(self) -> tuple[tuple[int, int], ...]:
+        return self._levels
 
     def forward(self, batch: torch.Tensor) -> torch.Tensor:
         hidden = self.stem(batch)

@@ -1,0 +1,3 @@
+from .model import MuSc
+
+__all__ = ["MuSc"]

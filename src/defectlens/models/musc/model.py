@@ -1,0 +1,167 @@
+"""MuSc (Li et al., ICLR 2024) on the embedded backbone: zero-shot, vision only.
+
+The unlabelled images of one ``predict`` call score each other (see mutual.py): no normal
+images, no text, nothing to download. Each backbone level (stride 8 and stride 16 for
+EfficientNet-Lite, each averaged over 3×3 neighbours) is scored on its own grid, the levels'
+maps averaged; the image score is the mean of the top 1 % patch scores, re-scored with its most
+similar images (RsCIN) as far as similar images' scores agree in the batch. The backbone input
+keeps the images' aspect ratio (about size² pixels), so long parts keep their detail.
+
+Transductive: the batch is the reference, so it should hold many images of one product (dozens
+at least), with normal appearance the common one. Cost is O(N · references · patches²): each
+image is compared with ``references`` others picked at random rather than with all N-1.
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Sequence
+from itertools import chain
+
+import cv2
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from ...backbones import get_backbone
+from ...data.io import as_image
+from ..base import Detector, Prediction, register
+from .mutual import mutual_scores, rescore
+
+# Batch threshold: the score a normal image exceeds with about 1 % probability if normal
+# scores were Gaussian (z of the 99th percentile); MAD * 1.4826 estimates a Gaussian's std.
+THRESHOLD_Z = 2.326
+MAD_TO_STD = 1.4826
+
+
+def batch_threshold(scores: np.ndarray) -> float | None:
+    """Decision threshold from the unlabelled scores of one batch: median + z · robust std.
+
+    Median and median absolute deviation stay with the normal images while defective ones are
+    a minority; with more defective images the threshold rises and flags fewer of them.
+    """
+    scores = np.asarray(scores, dtype=np.float64)
+    if scores.size < 3:
+        return None
+    median = float(np.median(scores))
+    return median + THRESHOLD_Z * MAD_TO_STD * float(np.median(np.abs(scores - median)))
+
+
+@register
+class MuSc(Detector):
+    name = "musc"
+    zero_shot = True
+    predict_chunk = None
+
+    def __init__(self, backbone: str = "efficientnet-lite0", size: int = 256, keep_aspect: bool = True,
+                 references: int | None = 32, keep: float = 0.5, levels: list[int] | None = None,
+                 top_fraction: float = 0.01, rescore_neighbours: int = 5, blur_sigma: float = 4.0, seed: int = 0):
+        """``size``: backbone input side; with ``keep_aspect`` the input has about size² pixels at
+        the first image's aspect ratio instead of being a square.
+        ``references``: other images of the batch each image is compared with (None: all).
+        ``keep``: fraction of those images, the best-matching ones, whose distances are averaged
+        into a patch score; 0.5 tolerates a defect that recurs in up to half of the batch.
+        ``levels``: which backbone levels to score (indices, finest first; None: all).
+        ``top_fraction``: image score = mean of this fraction of highest patch scores.
+        ``rescore_neighbours``: RsCIN window, 1 = off. ``blur_sigma``: map smoothing, input pixels."""
+        if not 0.0 < keep <= 1.0:
+            raise ValueError(f"keep must be in (0, 1], not {keep}")
+        if references is not None and references < 1:
+            raise ValueError(f"references must be at least 1 (or None for all), not {references}")
+        super().__init__(backbone=backbone, size=size, keep_aspect=keep_aspect, references=references, keep=keep,
+                         levels=levels, top_fraction=top_fraction, rescore_neighbours=rescore_neighbours,
+                         blur_sigma=blur_sigma, seed=seed)
+        self._backbone = None
+
+    @property
+    def backbone(self):
+        if self._backbone is None:
+            self._backbone = get_backbone(self.params["backbone"], self.params["size"])
+        return self._backbone
+
+    def backbone_for(self, shape: tuple[int, int]):
+        """The backbone at the input size for images of ``shape`` (height, width)."""
+        if not self.params["keep_aspect"]:
+            return self.backbone
+        size, multiple = self.params["size"], max(stride for _, stride in self.backbone.levels)
+        aspect = shape[1] / shape[0]
+        height = max(multiple, round(size / aspect**0.5 / multiple) * multiple)
+        width = max(multiple, round(size * aspect**0.5 / multiple) * multiple)
+        return get_backbone(self.params["backbone"], (height, width))
+
+    def fit(self, images: Sequence = (), masks=None, labels=None) -> MuSc:
+        """Nothing to learn: musc scores each predict batch against itself."""
+        if len(images):
+            warnings.warn(f"musc is zero-shot: the {len(images)} images given to fit are not used; "
+                          "it scores the images of each predict call against each other", stacklevel=2)
+        return self
+
+    def predict(self, images: Sequence) -> Prediction:
+        """Scores and maps of a batch scored against itself (at least 2 images). Sets
+        ``threshold`` and ``map_range`` from this batch, as no normal images are known."""
+        shapes: list[tuple[int, int]] = []
+
+        def decoded():
+            for item in images:
+                image = as_image(item)
+                shapes.append(image.shape[:2])
+                yield image
+
+        # Decode one image ahead to pick the input size; the rest stream through the backbone.
+        stream = decoded()
+        first = next(stream, None)
+        if first is None:
+            raise ValueError("musc scores the images of a batch against each other: give at least 2 images")
+        backbone = self.backbone_for(shapes[0])
+        features = backbone.embed(chain([first], stream), progress="features", total=len(images))
+        scores, patch_maps = self.score_features(features)
+        self.threshold = batch_threshold(scores)
+        normal = scores <= self.threshold if self.threshold is not None else np.ones(len(scores), bool)
+        typical = patch_maps[torch.from_numpy(normal)]
+        self.map_range = (float(typical.median()), 1.25 * float(typical.max()))
+        maps = [self.upsample_map(m.numpy(), shape, backbone.input_hw) for m, shape in zip(patch_maps, shapes)]
+        same_size = len(set(shapes)) <= 1
+        return Prediction(scores=scores, maps=np.stack(maps) if same_size else maps)
+
+    def score_features(self, features: torch.Tensor) -> tuple[np.ndarray, torch.Tensor]:
+        """Backbone features (N, C, h, w) of one batch -> image scores (N,) and patch maps (N, h, w)."""
+        levels = self.split_levels(features)
+        patch_maps = mutual_scores(levels, self.params["references"], self.params["keep"], self.params["seed"],
+                                   progress=True)
+        flat = patch_maps.flatten(1)
+        top = max(1, round(self.params["top_fraction"] * flat.shape[1]))
+        scores = flat.topk(top, dim=1).values.mean(dim=1)
+        image_features = torch.cat([F.normalize(level.mean(dim=(2, 3)), dim=1) for level in levels], dim=1)
+        scores = rescore(scores, F.normalize(image_features, dim=1), self.params["rescore_neighbours"])
+        return scores.numpy().astype(np.float64), patch_maps
+
+    def split_levels(self, features: torch.Tensor) -> list[torch.Tensor]:
+        """The backbone's concatenated levels apart, each back on its own grid (average pooling
+        undoes the upsampling of coarser levels up to a mild blur): 4× fewer patches for a
+        stride-16 level, 16× less work to score it."""
+        levels, start = [], 0
+        finest = self.backbone.levels[0][1]
+        for channels, stride in self.backbone.levels:
+            level = features[:, start : start + channels]
+            start += channels
+            if stride > finest:
+                level = F.avg_pool2d(level, stride // finest, ceil_mode=True)
+            levels.append(level)
+        chosen = self.params["levels"]
+        return levels if chosen is None else [levels[i] for i in chosen]
+
+    def upsample_map(self, patch_map: np.ndarray, shape: tuple[int, int], input_hw: tuple[int, int]) -> np.ndarray:
+        """Patch grid -> backbone input size, Gaussian smoothing (sigma in input pixels), ->
+        the image's own size."""
+        input_h, input_w = input_hw
+        smooth = cv2.resize(patch_map.astype(np.float32), (input_w, input_h), interpolation=cv2.INTER_LINEAR)
+        sigma = self.params["blur_sigma"]
+        if sigma > 0:
+            smooth = cv2.GaussianBlur(smooth, (0, 0), sigmaX=sigma, sigmaY=sigma, borderType=cv2.BORDER_REFLECT)
+        return cv2.resize(smooth, (shape[1], shape[0]), interpolation=cv2.INTER_LINEAR)
+
+    def state_tensors(self) -> dict[str, torch.Tensor]:
+        return {}
+
+    def load_state_tensors(self, tensors, extra) -> None:
+        """A musc model file holds its parameters only."""
