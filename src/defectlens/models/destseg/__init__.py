@@ -1,0 +1,3 @@
+from .model import DeSTSeg
+
+__all__ = ["DeSTSeg"]

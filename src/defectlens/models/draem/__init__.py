@@ -1,0 +1,3 @@
+from .model import Draem
+
+__all__ = ["Draem"]
