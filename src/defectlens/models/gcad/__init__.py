@@ -1,0 +1,3 @@
+from .model import GCAD
+
+__all__ = ["GCAD"]
