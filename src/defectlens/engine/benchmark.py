@@ -3,6 +3,8 @@
 Backbone features of every image are computed once and shared by all runs (the backbone is
 frozen, so this changes no result, only the time). Pixel metrics are computed on maps and
 masks at the image's own aspect ratio, scaled so the longer side is at most ``eval_side``.
+On MVTec LOCO layouts with a defects_config.json, each mask file is a defect region with its
+saturation area, and the runs also report AUC-sPRO up to FPR 0.05 and 0.3.
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ from dataclasses import dataclass, field
 import cv2
 import numpy as np
 import torch
+from PIL import Image
 from tqdm.auto import tqdm
 
 from .. import __version__
@@ -23,11 +26,14 @@ from ..data.io import read_image, read_mask
 from ..data.kshot import sample_shots, shot_plan
 from ..engine.fit import normal_training_samples, with_category
 from ..metrics import evaluate
+from ..metrics.spro import DefectRegion, au_spro, defect_regions
 from ..models import DEFAULT_METHOD, create_detector
 from ..models.patch import PatchDetector
-from ..report import ImageRecord
+from ..report import ImageRecord, colorize_parts
 
 SUMMARY_METRICS = ("image_auroc", "image_aupr", "f1_max", "pixel_auroc", "au_pro", "fpr_at_threshold", "tpr_at_threshold")
+SPRO_LIMITS = (0.05, 0.3)
+SPRO_METRICS = tuple(f"au_spro_{limit}" for limit in SPRO_LIMITS)
 
 
 def parse_shots(text: str) -> list[int | str]:
@@ -50,6 +56,16 @@ class TestSet:
     defect_types: list[str]
     masks: list[np.ndarray] = field(default_factory=list)  # at evaluation size
     eval_shapes: list[tuple[int, int]] = field(default_factory=list)
+    defects_config: list[dict] | None = None  # LOCO: regions (and sPRO) only with a config
+    regions: list[list[DefectRegion]] = field(default_factory=list)  # at evaluation size
+
+    def add_ground_truth(self, sample: Sample, shape: tuple[int, int], eval_side: int) -> None:
+        """Eval shape, union mask and (LOCO) defect regions of the next sample, ``shape`` its size."""
+        eval_shape = _eval_shape(shape, eval_side)
+        self.eval_shapes.append(eval_shape)
+        self.masks.append(_load_mask(sample, shape, eval_shape))
+        if self.defects_config is not None:
+            self.regions.append(_load_regions(sample, shape, eval_shape, self.defects_config))
 
 
 def _eval_shape(shape: tuple[int, int], eval_side: int) -> tuple[int, int]:
@@ -64,15 +80,42 @@ def _load_mask(sample: Sample, shape: tuple[int, int], eval_shape: tuple[int, in
     return cv2.resize(union.astype(np.uint8), (eval_shape[1], eval_shape[0]), interpolation=cv2.INTER_NEAREST) > 0
 
 
+def _load_regions(sample: Sample, shape: tuple[int, int], eval_shape: tuple[int, int],
+                  defects_config: list[dict]) -> list[DefectRegion]:
+    """One region per LOCO mask file, its pixel value naming its defects_config entry. Absolute
+    saturation areas shrink with the pixel count when evaluated below the image's size."""
+    scale = eval_shape[0] * eval_shape[1] / (shape[0] * shape[1])
+    regions = []
+    for mask_path in sample.mask_paths:
+        with Image.open(mask_path) as mask_image:
+            values = np.asarray(mask_image)
+        values = values.max(axis=2) if values.ndim == 3 else values
+        values = cv2.resize(values.astype(np.uint8), (eval_shape[1], eval_shape[0]), interpolation=cv2.INTER_NEAREST)
+        regions += defect_regions(values, defects_config, scale)
+    return regions
+
+
+def _spro_blocks(test_set: TestSet, maps: list[np.ndarray]) -> dict[str, dict[str, float]]:
+    """AUC-sPRO of all images and of the logical and structural groups (each with the good ones)."""
+    blocks = {"all": [True] * len(maps)}
+    for group, logical in (("logical", True), ("structural", False)):
+        blocks[group] = [s.label == 0 or s.logical is logical for s in test_set.samples]
+    result = {}
+    for name, chosen in blocks.items():
+        regions = [r for r, keep in zip(test_set.regions, chosen) if keep]
+        if any(regions):
+            chosen_maps = [m for m, keep in zip(maps, chosen) if keep]
+            result[name] = {f"au_spro_{limit}": au_spro(regions, chosen_maps, limit) for limit in SPRO_LIMITS}
+    return result
+
+
 def _embed_test(backbone, test: TestSet, eval_side: int) -> torch.Tensor:
     """Backbone features of the test images; fills the test set's masks and eval shapes."""
 
     def images():
         for sample in test.samples:
             image = read_image(sample.path)
-            eval_shape = _eval_shape(image.shape[:2], eval_side)
-            test.eval_shapes.append(eval_shape)
-            test.masks.append(_load_mask(sample, image.shape[:2], eval_shape))
+            test.add_ground_truth(sample, image.shape[:2], eval_side)
             yield image
 
     return backbone.embed(images(), progress="test features", total=len(test.samples))
@@ -102,15 +145,20 @@ def _score_run(detector, test_set: TestSet, scores: np.ndarray, maps: list[np.nd
                        test_set.masks if maps is not None else None, maps)
     for name, block in _group_blocks(test_set, scores).items():
         metrics.setdefault(name, block)
+    if test_set.regions and maps is not None:
+        for name, block in _spro_blocks(test_set, maps).items():
+            metrics.setdefault(name, {}).update(block)
     fpr, tpr = _threshold_rates(scores, test_set.labels, detector.threshold)
     return {"threshold": detector.threshold, "fpr_at_threshold": fpr, "tpr_at_threshold": tpr, "metrics": metrics}
 
 
-def _predict_generic(detector, samples: list[Sample], test_set: TestSet, eval_side: int) -> tuple[np.ndarray, list | None]:
-    """Scores and eval-size maps of any detector, through its own ``predict`` on file paths, in
-    the detector's chunks. Fills the test set's masks and eval shapes on first use."""
+def _predict_generic(detector, samples: list[Sample], test_set: TestSet,
+                     eval_side: int) -> tuple[np.ndarray, list | None, list | None]:
+    """Scores, eval-size maps and eval-size part maps (of detectors that segment parts) of any
+    detector, through its own ``predict`` on file paths, in the detector's chunks. Fills the test
+    set's ground truth on first use."""
     chunk = detector.predict_chunk or len(samples)
-    scores, maps = [], []
+    scores, maps, part_maps = [], [], []
     first_pass = not test_set.eval_shapes
     for start in tqdm(range(0, len(samples), chunk), desc=f"{detector.name} predict", unit="chunk", leave=False):
         batch = samples[start : start + chunk]
@@ -123,14 +171,17 @@ def _predict_generic(detector, samples: list[Sample], test_set: TestSet, eval_si
             else:
                 shape = prediction.maps[offset].shape[:2]
             if first_pass:
-                eval_shape = _eval_shape(shape, eval_side)
-                test_set.eval_shapes.append(eval_shape)
-                test_set.masks.append(_load_mask(sample, shape, eval_shape))
+                test_set.add_ground_truth(sample, shape, eval_side)
+            eval_shape = test_set.eval_shapes[start + offset]
             if maps is not None:
-                eval_shape = test_set.eval_shapes[start + offset]
                 maps.append(cv2.resize(np.asarray(prediction.maps[offset], np.float32), (eval_shape[1], eval_shape[0]),
                                        interpolation=cv2.INTER_LINEAR))
-    return np.concatenate(scores), maps
+            if prediction.part_maps is None:
+                part_maps = None
+            elif part_maps is not None:
+                part_maps.append(cv2.resize(np.asarray(prediction.part_maps[offset]).astype(np.int32),
+                                            (eval_shape[1], eval_shape[0]), interpolation=cv2.INTER_NEAREST))
+    return np.concatenate(scores), maps, part_maps
 
 
 def run_benchmark(data, kind: str = "auto", method: str = DEFAULT_METHOD, shots: Sequence[int | str] = (1, 2, 4, 8, "full"),
@@ -155,7 +206,8 @@ def run_benchmark(data, kind: str = "auto", method: str = DEFAULT_METHOD, shots:
     if 0 in shots and not probe.zero_shot:
         raise ValueError(f"--shots 0 means zero-shot, which '{method}' is not; it needs normal images")
     patch_path = isinstance(probe, PatchDetector)
-    test_set = TestSet(samples=test, labels=np.array([s.label for s in test]), defect_types=[s.defect_type for s in test])
+    test_set = TestSet(samples=test, labels=np.array([s.label for s in test]), defect_types=[s.defect_type for s in test],
+                       defects_config=dataset.defects_config if dataset.kind == "loco" else None)
     if patch_path:
         backbone = probe.backbone
         test_features = _embed_test(backbone, test_set, eval_side)
@@ -175,17 +227,20 @@ def run_benchmark(data, kind: str = "auto", method: str = DEFAULT_METHOD, shots:
             detector.fit([s.path for s in picked])
         fit_seconds = time.perf_counter() - started
         started = time.perf_counter()
+        part_maps = None
         if patch_path:
             scores, patch_maps = detector.score_feature_batch(test_features)
             maps = [detector.upsample_map(m.numpy(), shape) for m, shape in zip(patch_maps, test_set.eval_shapes)]
         else:
-            scores, maps = _predict_generic(detector, test, test_set, eval_side)
+            scores, maps, part_maps = _predict_generic(detector, test, test_set, eval_side)
         score_ms = (time.perf_counter() - started) / len(test) * 1000
         runs.append({"shots": run_shots, "seed": seed, "fit_seconds": fit_seconds, "score_ms_per_image": score_ms,
                      **_score_run(detector, test_set, scores, maps)})
         records = [ImageRecord(path=str(s.path), score=float(score), label=int(s.label), defect_type=s.defect_type,
-                               anomaly_map=None if maps is None else m, mask=mask)
-                   for s, score, m, mask in zip(test, scores, maps or [None] * len(test), test_set.masks)]
+                               anomaly_map=None if maps is None else m, mask=mask,
+                               extra_panels={} if parts is None else {"parts": colorize_parts(parts)})
+                   for s, score, m, mask, parts in zip(test, scores, maps or [None] * len(test), test_set.masks,
+                                                       part_maps or [None] * len(test))]
     return {
         "defectlens_version": __version__,
         "dataset": str(dataset.root), "kind": dataset.kind, "category": dataset.category,
@@ -216,6 +271,11 @@ def summarise(runs: list[dict]) -> list[dict]:
         for defect_type in group[0]["metrics"]:
             if defect_type != "all":
                 row[f"image_auroc[{defect_type}]"] = _mean_std([r["metrics"][defect_type]["image_auroc"] for r in group])
+        for block in ("all", "logical", "structural"):
+            for name in SPRO_METRICS:
+                if name in group[0]["metrics"].get(block, {}):
+                    key = name if block == "all" else f"{name}[{block}]"
+                    row[key] = _mean_std([r["metrics"][block].get(name, math.nan) for r in group])
         row["fit_seconds"] = _mean_std([r["fit_seconds"] for r in group])
         row["score_ms_per_image"] = _mean_std([r["score_ms_per_image"] for r in group])
         rows.append(row)

@@ -103,12 +103,19 @@ def _normal_counts(pairs, values: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 def _roc_curve(pairs, per_region: bool) -> tuple[np.ndarray, np.ndarray] | None:
     """Vertices (FPR, weighted TPR) of the curve through every distinct threshold, from the
     highest threshold down; None when either class is empty."""
-    scores, weights = _anomalous_pixels(pairs, per_region)
+    return weighted_curve(*_anomalous_pixels(pairs, per_region), pairs)
+
+
+def weighted_curve(scores: np.ndarray, weights: np.ndarray, normal_pairs,
+                   total_weight: float | None = None) -> tuple[np.ndarray, np.ndarray] | None:
+    """The curve for anomalous pixel ``scores`` carrying ``weights``, against the normal pixels
+    of ``normal_pairs`` ((mask or None, map): pixels outside the mask). The true-positive axis is
+    the weight at or above the threshold over ``total_weight`` (default: all the weight)."""
     if scores.size == 0:
         return None
     values, inverse = np.unique(scores, return_inverse=True)
     weight_at = np.bincount(inverse, weights=weights)
-    between, tied = _normal_counts(pairs, values)
+    between, tied = _normal_counts(normal_pairs, values)
     n_normal = between.sum() + tied.sum()
     if n_normal == 0:
         return None
@@ -124,7 +131,7 @@ def _roc_curve(pairs, per_region: bool) -> tuple[np.ndarray, np.ndarray] | None:
     tp_steps[1:2 * m:2] = weight_at[::-1]
     fp = np.concatenate([[0.0], np.cumsum(fp_steps)])
     tp = np.concatenate([[0.0], np.cumsum(tp_steps)])
-    return fp / n_normal, tp / tp[-1]
+    return fp / n_normal, tp / (tp[-1] if total_weight is None else total_weight)
 
 
 def _area_up_to(fpr: np.ndarray, tpr: np.ndarray, limit: float) -> float:

@@ -33,11 +33,13 @@ class Prediction:
     """Scores (higher = more anomalous) and anomaly maps at each input image's own resolution.
 
     ``maps`` is a float32 N×H×W array when all inputs share one size, otherwise a list of
-    H_i×W_i arrays; ``None`` for methods without localisation.
+    H_i×W_i arrays; ``None`` for methods without localisation. ``part_maps``: methods that
+    segment images into parts (composition) give each image's H_i×W_i integer part classes.
     """
 
     scores: np.ndarray
     maps: np.ndarray | list[np.ndarray] | None = None
+    part_maps: list[np.ndarray] | None = None
 
     def labels(self, threshold: float) -> np.ndarray:
         """True where a score is above the threshold (anomalous)."""

@@ -3,6 +3,7 @@
 from defectlens.report.html import ImageRecord, default_map_range, write_report
 from defectlens.report.overlay import (
     colorize,
+    colorize_parts,
     draw_mask_contour,
     heatmap_overlay,
     resize_map,
@@ -12,6 +13,7 @@ from defectlens.report.overlay import (
 __all__ = [
     "ImageRecord",
     "colorize",
+    "colorize_parts",
     "default_map_range",
     "draw_mask_contour",
     "heatmap_overlay",

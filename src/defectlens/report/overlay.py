@@ -85,6 +85,28 @@ def heatmap_overlay(
     return blended
 
 
+#: Distinct colours for part classes 0..19 (a class keeps its colour in every image of a model).
+PART_COLOURS = np.array([
+    (230, 25, 75), (60, 180, 75), (255, 225, 25), (0, 130, 200), (245, 130, 48), (145, 30, 180), (70, 240, 240),
+    (240, 50, 230), (210, 245, 60), (250, 190, 212), (0, 128, 128), (220, 190, 255), (170, 110, 40),
+    (255, 250, 200), (128, 0, 0), (170, 255, 195), (128, 128, 0), (255, 215, 180), (0, 0, 128), (128, 128, 128),
+], np.uint8)
+
+
+def colorize_parts(part_map: np.ndarray) -> np.ndarray:
+    """Integer part classes (H×W) -> RGB uint8; classes past the table get golden-ratio hues."""
+    part_map = np.asarray(part_map)
+    if part_map.ndim != 2:
+        raise ValueError(f"expected an H×W part map, got shape {part_map.shape}")
+    classes = int(part_map.max(initial=0)) + 1
+    palette = PART_COLOURS
+    if classes > len(palette):
+        hues = (np.arange(len(palette), classes) * 0.618034 % 1.0 * 180).astype(np.uint8)
+        hsv = np.stack([hues, np.full_like(hues, 200), np.full_like(hues, 230)], axis=1)[None]
+        palette = np.concatenate([palette, cv2.cvtColor(hsv, cv2.COLOR_HSV2RGB)[0]])
+    return palette[np.clip(part_map, 0, None)]
+
+
 def save_png(path: str | os.PathLike, rgb: np.ndarray) -> Path:
     """Write an RGB (or grayscale) array as a PNG file, creating parent folders."""
     path = Path(path)

@@ -1,0 +1,3 @@
+from .model import Composition
+
+__all__ = ["Composition"]

@@ -1,0 +1,219 @@
+"""The composition detector on tiny scenes whose answers are known: two coloured discs on a grey
+tray, where a missing, swapped or extra disc is a logical anomaly no patch looks wrong for."""
+
+import cv2
+import numpy as np
+import pytest
+import torch
+
+from defectlens.models import Detector, create_detector
+from defectlens.models.composition.model import SCORES, nearest_patches
+from defectlens.models.composition.parts import ImageParts, class_distances
+from defectlens.models.composition.sam import vote_in_regions
+from defectlens.models.composition.segment import (
+    background_classes,
+    guided_upsample,
+    majority_filter,
+)
+
+SIZE = 96
+PARAMS = {"size": 96, "part_size": 48, "parts": 4}
+RED, BLUE = (200, 40, 40), (40, 60, 200)
+
+
+def scene(rng, discs):
+    """Grey tray with sensor noise and discs given as (colour, (x, y)) with jittered positions."""
+    image = np.clip(rng.normal(150, 3, (SIZE, SIZE, 3)), 0, 255).astype(np.uint8)
+    for colour, (x, y) in discs:
+        centre = (int(x + rng.integers(-3, 4)), int(y + rng.integers(-3, 4)))
+        cv2.circle(image, centre, 10, colour, -1, cv2.LINE_AA)
+    return image
+
+
+def normal(rng):
+    return scene(rng, [(RED, (28, 48)), (BLUE, (68, 48))])
+
+
+@pytest.fixture(scope="module")
+def fitted():
+    rng = np.random.default_rng(0)
+    detector = create_detector("composition", **PARAMS).fit([normal(rng) for _ in range(4)])
+    return detector, rng
+
+
+def calibrated_scores(detector, images):
+    features = detector.backbone.embed(images)
+    parts, _ = detector.compose(images, features)
+    return [detector.score_parts(p)[0] for p in parts]
+
+
+def test_logical_anomalies_raise_the_scores_that_see_them(fitted):
+    detector, rng = fitted
+    goods = calibrated_scores(detector, [normal(rng) for _ in range(4)])
+    missing, swapped = calibrated_scores(detector, [scene(rng, [(RED, (28, 48))]),
+                                                    scene(rng, [(BLUE, (28, 48)), (RED, (68, 48))])])
+    # A missing disc leaves no picture of itself: the histogram (pixel share) is what sees it.
+    assert missing["histogram"] > 3 * max(g["histogram"] for g in goods)
+    # Swapped discs: every part is present and looks normal, but sits in the other's place.
+    assert swapped["location"] > 3 * max(g["location"] for g in goods)
+    for anomaly in (missing, swapped):
+        assert sum(anomaly.values()) > max(sum(g.values()) for g in goods)
+
+
+def test_the_same_part_gets_the_same_class_in_every_image(fitted):
+    detector, rng = fitted
+    images = [normal(rng) for _ in range(3)] + [scene(rng, [(BLUE, (28, 48)), (RED, (68, 48))])]
+    prediction = detector.predict(images)
+    centres = [((28, 48), (68, 48))] * 3 + [((68, 48), (28, 48))]  # (red, blue) centres
+    for part_map, (red, blue) in zip(prediction.part_maps, centres):
+        assert part_map.shape == (SIZE, SIZE)
+        red_class, blue_class = part_map[red[1], red[0]], part_map[blue[1], blue[0]]
+        assert (red_class, blue_class) == (prediction.part_maps[0][48, 28], prediction.part_maps[0][48, 68])
+        assert len({red_class, blue_class, part_map[5, 5]}) == 3  # red, blue and the tray differ
+
+
+def test_prediction_contract_and_model_file_round_trip(fitted, tmp_path):
+    detector, rng = fitted
+    images = [normal(rng), scene(rng, [(RED, (28, 48))])]
+    before = detector.predict(images)
+    assert before.scores.shape == (2,) and before.maps.shape == (2, SIZE, SIZE)
+    assert detector.threshold is not None and detector.normal_scores.shape == (4,)
+    assert detector.map_range[0] < detector.map_range[1]
+    loaded = Detector.load(detector.save(tmp_path / "composition.dlmodel"))
+    after = loaded.predict(images)
+    np.testing.assert_allclose(after.scores, before.scores, rtol=1e-6)
+    np.testing.assert_allclose(after.maps, before.maps, rtol=1e-5, atol=1e-6)
+    for a, b in zip(after.part_maps, before.part_maps):
+        np.testing.assert_array_equal(a, b)
+    assert loaded.threshold == detector.threshold
+
+
+def test_calibration_one_shot_and_single_score_ablation(fitted):
+    detector, rng = fitted
+    # Class-wise scores are calibrated per class; only patch scores get a leave-one-out divisor.
+    assert all(detector.normalisers[s] == 1.0 for s in ("embedding", "histogram", "colour", "location"))
+    assert all(0 < detector.normalisers[s] < 1.5 for s in ("agnostic", "aware", "foreground"))
+    single = create_detector("composition", scores=["histogram"], **PARAMS).fit([normal(np.random.default_rng(0)) for _ in range(4)])
+    image = scene(rng, [(RED, (28, 48))])
+    assert single.predict([image]).scores[0] == pytest.approx(calibrated_scores(single, [image])[0]["histogram"])
+    one = create_detector("composition", **PARAMS).fit([normal(rng)])
+    assert one.threshold is None and one.normal_scores is None
+    assert np.isfinite(one.predict([normal(rng)]).scores).all()
+
+
+def test_bad_parameters_are_refused():
+    with pytest.raises(ValueError, match="unknown"):
+        create_detector("composition", scores=["histogram", "shape"])
+    with pytest.raises(ValueError, match="segmenter"):
+        create_detector("composition", segmenter="watershed")
+    with pytest.raises(ValueError, match="at least one"):
+        create_detector("composition").fit([])
+
+
+def test_nearest_patches_matches_brute_force():
+    rng = np.random.default_rng(1)
+
+    def parts(count, classes):
+        patches = torch.nn.functional.normalize(torch.from_numpy(rng.normal(size=(count, 8))).float(), dim=1)
+        patch_class = torch.from_numpy(rng.integers(0, classes, count))
+        return ImageParts(patches, patch_class, patch_class != 0, *[None] * 5)
+
+    test, bank = parts(30, 4), parts(50, 3)  # class 3 is missing from the bank
+    anyone, same, foreground = nearest_patches(test, bank, chunk=16)
+    distance = 1 - test.patches @ bank.patches.T
+    torch.testing.assert_close(anyone, distance.min(dim=1).values)
+    for i in range(30):
+        mine = bank.patch_class == test.patch_class[i]
+        assert same[i] == pytest.approx(float(distance[i, mine].min()) if mine.any() else 1.0, abs=1e-6)
+        assert foreground[i] == pytest.approx(float(distance[i, bank.foreground].min()), abs=1e-6)
+
+
+def test_class_distances_known_answers():
+    def parts(area, count, colour, location):
+        classes = len(area)
+        return ImageParts(None, None, None, np.array(area, float), np.array(count, float), np.array(colour, float),
+                          np.array(location, float), np.eye(classes, 3))
+
+    typical = np.array([0.16, 0.04])
+    refs = ImageParts.stack([parts([0.16, 0.04], [1, 2], [[0, 0], [10, 0]], [[0.5, 0.5], [0.2, 0.2]]),
+                             parts([0.25, 0.0], [1, 0], [[0, 0], [0, 0]], [[0.5, 0.5], [0.0, 0.0]])])
+    test = parts([0.09, 0.04], [1, 3], [[3, 4], [10, 5]], [[0.5, 0.8], [0.2, 0.6]])
+    d = class_distances(test, refs, typical)
+    np.testing.assert_allclose(d["area"], [0.1, 0.0])  # |0.3 - 0.4|; the second equals the first ref
+    np.testing.assert_allclose(d["count"], [0, 1])
+    np.testing.assert_allclose(d["colour"], [5, 5])  # class 1 is absent from the second ref: first only
+    np.testing.assert_allclose(d["location"], [0.3, 0.4])
+    np.testing.assert_allclose(d["embedding"], [0, 0], atol=1e-12)
+    absent = class_distances(parts([0.09, 0.0], [1, 0], [[0, 0]] * 2, [[0.5, 0.5]] * 2), refs, typical)
+    assert np.isnan(absent["colour"][1]) and np.isnan(absent["location"][1])
+
+
+def test_segmentation_helpers():
+    # Guided upsampling keeps constants constant and puts a feature step on the colour edge.
+    lab = np.zeros((16, 16, 3), np.float32)
+    lab[:, 8:, 1] = 60.0
+    torch.testing.assert_close(guided_upsample(torch.full((2, 4, 4), 3.0), lab), torch.full((2, 16, 16), 3.0))
+    step = torch.zeros(1, 4, 4)
+    step[:, :, 2:] = 1.0
+    sharp = guided_upsample(step, lab)[0]
+    assert float(sharp[:, 7].max()) < 0.05 and float(sharp[:, 8].min()) > 0.95
+    # The majority vote removes a lone pixel.
+    labels = np.zeros((7, 7), int)
+    labels[3, 3] = 1
+    assert not majority_filter(labels, 2).any()
+    # A frame touching every border is background; a frame covering most of the image is the part.
+    frame = np.ones((20, 20), int)
+    frame[2:-2, 2:-2] = 0  # 36 % of the image
+    frame[8:12, 8:12] = 2
+    assert background_classes([frame], 3).tolist() == [False, True, False]
+    assert not background_classes([np.where(frame == 0, 1, frame)], 3).any()
+
+
+def test_sam_votes_and_tiny_random_sam(tmp_path):
+    part_map = np.array([[0, 0, 1], [0, 1, 1], [2, 2, 2]])
+    regions = np.array([[0, 0, 0], [0, 0, -1], [1, 1, -1]])
+    np.testing.assert_array_equal(vote_in_regions(part_map, regions, 3), [[0, 0, 0], [0, 0, 1], [2, 2, 2]])
+
+    from transformers import (
+        SamConfig,
+        SamMaskDecoderConfig,
+        SamModel,
+        SamPromptEncoderConfig,
+        SamVisionConfig,
+    )
+
+    from defectlens.backbones.hf import ModelNotAvailable, load_sam
+    from defectlens.models.composition.sam import SamRegions
+
+    vision = SamVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2, image_size=64,
+                             patch_size=16, output_channels=16, global_attn_indexes=[1], window_size=2, mlp_dim=64, num_pos_feats=8)
+    prompt = SamPromptEncoderConfig(hidden_size=16, image_size=64, patch_size=16, mask_input_channels=4)
+    decoder = SamMaskDecoderConfig(hidden_size=16, num_hidden_layers=2, num_attention_heads=2, mlp_dim=32, iou_head_hidden_dim=16)
+    torch.manual_seed(0)
+    SamModel(SamConfig(vision_config=vision.to_dict(), prompt_encoder_config=prompt.to_dict(),
+                       mask_decoder_config=decoder.to_dict())).save_pretrained(tmp_path / "sam")
+    with pytest.raises(ModelNotAvailable, match="DEFECTLENS_SAM_MODEL"):
+        load_sam(str(tmp_path / "missing"))
+    sam = SamRegions(str(tmp_path / "sam"), points_per_side=4, min_quality=-np.inf, min_stability=-np.inf)
+    regions = sam(normal(np.random.default_rng(0))[:80], 24)
+    assert regions.shape == (24, 24) and regions.min() >= -1 and regions.max() < 16
+    # The whole detector runs with SAM regions in the loop.
+    rng = np.random.default_rng(0)
+    detector = create_detector("composition", segmenter="sam", sam_model=str(tmp_path / "sam"), **PARAMS)
+    prediction = detector.fit([normal(rng) for _ in range(2)]).predict([normal(rng)])
+    assert np.isfinite(prediction.scores).all() and prediction.part_maps[0].shape == (SIZE, SIZE)
+
+
+def test_benchmark_reports_part_maps_and_spro(tmp_path):
+    from defectlens.data.synthetic import generate
+    from defectlens.engine.benchmark import run_benchmark
+
+    folder = generate(tmp_path, kind="loco", seed=0, size=64, n_train=3, n_test_good=2, n_test_defect_per_type=1)[0]
+    result = run_benchmark(folder, method="composition", shots=[2], seeds=1, size=64, params={"part_size": 32, "parts": 4})
+    metrics = result["runs"][0]["metrics"]
+    for block in ("all", "logical", "structural"):
+        assert 0.0 <= metrics[block]["au_spro_0.05"] <= metrics[block]["au_spro_0.3"] + 1e-9 <= 1.0 + 1e-9
+    assert {"au_spro_0.05", "au_spro_0.3[logical]"} <= set(result["summary"][0])
+    records = result["_records"]
+    assert all(r.extra_panels["parts"].shape == (64, 64, 3) for r in records)
+    assert set(SCORES) == {"agnostic", "aware", "foreground", "embedding", "histogram", "colour", "location"}
