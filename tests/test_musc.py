@@ -185,7 +185,7 @@ def test_model_file_holds_parameters_and_reproduces_scores(batch, tmp_path):
     np.testing.assert_allclose(loaded.predict(batch[:6]).scores, detector.predict(batch[:6]).scores, rtol=1e-6)
 
 
-def test_benchmark_zero_shot_and_predict_labels_from_the_batch(synthetic_mvtec, tmp_path, capsys):
+def test_benchmark_zero_shot_and_predict_labels_from_the_batch(synthetic_mvtec, tmp_path):
     out = tmp_path / "bench.json"
     assert main(["benchmark", str(synthetic_mvtec), "--method", "musc", "--shots", "0", "--size", "96",
                  "--json", str(out)]) == 0
