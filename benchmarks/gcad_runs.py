@@ -90,7 +90,8 @@ def write_markdown(results: dict) -> None:
         "| data | shots | seeds | logical AUROC | structural AUROC | all AUROC | pixel AUROC | FPR / TPR | "
         "train min | ms/image | load |\n|---|---|---|---|---|---|---|---|---|---|---|\n"
     )
-    rows = [_block_row(block["data"], block) for block in results.values()]
+    order = sorted(results.values(), key=lambda block: (block["data"], block["full"], block["shots"]))
+    rows = [_block_row(block["data"], block) for block in order]
     OUT.with_suffix(".md").write_text(header + "\n".join(rows) + "\n")
 
 

@@ -136,7 +136,9 @@ def test_few_images_get_more_altered_copies_that_keep_the_originals_first(normal
     np.testing.assert_array_equal(detector._augmented(images, 3), augmented)  # seeded
 
 
-def test_two_images_give_a_threshold_from_one_held_out_image(normal_images):
+def test_held_out_scores_come_from_one_image_and_its_copy_or_from_the_held_out_images(normal_images):
     detector = create_detector("gcad", steps=2, **TINY).fit(normal_images[:2])
     assert detector.threshold is not None and len(detector.normal_scores) == 2
     assert detector.threshold >= detector.normal_scores.max()
+    ten = normal_images + [np.ascontiguousarray(image[::-1]) for image in normal_images[:4]]
+    assert len(create_detector("gcad", steps=2, **TINY).fit(ten).normal_scores) == 2  # a fifth of 10, no copies

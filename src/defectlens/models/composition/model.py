@@ -53,7 +53,6 @@ NAIVE_WEIGHTS = {"agnostic": 0.3, "aware": 0.4, "foreground": 0.3, "embedding": 
 #: Per-class arrays of ImageParts, stored in the model file.
 CLASS_ARRAYS = ("area", "count", "colour", "location", "embedding")
 LEAVE_ONE_OUT_MAX = 10
-AGG = lambda v: float(v.max())  # noqa: E731
 HELD_OUT_FRACTION = 0.2
 #: At most this many references are left out when estimating per-class spreads (cost grows as R²).
 CLASS_LOO_MAX = 32
@@ -113,7 +112,7 @@ class Memory:
         parts = ~self.background
         for name, quantities in QUANTITIES.items():
             per_class = np.fmax.reduce([ratios[q][parts] for q in quantities])
-            scores[name] = AGG(per_class[np.isfinite(per_class)]) if np.isfinite(per_class).any() else 0.0
+            scores[name] = float(np.nanmax(per_class)) if np.isfinite(per_class).any() else 0.0
         return scores, agnostic
 
 

@@ -22,8 +22,6 @@ PRESENT = 0.25
 PART_SHARE = 0.3
 #: Regions smaller than this many pixels of the part map never count as parts.
 MIN_PART_PIXELS = 4
-MAX_PARTS = 8
-LOC_MODE = "centroid"
 
 
 @dataclass
@@ -91,15 +89,9 @@ def describe(image: np.ndarray, features: torch.Tensor, part_map: np.ndarray, ba
     ys, xs = np.meshgrid(grid, grid, indexing="ij")
     location = pixels @ np.stack([xs.ravel(), ys.ravel()], axis=1) / mass
     count = np.zeros(classes)
-    instances = np.full((classes, MAX_PARTS, 2), np.nan)
     for k in range(classes):
-        _, _, stats, centroids = cv2.connectedComponentsWithStats(one_hot[k].astype(np.uint8), connectivity=8)
-        keep = np.flatnonzero(stats[1:, cv2.CC_STAT_AREA] >= min_part[k]) + 1
-        count[k] = len(keep)
-        keep = keep[np.argsort(-stats[keep, cv2.CC_STAT_AREA])][:MAX_PARTS]
-        instances[k, :len(keep)] = (centroids[keep] + 0.5) / size
-    if LOC_MODE == "hausdorff":
-        location = instances
+        _, _, stats, _ = cv2.connectedComponentsWithStats(one_hot[k].astype(np.uint8), connectivity=8)
+        count[k] = (stats[1:, cv2.CC_STAT_AREA] >= min_part[k]).sum()
     return ImageParts(patches=patches, patch_class=patch_class, foreground=torch.from_numpy(~background)[patch_class],
                        area=area, count=count, colour=colour, location=location, embedding=embedding)
 
@@ -122,19 +114,6 @@ def class_distances(test: ImageParts, refs: ImageParts, typical_area: np.ndarray
         "area": nearest(np.abs(np.sqrt(test.area) - np.sqrt(refs.area))),
         "count": nearest(np.abs(test.count - refs.count)),
         "colour": nearest(np.linalg.norm(test.colour - refs.colour, axis=2), comparable),
-        "location": nearest(hausdorff(test.location, refs.location) if LOC_MODE == "hausdorff" else np.linalg.norm(test.location - refs.location, axis=2), comparable),
+        "location": nearest(np.linalg.norm(test.location - refs.location, axis=2), comparable),
         "embedding": nearest(1.0 - np.einsum("kd,rkd->rk", test.embedding, refs.embedding), comparable),
     }
-
-
-def hausdorff(test: np.ndarray, refs: np.ndarray) -> np.ndarray:
-    """(R, K) symmetric Hausdorff distances between the test's part positions (K, M, 2) and each
-    reference's (R, K, M, 2), nan-padded; inf where either side has no part of the class."""
-    diff = test[None, :, :, None, :] - refs[:, :, None, :, :]
-    dist = np.sqrt((diff ** 2).sum(-1))  # (R, K, M_test, M_ref)
-    valid = np.isfinite(dist)
-    to_ref = np.where(valid, dist, np.inf).min(axis=3)  # each test part to its nearest ref part
-    to_test = np.where(valid, dist, np.inf).min(axis=2)
-    worst = np.maximum(np.where(np.isfinite(to_ref), to_ref, -np.inf).max(axis=2),
-                       np.where(np.isfinite(to_test), to_test, -np.inf).max(axis=2))
-    return np.where(np.isfinite(worst), worst, np.inf)

@@ -109,9 +109,11 @@ class GCAD(Detector):
         teacher = self._teacher(copies, progress="gcad teacher")
         self._fit_projection(teacher[: len(train)])
         self._train(copies, self._project(teacher), self._steps(len(train)))
-        # Calibrate on the held-out images and one altered copy of each: two scores or more even with
-        # two images. With one image nothing is held out: calibrate on it (optimistic), no threshold.
-        scores = self._calibrate(self._augmented(held_out if held else train, 1))
+        # Calibrate on the held-out images. A single one gets an altered copy, so that two images
+        # give two scores; with one image nothing is held out: calibrate on it (optimistic), no
+        # threshold. (Altered copies are not added beyond that: where the camera is fixed, their
+        # pose changes are not normal and would raise the threshold.)
+        scores = self._calibrate(held_out if held > 1 else self._augmented(held_out if held else train, 1))
         self.normal_scores = scores if held else None
         self.threshold = None if self.normal_scores is None else threshold_from_normal_scores(scores)
         return self
