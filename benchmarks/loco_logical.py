@@ -35,11 +35,14 @@ from defectlens.engine.benchmark import parse_shots, run_benchmark
 from defectlens.engine.fit import normal_training_samples
 from defectlens.metrics import image_auroc
 from defectlens.models import REGISTRY, create_detector
-from defectlens.models.composition.model import SCORES
+from defectlens.models.composition.model import SCORES, combine
 
 HERE = Path(__file__).resolve().parent
 BSDATA = HERE.parents[1] / "shared" / "datasets" / "bsdata" / "ball_screw"
 OUT = HERE / "results" / "loco_logical"
+#: Ways to join the seven calibrated scores: the write-up's plain sum and the detector's norm.
+COMBINATIONS = {"sum": lambda c: sum(c.values()), "norm": combine}
+COMBINATION_LABELS = {"sum": "plain sum of the seven (the write-up)", "norm": "Euclidean norm of the seven (the detector)"}
 
 
 def mean_std(values) -> str:
@@ -82,8 +85,8 @@ def ablation(folder: Path, shots: int, seeds: int) -> list[dict]:
         parts, _ = detector.compose(images, features)
         calibrated = [detector.score_parts(p)[0] for p in parts]
         row = {"seed": seed}
-        for name in (*SCORES, "sum"):
-            scores = np.array([sum(c.values()) if name == "sum" else c[name] for c in calibrated])
+        for name in (*SCORES, *COMBINATIONS):
+            scores = np.array([COMBINATIONS[name](c) if name in COMBINATIONS else c[name] for c in calibrated])
             for group in ("logical", "structural"):
                 chosen = (groups == group) | (groups == "good")
                 row[f"{name}.{group}"] = image_auroc(labels[chosen], scores[chosen])
@@ -97,23 +100,24 @@ def write_markdown(store: dict, args_line: str) -> None:
     methods = sorted({k.split("/")[2] for k in loco}, key=lambda m: (m != "composition", m))
     lines = [
         "# Logical vs structural anomalies (generated MVTec LOCO layout), k-shot\n",
-        f"{args_line} on a {platform.machine()} machine, {len(os.sched_getaffinity(0))} cores shared with other "
-        f"engineers' jobs, torch threads {os.environ.get('DEFECTLENS_THREADS', 'all')}, {time.strftime('%Y-%m-%d')}.\n",
-        "Data: `defectlens generate DIR --kind loco --seed S` (category assembly: 40 train, 20 good, 8 of each of five "
+        (f"{args_line} on a {platform.machine()} machine, {len(os.sched_getaffinity(0))} cores, "
+         f"torch threads {os.environ.get('DEFECTLENS_THREADS', 'all')}, {time.strftime('%Y-%m-%d')}.\n"),
+        ("Data: `defectlens generate DIR --kind loco --seed S` (category assembly: 40 train, 20 good, 8 of each of five "
         "logical and three structural anomaly types in test). Image AUROC of logical and of structural anomalies, each "
         "against all good test images; AUC-sPRO (FPR ≤ 0.05, normalised; saturation areas from defects_config.json, "
         "FPR on good images only) of the anomaly maps. Mean ± std over all runs: every generator seed × shot seed "
         "(shot picks shared by all methods). Times are wall-clock on a shared machine: noisy; `fit s` excludes the "
-        "backbone only for patchknn (features computed once per sweep), composition and gcad fit end to end.\n",
-        "| method | shots | runs | logical AUROC | structural AUROC | all AUROC | sPRO@0.05 logical | sPRO@0.05 structural "
-        "| FPR / TPR at threshold | fit s | ms/image |",
+        "backbone only for patchknn (features computed once per sweep), composition and gcad fit end to end.\n"),
+        ("| method | shots | runs | logical AUROC | structural AUROC | all AUROC | sPRO@0.05 logical | "
+         "sPRO@0.05 structural | FPR / TPR at threshold | fit s | ms/image |"),
         "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for method in methods:
         runs = [r for k, v in loco.items() if k.split("/")[2] == method for r in v["runs"]]
         for shots in sorted({r["shots"] for r in runs}):
             group = [r for r in runs if r["shots"] == shots]
-            col = lambda key: mean_std([r.get(key) for r in group])  # noqa: E731
+            def col(key, group=group):
+                return mean_std([r.get(key) for r in group])
             rates = f"{col('fpr_at_threshold')} / {col('tpr_at_threshold')}"
             fit = f"{np.mean([r['fit_seconds'] for r in group]):.1f}"
             ms = f"{np.mean([r['score_ms_per_image'] for r in group]):.0f}"
@@ -136,24 +140,25 @@ def write_markdown(store: dict, args_line: str) -> None:
         rows = [row for v in ablations.values() for row in v["rows"]]
         shots = next(iter(ablations.values()))["shots"]
         lines += ["", f"## Ablation: the seven composition scores at {shots} shots\n",
-                  f"Each calibrated score alone, and their sum (the detector's image score), {len(rows)} runs "
-                  f"({', '.join(k.split('/')[1] for k in sorted(ablations))} × shot seeds).\n",
+                  (f"Each calibrated score alone, their plain sum and their norm (the detector's image score), "
+                   f"{len(rows)} runs ({', '.join(k.split('/')[1] for k in sorted(ablations))} × shot seeds).\n"),
                   "| score | logical AUROC | structural AUROC |", "|---|---|---|"]
-        for name in (*SCORES, "sum"):
-            label = "calibrated sum (all seven)" if name == "sum" else name
+        for name in (*SCORES, *COMBINATIONS):
+            label = COMBINATION_LABELS.get(name, name)
             lines.append(f"| {label} | {mean_std([r[f'{name}.logical'] for r in rows])} | "
                          f"{mean_std([r[f'{name}.structural'] for r in rows])} |")
     bsdata = {k: v for k, v in blocks.items() if k.startswith("bsdata/")}
     if bsdata:
         lines += ["", "## BSData ball_screw (real pitting defects: structural only)\n",
-                  "325 pitting and 284 good test images; image AUROC, pixel AUROC of the maps. Patch-kNN and the "
-                  "other detectors on the same protocol: bsdata_quality.md.\n",
+                  ("325 pitting and 284 good test images; image AUROC, pixel AUROC of the maps. Patch-kNN and the "
+                   "other detectors on the same protocol: bsdata_quality.md.\n"),
                   "| method | shots | runs | image AUROC | pixel AUROC | FPR / TPR at threshold | fit s | ms/image |",
                   "|---|---|---|---|---|---|---|---|"]
         for key, value in sorted(bsdata.items()):
             for shots in sorted({r["shots"] for r in value["runs"]}):
                 group = [r for r in value["runs"] if r["shots"] == shots]
-                col = lambda name: mean_std([r.get(name) for r in group])  # noqa: E731
+                def col(name, group=group):
+                    return mean_std([r.get(name) for r in group])
                 lines.append(f"| {key.split('/')[1]} | {shots} | {len(group)} | {col('all.image_auroc')} | "
                              f"{col('all.pixel_auroc')} | {col('fpr_at_threshold')} / {col('tpr_at_threshold')} | "
                              f"{np.mean([r['fit_seconds'] for r in group]):.1f} | "
