@@ -217,3 +217,20 @@ def test_benchmark_reports_part_maps_and_spro(tmp_path):
     records = result["_records"]
     assert all(r.extra_panels["parts"].shape == (64, 64, 3) for r in records)
     assert set(SCORES) == {"agnostic", "aware", "foreground", "embedding", "histogram", "colour", "location"}
+
+
+def test_predict_report_shows_part_maps(tmp_path):
+    from defectlens.cli import main
+
+    rng = np.random.default_rng(1)
+    good, test = tmp_path / "good", tmp_path / "test"
+    good.mkdir(), test.mkdir()
+    for i in range(3):
+        cv2.imwrite(str(good / f"{i}.png"), normal(rng)[..., ::-1])
+    cv2.imwrite(str(test / "missing.png"), scene(rng, [(RED, (28, 48))])[..., ::-1])
+    model, report = tmp_path / "model.dlz", tmp_path / "report.html"
+    params = [arg for key, value in PARAMS.items() if key != "size" for arg in ("--param", f"{key}={value}")]
+    assert main(["fit", str(good), "-o", str(model), "--method", "composition", "--size", "96", *params]) == 0
+    assert main(["predict", str(model), str(test), "--report", str(report)]) == 0
+    html = report.read_text()
+    assert html.count('alt="parts"') == 1 and html.count('alt="heatmap"') == 1

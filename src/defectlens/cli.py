@@ -84,13 +84,21 @@ def _unique_stem(path: Path, used: set[str]) -> str:
     return stem
 
 
+def _small(part_map: np.ndarray, side: int = 256) -> np.ndarray:
+    """A part map shrunk for a report tile: every image's panel stays in memory until the end."""
+    import cv2
+
+    scale = min(1.0, side / max(part_map.shape))
+    height, width = (max(1, round(n * scale)) for n in part_map.shape)
+    return cv2.resize(part_map.astype(np.int32), (width, height), interpolation=cv2.INTER_NEAREST)
+
+
 def cmd_predict(args) -> int:
     from .engine.predict import collect_inputs, predict_paths
     from .models import Detector
-    from .report import ImageRecord, heatmap_overlay, save_png, write_report
+    from .report import ImageRecord, colorize_parts, heatmap_overlay, save_png, write_report
 
     detector = Detector.load(args.model)
-    threshold = args.threshold if args.threshold is not None else detector.threshold
     paths = collect_inputs(args.inputs)
     if not paths:
         raise UsageError("no input images found in " + ", ".join(args.inputs))
@@ -100,7 +108,6 @@ def cmd_predict(args) -> int:
     for folder in (args.maps, args.overlays):
         if folder:
             Path(folder).mkdir(parents=True, exist_ok=True)
-    map_range = detector.map_range
 
     rows, records, failed, used_stems = [], [], 0, set()
     for result in predict_paths(detector, paths, keep_images=bool(args.overlays)):
@@ -127,7 +134,9 @@ def cmd_predict(args) -> int:
                 low, high = map_range or (float(result.anomaly_map.min()), float(result.anomaly_map.max()) + 1e-6)
                 save_png(target, heatmap_overlay(result.image, result.anomaly_map, low, high))
             if args.report:
-                records.append(ImageRecord(path=str(result.path), score=result.score, label=None, anomaly_map=result.anomaly_map))
+                panels = {} if result.part_map is None else {"parts": colorize_parts(_small(result.part_map))}
+                records.append(ImageRecord(path=str(result.path), score=result.score, label=None,
+                                           anomaly_map=result.anomaly_map, extra_panels=panels))
         if not args.csv:
             print(f"{result.path}\t{rows[-1]['score'] or 'ERROR'}\t{label}")
 

@@ -21,6 +21,7 @@ class Result:
     anomaly_map: np.ndarray | None = None
     image: np.ndarray | None = None
     error: str | None = None
+    part_map: np.ndarray | None = None  # detectors that segment parts (composition)
 
 
 def collect_inputs(inputs: Sequence[str | os.PathLike]) -> list[Path]:
@@ -49,8 +50,9 @@ def predict_paths(detector: Detector, paths: Sequence[Path], keep_images: bool =
         if readable:
             prediction = detector.predict([r.image for r in readable])
             maps = prediction.maps if prediction.maps is not None else [None] * len(readable)
-            for result, score, anomaly_map in zip(readable, prediction.scores, maps):
-                result.score, result.anomaly_map = float(score), anomaly_map
+            part_maps = prediction.part_maps or [None] * len(readable)
+            for result, score, anomaly_map, part_map in zip(readable, prediction.scores, maps, part_maps):
+                result.score, result.anomaly_map, result.part_map = float(score), anomaly_map, part_map
                 if not keep_images:
                     result.image = None
         yield from pending
