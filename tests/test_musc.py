@@ -185,7 +185,7 @@ def test_model_file_holds_parameters_and_reproduces_scores(batch, tmp_path):
     np.testing.assert_allclose(loaded.predict(batch[:6]).scores, detector.predict(batch[:6]).scores, rtol=1e-6)
 
 
-def test_benchmark_zero_shot_and_predict_labels_from_the_batch(synthetic_mvtec, tmp_path):
+def test_benchmark_zero_shot_and_predict_labels_from_the_batch(synthetic_mvtec, tmp_path, capsys):
     out = tmp_path / "bench.json"
     assert main(["benchmark", str(synthetic_mvtec), "--method", "musc", "--shots", "0", "--size", "96",
                  "--json", str(out)]) == 0
@@ -195,6 +195,7 @@ def test_benchmark_zero_shot_and_predict_labels_from_the_batch(synthetic_mvtec, 
 
     model = tmp_path / "musc.dlmodel"
     assert main(["fit", str(synthetic_mvtec), "-o", str(model), "--method", "musc", "--shots", "0", "--size", "96"]) == 0
+    assert "set from each predicted batch" in capsys.readouterr().out
     csv_path = tmp_path / "scores.csv"
     assert main(["predict", str(model), str(synthetic_mvtec / "test"), "--csv", str(csv_path)]) == 0
     rows = [line.split(",") for line in csv_path.read_text().splitlines()[1:]]

@@ -68,7 +68,12 @@ def cmd_fit(args) -> int:
     started = time.perf_counter()
     detector, paths = fit_from_folder(args.data, method=args.method, shots=args.shots, seed=args.seed, size=args.size, **params)
     detector.save(output)
-    threshold = "none (needs at least 2 normal images; pass --threshold to predict)" if detector.threshold is None else f"{detector.threshold:.4g}"
+    if detector.threshold is not None:
+        threshold = f"{detector.threshold:.4g}"
+    elif detector.zero_shot and detector.predict_chunk is None:
+        threshold = "set from each predicted batch (override with --threshold)"
+    else:
+        threshold = "none (needs at least 2 normal images; pass --threshold to predict)"
     kind = "labelled" if getattr(detector, "trains_on_anomalies", False) and args.shots is None else "normal"
     print(f"fitted {detector.name} on {len(paths)} {kind} images in {time.perf_counter() - started:.1f} s; "
           f"threshold {threshold}; saved {output}")
@@ -246,7 +251,8 @@ def build_parser() -> argparse.ArgumentParser:
     fit.add_argument("--method", default=DEFAULT_METHOD, choices=methods, help=f"default: {DEFAULT_METHOD}")
     fit.add_argument("--shots", type=int, default=None, help="use only K normal images (picked with --seed); 0 = zero-shot methods")
     fit.add_argument("--seed", type=int, default=0)
-    fit.add_argument("--size", type=int, default=256, help="backbone input size in pixels (default 256)")
+    fit.add_argument("--size", type=int, default=None,
+                     help="input size in pixels (default: the method's own, 256 for the embedded backbone, 240 for winclip)")
     fit.add_argument("--backbone", default=None, help="efficientnet-lite0 (default), efficientnet-lite1, efficientnet-lite2")
     fit.add_argument("--param", action="append", metavar="KEY=VALUE",
                      help="a method parameter, repeatable (e.g. --param bank_size=8192)")
@@ -270,7 +276,7 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--method", default=DEFAULT_METHOD, choices=methods)
     bench.add_argument("--shots", default="1,2,4,8,full", help="comma list; 0 = zero-shot, 'full' = every training image (default 1,2,4,8,full)")
     bench.add_argument("--seeds", type=int, default=5)
-    bench.add_argument("--size", type=int, default=256)
+    bench.add_argument("--size", type=int, default=None, help="input size in pixels (default: the method's own)")
     bench.add_argument("--backbone", default=None)
     bench.add_argument("--param", action="append", metavar="KEY=VALUE", help="a method parameter, repeatable")
     bench.add_argument("--json", help="write all runs and the summary as JSON")

@@ -185,7 +185,7 @@ def _predict_generic(detector, samples: list[Sample], test_set: TestSet,
 
 
 def run_benchmark(data, kind: str = "auto", method: str = DEFAULT_METHOD, shots: Sequence[int | str] = (1, 2, 4, 8, "full"),
-                  seeds: int = 5, size: int = 256, eval_side: int = 512, params: dict | None = None,
+                  seeds: int = 5, size: int | None = None, eval_side: int = 512, params: dict | None = None,
                   dataset: Dataset | None = None) -> dict:
     """Run the k-shot protocol; returns a JSON-serialisable dict with every run and a summary.
 
@@ -193,16 +193,16 @@ def run_benchmark(data, kind: str = "auto", method: str = DEFAULT_METHOD, shots:
     detector is fitted on the picked image files and predicts the test files itself. Shots 0
     runs zero-shot methods only. On LOCO-layout sets the metrics also hold "logical" and
     "structural" blocks. The last run's per-image results are attached under ``"_records"``
-    (not JSON) for the report.
+    (not JSON) for the report. ``size``: the input size in pixels; None keeps the method's default.
     """
-    params = dict(params or {})
+    params = dict(params or {}) | ({} if size is None else {"size": size})
     dataset = dataset or load_dataset(data, kind=kind)
     params = with_category(method, dataset, params)
     train = normal_training_samples(dataset)
     test = [s for s in dataset.test if s.label in (0, 1)]
     if not test:
         raise ValueError(f"{dataset.root}: no labelled test images to benchmark on")
-    probe = create_detector(method, size=size, **params)
+    probe = create_detector(method, **params)
     if 0 in shots and not probe.zero_shot:
         raise ValueError(f"--shots 0 means zero-shot, which '{method}' is not; it needs normal images")
     patch_path = isinstance(probe, PatchDetector)
@@ -219,7 +219,7 @@ def run_benchmark(data, kind: str = "auto", method: str = DEFAULT_METHOD, shots:
     plan = shot_plan(len(train), shot_counts, seeds)
     for run_shots, seed in tqdm(plan, desc=f"{method} runs", unit="run"):
         picked = sample_shots(train, run_shots, seed) if run_shots else []
-        detector = create_detector(method, size=size, seed=seed, **params)
+        detector = create_detector(method, seed=seed, **params)
         started = time.perf_counter()
         if patch_path:
             detector.fit_from_features(train_features[[index_of[s.path] for s in picked]])
@@ -244,7 +244,7 @@ def run_benchmark(data, kind: str = "auto", method: str = DEFAULT_METHOD, shots:
     return {
         "defectlens_version": __version__,
         "dataset": str(dataset.root), "kind": dataset.kind, "category": dataset.category,
-        "method": method, "backbone": probe.params.get("backbone"), "size": size, "params": params,
+        "method": method, "backbone": probe.params.get("backbone"), "size": probe.params.get("size"), "params": params,
         "n_train": len(train), "n_test": len(test), "seeds": seeds,
         "runs": runs, "summary": summarise(runs),
         "_records": records, "_threshold": runs[-1]["threshold"] if runs else None,

@@ -32,13 +32,16 @@ def with_category(method: str, dataset: Dataset, params: dict) -> dict:
 
 
 def fit_from_folder(data: str | os.PathLike, method: str = DEFAULT_METHOD, shots: int | None = None, seed: int = 0,
-                    size: int = 256, **params) -> tuple[Detector, list[Path]]:
+                    size: int | None = None, **params) -> tuple[Detector, list[Path]]:
     """Fit ``method`` on DATA's normal images (all, or ``shots`` of them picked with ``seed``).
+    ``size``: the input size in pixels; None keeps the method's own default.
     Methods with ``trains_on_anomalies`` learn from every labelled image of DATA instead, unless
     ``shots`` is given."""
+    if size is not None:
+        params["size"] = size
     if shots is None and getattr(REGISTRY.get(method), "trains_on_anomalies", False):
         samples = labelled_samples(data)
-        detector = create_detector(method, size=size, seed=seed, **params)
+        detector = create_detector(method, seed=seed, **params)
         fitted = detector.fit([s.path for s in samples], masks=[s.mask_paths for s in samples], labels=[s.label for s in samples])
         return fitted, [s.path for s in samples]
     dataset = load_dataset(data)
@@ -46,7 +49,7 @@ def fit_from_folder(data: str | os.PathLike, method: str = DEFAULT_METHOD, shots
     if shots is not None:
         samples = sample_shots(samples, shots, seed)
     paths = [s.path for s in samples]
-    detector = create_detector(method, size=size, seed=seed, **with_category(method, dataset, params))
+    detector = create_detector(method, seed=seed, **with_category(method, dataset, params))
     if not paths and not detector.zero_shot:
         raise ValueError(f"{data}: no normal training images found (expected train/good or a folder of images)")
     # Methods that learn from a few real defects (parameter ``anomalies``) get that many test anomalies.
