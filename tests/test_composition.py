@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from defectlens.models import Detector, create_detector
-from defectlens.models.composition.model import SCORES, nearest_patches
+from defectlens.models.composition.model import NAIVE_WEIGHTS, SCORES, combine, nearest_patches
 from defectlens.models.composition.parts import ImageParts, class_distances
 from defectlens.models.composition.sam import vote_in_regions
 from defectlens.models.composition.segment import (
@@ -57,7 +57,17 @@ def test_logical_anomalies_raise_the_scores_that_see_them(fitted):
     # Swapped discs: every part is present and looks normal, but sits in the other's place.
     assert swapped["location"] > 3 * max(g["location"] for g in goods)
     for anomaly in (missing, swapped):
-        assert sum(anomaly.values()) > max(sum(g.values()) for g in goods)
+        assert combine(anomaly) > max(combine(g) for g in goods)
+
+
+def test_map_shows_a_missing_part_where_it_should_be_and_a_swap_at_both_places(fitted):
+    detector, rng = fitted
+    good, missing, swapped = detector.predict([normal(rng), scene(rng, [(RED, (28, 48))]),
+                                               scene(rng, [(BLUE, (28, 48)), (RED, (68, 48))])]).maps
+    left, right = np.s_[42:55, 22:35], np.s_[42:55, 62:75]  # around the two disc centres
+    # Nothing of the blue disc is left to look wrong: only the part evidence can light its place.
+    assert missing[right].mean() > 4 * max(missing[left].mean(), good.max())
+    assert min(swapped[left].mean(), swapped[right].mean()) > good.max()
 
 
 def test_the_same_part_gets_the_same_class_in_every_image(fitted):
@@ -96,6 +106,9 @@ def test_calibration_one_shot_and_single_score_ablation(fitted):
     single = create_detector("composition", scores=["histogram"], **PARAMS).fit([normal(np.random.default_rng(0)) for _ in range(4)])
     image = scene(rng, [(RED, (28, 48))])
     assert single.predict([image]).scores[0] == pytest.approx(calibrated_scores(single, [image])[0]["histogram"])
+    # Two shots leave one distance out: the naive weights stay, and the threshold comes from it.
+    two = create_detector("composition", **PARAMS).fit([normal(rng) for _ in range(2)])
+    assert two.normalisers == NAIVE_WEIGHTS and two.threshold is not None
     one = create_detector("composition", **PARAMS).fit([normal(rng)])
     assert one.threshold is None and one.normal_scores is None
     assert np.isfinite(one.predict([normal(rng)]).scores).all()
