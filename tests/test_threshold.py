@@ -27,7 +27,8 @@ def test_empirical_quantile_when_it_is_higher():
     assert (heavy_tail > threshold).mean() <= 0.005
 
 
-def test_needs_two_scores_and_a_valid_rate():
+def test_needs_three_scores_and_a_valid_rate():
     assert threshold_from_normal_scores([1.0]) is None
+    assert threshold_from_normal_scores([1.0, 1.01]) is None  # two nearly equal leave-one-out scores
     with pytest.raises(ValueError):
         threshold_from_normal_scores([1.0, 2.0], fpr=1.5)

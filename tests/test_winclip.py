@@ -270,7 +270,7 @@ def test_cli_fit_predict_benchmark_with_tiny_clip(tiny_clip, synthetic_mvtec, tm
     assert main(["fit", str(synthetic_mvtec), "--method", "winclip", "--shots", "0", "--size", str(SIZE), "-o", str(model)]) == 0
     assert Detector.load(model).params["object_name"] == "washer"  # the dataset's category
     plus = tmp_path / "plus.dlmodel"
-    assert main(["fit", str(synthetic_mvtec), "--method", "winclip", "--shots", "2", "--size", str(SIZE), "-o", str(plus)]) == 0
+    assert main(["fit", str(synthetic_mvtec), "--method", "winclip", "--shots", "3", "--size", str(SIZE), "-o", str(plus)]) == 0
     out = tmp_path / "scores.csv"
     assert main(["predict", str(plus), str(synthetic_mvtec / "test"), "--csv", str(out), "--maps", str(tmp_path / "maps")]) == 0
     with open(out, newline="") as handle:

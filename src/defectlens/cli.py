@@ -73,7 +73,7 @@ def cmd_fit(args) -> int:
     elif detector.zero_shot and detector.predict_chunk is None:
         threshold = "set from each predicted batch (override with --threshold)"
     else:
-        threshold = "none (needs at least 2 normal images; pass --threshold to predict)"
+        threshold = "none (needs at least 3 held-out normal scores; pass --threshold to predict)"
     kind = "labelled" if getattr(detector, "trains_on_anomalies", False) and args.shots is None else "normal"
     print(f"fitted {detector.name} on {len(paths)} {kind} images in {time.perf_counter() - started:.1f} s; "
           f"threshold {threshold}; saved {output}")

@@ -223,7 +223,7 @@ class Composition(Detector):
         else:
             folds = [order[: max(1, round(HELD_OUT_FRACTION * count))]]
         held_out, patch_maps = [], []
-        for fold in folds:  # the threshold needs these even when the naive weights stay
+        for fold in folds:  # the map range (and threshold) need these even when the naive weights stay
             memory = Memory([refs[i] for i in range(count) if i not in fold], typical_area, self.background)
             for i in fold:
                 scores, distances, _ = memory.scores(refs[i], self.params["top_fraction"])
