@@ -18,6 +18,8 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
+from ..backbones import get_backbone
+
 FORMAT = "defectlens-model"
 FORMAT_VERSION = 1
 
@@ -130,6 +132,19 @@ class Detector:
         detector.map_range = tuple(config["map_range"]) if config.get("map_range") else None
         detector.load_state_tensors(tensors, config.get("extra", {}))
         return detector
+
+
+class BackboneDetector(Detector):
+    """A detector on the backbone named by ``params["backbone"]`` at ``params["size"]``, built on
+    first use: a loaded model that never predicts does not pay for the weights."""
+
+    _backbone = None
+
+    @property
+    def backbone(self):
+        if self._backbone is None:
+            self._backbone = get_backbone(self.params["backbone"], self.params["size"])
+        return self._backbone
 
 
 def read_model_file(path: str | os.PathLike) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:

@@ -14,10 +14,9 @@ import cv2
 import numpy as np
 import torch
 
-from ..backbones import get_backbone
 from ..data.io import as_image
 from ..engine.threshold import threshold_from_normal_scores
-from .base import Detector, Prediction
+from .base import BackboneDetector, Prediction
 
 # Below this many normal images every fold leaves one image out; above it a single split
 # holds out a fifth, which keeps calibration to one extra fit on large sets.
@@ -25,16 +24,9 @@ LEAVE_ONE_OUT_MAX = 10
 HELD_OUT_FRACTION = 0.2
 
 
-class PatchDetector(Detector):
+class PatchDetector(BackboneDetector):
     def __init__(self, backbone: str = "efficientnet-lite0", size: int = 256, blur_sigma: float = 4.0, seed: int = 0, **params):
         super().__init__(backbone=backbone, size=size, blur_sigma=blur_sigma, seed=seed, **params)
-        self._backbone = None
-
-    @property
-    def backbone(self):
-        if self._backbone is None:
-            self._backbone = get_backbone(self.params["backbone"], self.params["size"])
-        return self._backbone
 
     # -- to implement -----------------------------------------------------------------------
     def fit_features(self, features: torch.Tensor) -> None:

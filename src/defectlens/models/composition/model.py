@@ -35,10 +35,9 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from ...backbones import get_backbone
 from ...data.io import as_image
 from ...engine.threshold import threshold_from_normal_scores
-from ..base import Detector, Prediction, register
+from ..base import BackboneDetector, Prediction, register
 from .parts import ImageParts, class_distances, describe, part_sizes
 from .segment import PartSegmenter, background_classes
 
@@ -143,7 +142,7 @@ class Memory:
 
 
 @register
-class Composition(Detector):
+class Composition(BackboneDetector):
     """Segment, align, score seven features against the few normal shots, sum them calibrated."""
 
     name = "composition"
@@ -162,19 +161,12 @@ class Composition(Detector):
             raise ValueError(f"segmenter must be 'clusters' or 'sam', not {segmenter!r}")
         super().__init__(backbone=backbone, size=size, seed=seed, parts=parts, part_size=part_size, scores=list(scores),
                          top_fraction=top_fraction, blur_sigma=blur_sigma, segmenter=segmenter, sam_model=sam_model)
-        self._backbone = None
         self._sam = None
         self.segmenter = PartSegmenter(parts, part_size, seed)
         self.memory: Memory | None = None
         self.background: np.ndarray | None = None
         self.min_part: np.ndarray | None = None
         self.normalisers: dict[str, float] = {}
-
-    @property
-    def backbone(self):
-        if self._backbone is None:
-            self._backbone = get_backbone(self.params["backbone"], self.params["size"])
-        return self._backbone
 
     def part_map(self, image: np.ndarray, features: torch.Tensor) -> np.ndarray:
         """(part_size, part_size) part classes of one RGB image and its (C, h, w) features."""

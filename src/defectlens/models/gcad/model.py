@@ -33,10 +33,9 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from ...backbones import get_backbone
 from ...data.io import as_image
 from ...engine.threshold import threshold_from_normal_scores
-from ..base import Detector, Prediction, register
+from ..base import BackboneDetector, Prediction, register
 from .networks import AutoEncoder, Student
 
 # Held-out normal images for map normalisation and the threshold: a fifth (at least one), at
@@ -58,7 +57,7 @@ STRIDE = 8  # input pixels per cell of the teacher's grid and of the students' o
 
 
 @register
-class GCAD(Detector):
+class GCAD(BackboneDetector):
     name = "gcad"
 
     def __init__(self, backbone: str = "efficientnet-lite0", size: int = 256, dims: int = 32, width: int = 32,
@@ -73,7 +72,6 @@ class GCAD(Detector):
         super().__init__(backbone=backbone, size=size, dims=dims, width=width, receptive_field=receptive_field,
                          bottleneck=bottleneck, steps=steps, batch_size=batch_size, lr=lr, augment=augment,
                          blur_sigma=blur_sigma, seed=seed)
-        self._backbone = None
         self.local_student, self.global_student = (Student(dims, width, receptive_field) for _ in range(2))
         self.autoencoder = AutoEncoder(dims, bottleneck, width)
         for network in self._networks().values():
@@ -84,12 +82,6 @@ class GCAD(Detector):
         self.quantiles: torch.Tensor | None = None
         #: Loss per training step (local, autoencoder, global), for inspection and tests.
         self.losses: np.ndarray | None = None
-
-    @property
-    def backbone(self):
-        if self._backbone is None:
-            self._backbone = get_backbone(self.params["backbone"], self.params["size"])
-        return self._backbone
 
     @property
     def grid(self) -> tuple[int, int]:

@@ -25,7 +25,7 @@ import torch.nn.functional as F
 
 from ...backbones import get_backbone
 from ...data.io import as_image
-from ..base import Detector, Prediction, register
+from ..base import BackboneDetector, Prediction, register
 from .mutual import mutual_scores, rescore
 
 # Batch threshold: the score a normal image exceeds with about 1 % probability if normal
@@ -48,7 +48,7 @@ def batch_threshold(scores: np.ndarray) -> float | None:
 
 
 @register
-class MuSc(Detector):
+class MuSc(BackboneDetector):
     name = "musc"
     zero_shot = True
     predict_chunk = None
@@ -71,13 +71,6 @@ class MuSc(Detector):
         super().__init__(backbone=backbone, size=size, keep_aspect=keep_aspect, references=references, keep=keep,
                          levels=levels, top_fraction=top_fraction, rescore_neighbours=rescore_neighbours,
                          blur_sigma=blur_sigma, seed=seed)
-        self._backbone = None
-
-    @property
-    def backbone(self):
-        if self._backbone is None:
-            self._backbone = get_backbone(self.params["backbone"], self.params["size"])
-        return self._backbone
 
     def backbone_for(self, shape: tuple[int, int]):
         """The backbone at the input size for images of ``shape`` (height, width)."""
