@@ -43,6 +43,11 @@ class Prediction:
     maps: np.ndarray | list[np.ndarray] | None = None
     part_maps: list[np.ndarray] | None = None
 
+    def __post_init__(self):
+        # Detectors hand over one map per image; maps of one shape become one N×H×W array.
+        if isinstance(self.maps, list) and self.maps and len({np.shape(m) for m in self.maps}) == 1:
+            self.maps = np.stack(self.maps)
+
     def labels(self, threshold: float) -> np.ndarray:
         """True where a score is above the threshold (anomalous)."""
         return self.scores > threshold

@@ -57,8 +57,7 @@ class PatchDetector(BackboneDetector):
         images = [as_image(image) for image in images]
         scores, patch_scores = self.score_feature_batch(self.backbone.embed(images))
         maps = [self.upsample_map(patch_map.numpy(), image.shape[:2]) for patch_map, image in zip(patch_scores, images)]
-        same_size = len({m.shape for m in maps}) <= 1
-        return Prediction(scores=scores, maps=np.stack(maps) if same_size and maps else maps)
+        return Prediction(scores=scores, maps=maps)
 
     def score_feature_batch(self, features: torch.Tensor) -> tuple[np.ndarray, torch.Tensor]:
         """Image scores and patch maps for precomputed features (used by calibration and benchmarks)."""

@@ -307,8 +307,7 @@ class TrainedDetector(Detector):
         images = [as_image(image) for image in images]
         scores, maps = self._score_working([self._working(image) for image in images])
         maps = [cv2.resize(m, (image.shape[1], image.shape[0]), interpolation=cv2.INTER_LINEAR) for m, image in zip(maps, images)]
-        same_size = len({m.shape for m in maps}) <= 1
-        return Prediction(scores=scores, maps=np.stack(maps) if same_size and maps else maps)
+        return Prediction(scores=scores, maps=maps)
 
     def _score_working(self, images: list[np.ndarray], progress: str | None = None) -> tuple[np.ndarray, list[np.ndarray]]:
         """Scores and working-resolution maps; images of one shape go through the network together."""

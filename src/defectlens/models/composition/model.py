@@ -259,8 +259,7 @@ class Composition(BackboneDetector):
             maps.append(np.maximum(patch_map, parts_map))
             parts.append(cv2.resize(part_map.astype(np.uint8), (image.shape[1], image.shape[0]),
                                     interpolation=cv2.INTER_NEAREST).astype(np.int64))
-        same_size = len({m.shape for m in maps}) == 1
-        return Prediction(scores=np.array(scores, dtype=np.float64), maps=np.stack(maps) if same_size else maps,
+        return Prediction(scores=np.array(scores, dtype=np.float64), maps=maps,
                           part_maps=parts)
 
     def evidence_map(self, part_map: np.ndarray, evidence: np.ndarray) -> np.ndarray:

@@ -167,8 +167,7 @@ class FAPrompt(Detector):
             scores = net(*self._embed(images))
         maps = [self._upsample(patch_map.reshape(grid, grid).numpy(), side, image.shape[:2])
                 for patch_map, image in zip(scores.fused_map(), images)]
-        same_size = len({m.shape for m in maps}) <= 1
-        return Prediction(scores=scores.image_score().numpy().astype(np.float64), maps=np.stack(maps) if same_size and maps else maps)
+        return Prediction(scores=scores.image_score().numpy().astype(np.float64), maps=maps)
 
     # -- state ------------------------------------------------------------------------------
     def state_tensors(self) -> dict[str, torch.Tensor]:

@@ -118,9 +118,8 @@ class GCAD(BackboneDetector):
             smooth = self._smooth(self._combine(*self._branch_maps(np.stack([self._resize(i) for i in chunk]))))
             scores.append(smooth.reshape(len(chunk), -1).max(axis=1))
             maps += [cv2.resize(m, (image.shape[1], image.shape[0]), interpolation=cv2.INTER_LINEAR) for m, image in zip(smooth, chunk)]
-        same_size = len({m.shape for m in maps}) <= 1
         return Prediction(scores=np.concatenate(scores).astype(np.float64) if scores else np.zeros(0),
-                          maps=np.stack(maps) if same_size and maps else maps)
+                          maps=maps)
 
     # -- state ------------------------------------------------------------------------------
     def state_tensors(self) -> dict[str, torch.Tensor]:

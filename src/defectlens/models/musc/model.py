@@ -113,8 +113,7 @@ class MuSc(BackboneDetector):
         typical = patch_maps[torch.from_numpy(normal)]
         self.map_range = (float(typical.median()), 1.25 * float(typical.max()))
         maps = [self.upsample_map(m.numpy(), shape, backbone.input_hw) for m, shape in zip(patch_maps, shapes)]
-        same_size = len(set(shapes)) <= 1
-        return Prediction(scores=scores, maps=np.stack(maps) if same_size else maps)
+        return Prediction(scores=scores, maps=maps)
 
     def score_features(self, features: torch.Tensor) -> tuple[np.ndarray, torch.Tensor]:
         """Backbone features (N, C, h, w) of one batch -> image scores (N,) and patch maps (N, h, w)."""

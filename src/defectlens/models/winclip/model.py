@@ -110,8 +110,7 @@ class WinCLIP(Detector):
         grid = math.isqrt(patch_maps.shape[1])
         maps = [cv2.resize(m.view(grid, grid).numpy(), (image.shape[1], image.shape[0]), interpolation=cv2.INTER_LINEAR)
                 for m, image in zip(patch_maps, images)]
-        same_size = len({m.shape for m in maps}) <= 1
-        return Prediction(scores=scores.numpy().astype(np.float64), maps=np.stack(maps) if same_size and maps else maps)
+        return Prediction(scores=scores.numpy().astype(np.float64), maps=maps)
 
     # -- scoring ----------------------------------------------------------------------------
     def score_features(self, features: ImageFeatures, banks: dict[str, torch.Tensor] | None) -> tuple[torch.Tensor, torch.Tensor]:
