@@ -10,13 +10,13 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-import cv2
 import numpy as np
 import torch
 
 from ..data.io import as_image
 from ..engine.threshold import threshold_from_normal_scores
 from .base import BackboneDetector, Prediction
+from .maps import upsample_map
 
 # Below this many normal images every fold leaves one image out; above it a single split
 # holds out a fifth, which keeps calibration to one extra fit on large sets.
@@ -66,14 +66,8 @@ class PatchDetector(BackboneDetector):
 
     # -- internals --------------------------------------------------------------------------
     def upsample_map(self, patch_map: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
-        """Patch grid -> backbone input size, Gaussian smoothing (sigma in input pixels, as
-        PatchCore does), -> the image's own size."""
-        input_h, input_w = self.backbone.input_hw
-        smooth = cv2.resize(patch_map.astype(np.float32), (input_w, input_h), interpolation=cv2.INTER_LINEAR)
-        sigma = self.params["blur_sigma"]
-        if sigma > 0:
-            smooth = cv2.GaussianBlur(smooth, (0, 0), sigmaX=sigma, sigmaY=sigma, borderType=cv2.BORDER_REFLECT)
-        return cv2.resize(smooth, (shape[1], shape[0]), interpolation=cv2.INTER_LINEAR)
+        """A patch map at the image's (height, width), smoothed by ``blur_sigma``."""
+        return upsample_map(patch_map, self.backbone.input_hw, shape, self.params["blur_sigma"])
 
     def _held_out_scores(self, features: torch.Tensor) -> np.ndarray | None:
         """Scores of normal images from models fitted without them: the basis of the threshold."""

@@ -38,6 +38,7 @@ from tqdm.auto import tqdm
 from ...data.io import as_image
 from ...engine.threshold import threshold_from_normal_scores
 from ..base import BackboneDetector, Prediction, register
+from ..maps import upsample_map
 from .parts import ImageParts, class_distances, describe, part_sizes
 from .segment import PartSegmenter, background_classes
 
@@ -253,7 +254,8 @@ class Composition(BackboneDetector):
         for image, composition, part_map in zip(images, compositions, part_maps):
             calibrated, distances, evidence = self.score_parts(composition)
             scores.append(combine(calibrated, self.params["scores"]))
-            patch_map = self._upsample(distances.reshape(height, width).numpy(), image.shape[:2])
+            patch_map = upsample_map(distances.reshape(height, width).numpy(), self.backbone.input_hw, image.shape[:2],
+                                     self.params["blur_sigma"])
             parts_map = cv2.resize(self.evidence_map(part_map, evidence), (image.shape[1], image.shape[0]),
                                    interpolation=cv2.INTER_NEAREST)
             maps.append(np.maximum(patch_map, parts_map))
@@ -272,15 +274,6 @@ class Composition(BackboneDetector):
             # Shifted so that a class just above the bound ranks with the worst normal patches.
             painted[where] = np.maximum(painted[where], evidence[k] - (PAINT_ABOVE - 1.0))
         return painted
-
-    def _upsample(self, patch_map: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
-        """Patch grid -> backbone input size, Gaussian smoothing, -> the image's own size."""
-        input_h, input_w = self.backbone.input_hw
-        smooth = cv2.resize(patch_map.astype(np.float32), (input_w, input_h), interpolation=cv2.INTER_LINEAR)
-        sigma = self.params["blur_sigma"]
-        if sigma > 0:
-            smooth = cv2.GaussianBlur(smooth, (0, 0), sigmaX=sigma, sigmaY=sigma, borderType=cv2.BORDER_REFLECT)
-        return cv2.resize(smooth, (shape[1], shape[0]), interpolation=cv2.INTER_LINEAR)
 
     # -- state ------------------------------------------------------------------------------
     def state_tensors(self) -> dict[str, torch.Tensor]:

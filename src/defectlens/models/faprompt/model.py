@@ -29,6 +29,7 @@ from ...backbones.hf import load_clip, resolve_model
 from ...data.io import as_image, read_mask
 from ...engine.threshold import threshold_from_normal_scores
 from ..base import Detector, ModelFileError, Prediction, register
+from ..maps import upsample_map
 from . import losses
 from .clip import default_layers, encode_images, input_side, preprocess
 from .prompts import FinePrompts
@@ -165,7 +166,7 @@ class FAPrompt(Detector):
         side, grid, _ = self._geometry()
         with torch.no_grad():
             scores = net(*self._embed(images))
-        maps = [self._upsample(patch_map.reshape(grid, grid).numpy(), side, image.shape[:2])
+        maps = [upsample_map(patch_map.reshape(grid, grid).numpy(), (side, side), image.shape[:2], self.params["blur_sigma"])
                 for patch_map, image in zip(scores.fused_map(), images)]
         return Prediction(scores=scores.image_score().numpy().astype(np.float64), maps=maps)
 
@@ -252,11 +253,3 @@ class FAPrompt(Detector):
         values = np.concatenate(maps)
         # Heatmap colours: blue at a typical normal pixel, red beyond the worst normal pixel.
         self.map_range = (float(np.median(values)), float(values.max()) * 1.25)
-
-    def _upsample(self, patch_map: np.ndarray, side: int, shape: tuple[int, int]) -> np.ndarray:
-        """Patch grid -> input side, Gaussian smoothing (sigma in input pixels) -> the image's size."""
-        smooth = cv2.resize(patch_map.astype(np.float32), (side, side), interpolation=cv2.INTER_LINEAR)
-        sigma = self.params["blur_sigma"]
-        if sigma > 0:
-            smooth = cv2.GaussianBlur(smooth, (0, 0), sigmaX=sigma, sigmaY=sigma, borderType=cv2.BORDER_REFLECT)
-        return cv2.resize(smooth, (shape[1], shape[0]), interpolation=cv2.INTER_LINEAR)

@@ -18,7 +18,6 @@ import warnings
 from collections.abc import Sequence
 from itertools import chain
 
-import cv2
 import numpy as np
 import torch
 import torch.nn.functional as F
@@ -26,6 +25,7 @@ import torch.nn.functional as F
 from ...backbones import get_backbone
 from ...data.io import as_image
 from ..base import BackboneDetector, Prediction, register
+from ..maps import upsample_map
 from .mutual import mutual_scores, rescore
 
 # Batch threshold: the score a normal image exceeds with about 1 % probability if normal
@@ -112,7 +112,7 @@ class MuSc(BackboneDetector):
         normal = scores <= self.threshold if self.threshold is not None else np.ones(len(scores), bool)
         typical = patch_maps[torch.from_numpy(normal)]
         self.map_range = (float(typical.median()), 1.25 * float(typical.max()))
-        maps = [self.upsample_map(m.numpy(), shape, backbone.input_hw) for m, shape in zip(patch_maps, shapes)]
+        maps = [upsample_map(m.numpy(), backbone.input_hw, shape, self.params["blur_sigma"]) for m, shape in zip(patch_maps, shapes)]
         return Prediction(scores=scores, maps=maps)
 
     def score_features(self, features: torch.Tensor) -> tuple[np.ndarray, torch.Tensor]:
@@ -141,16 +141,6 @@ class MuSc(BackboneDetector):
             levels.append(level)
         chosen = self.params["levels"]
         return levels if chosen is None else [levels[i] for i in chosen]
-
-    def upsample_map(self, patch_map: np.ndarray, shape: tuple[int, int], input_hw: tuple[int, int]) -> np.ndarray:
-        """Patch grid -> backbone input size, Gaussian smoothing (sigma in input pixels), ->
-        the image's own size."""
-        input_h, input_w = input_hw
-        smooth = cv2.resize(patch_map.astype(np.float32), (input_w, input_h), interpolation=cv2.INTER_LINEAR)
-        sigma = self.params["blur_sigma"]
-        if sigma > 0:
-            smooth = cv2.GaussianBlur(smooth, (0, 0), sigmaX=sigma, sigmaY=sigma, borderType=cv2.BORDER_REFLECT)
-        return cv2.resize(smooth, (shape[1], shape[0]), interpolation=cv2.INTER_LINEAR)
 
     def state_tensors(self) -> dict[str, torch.Tensor]:
         return {}
