@@ -20,6 +20,19 @@ from scipy.stats import t as student_t
 
 DEFAULT_FPR = 0.01
 MIN_SCORES = 3
+#: Up to this many normal images, each is held out in turn (leave-one-out); above it, one fold.
+LEAVE_ONE_OUT_MAX = 10
+#: The share of the normal images in that one fold.
+HELD_OUT_FRACTION = 0.2
+
+
+def held_out_folds(count: int, seed: int) -> list[np.ndarray]:
+    """Indices of the normal images to hold out, fold by fold, for models that score their own
+    training images: one image per fold up to ``LEAVE_ONE_OUT_MAX``, else a random fifth."""
+    order = np.random.default_rng(seed).permutation(count)
+    if count <= LEAVE_ONE_OUT_MAX:
+        return [order[i : i + 1] for i in range(count)]
+    return [order[: max(1, round(HELD_OUT_FRACTION * count))]]
 
 
 def threshold_from_normal_scores(scores, fpr: float = DEFAULT_FPR) -> float | None:

@@ -14,14 +14,12 @@ import numpy as np
 import torch
 
 from ..data.io import as_image
-from ..engine.threshold import threshold_from_normal_scores
+from ..engine.threshold import held_out_folds, threshold_from_normal_scores
 from .base import BackboneDetector, Prediction
 from .maps import upsample_map
 
 # Below this many normal images every fold leaves one image out; above it a single split
 # holds out a fifth, which keeps calibration to one extra fit on large sets.
-LEAVE_ONE_OUT_MAX = 10
-HELD_OUT_FRACTION = 0.2
 
 
 class PatchDetector(BackboneDetector):
@@ -74,13 +72,8 @@ class PatchDetector(BackboneDetector):
         count = features.shape[0]
         if count < 2:
             return None
-        order = np.random.default_rng(self.params["seed"]).permutation(count)
-        if count <= LEAVE_ONE_OUT_MAX:
-            folds = [order[i : i + 1] for i in range(count)]
-        else:
-            folds = [order[: max(1, round(HELD_OUT_FRACTION * count))]]
         scores, maps = [], []
-        for held_out in folds:
+        for held_out in held_out_folds(count, self.params["seed"]):
             keep = np.setdiff1d(np.arange(count), held_out)
             self.fit_features(features[keep])
             fold_scores, fold_maps = self.score_feature_batch(features[held_out])

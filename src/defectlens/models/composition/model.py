@@ -36,7 +36,7 @@ import torch
 from tqdm.auto import tqdm
 
 from ...data.io import as_image
-from ...engine.threshold import threshold_from_normal_scores
+from ...engine.threshold import held_out_folds, threshold_from_normal_scores
 from ..base import BackboneDetector, Prediction, register
 from ..maps import upsample_map
 from .parts import ImageParts, class_distances, describe, part_sizes
@@ -68,8 +68,6 @@ CLASS_ARRAYS = ("area", "count", "colour", "location", "embedding")
 #: distance (the same both ways), which misweighs the scores (2-shot logical AUROC 0.80 with it,
 #: 0.89 with the naive weights on generated LOCO sets of seeds 2 and 3; from 3 shots on it helps).
 SHOTS_TO_CALIBRATE = 3
-LEAVE_ONE_OUT_MAX = 10
-HELD_OUT_FRACTION = 0.2
 #: At most this many references are left out when estimating per-class spreads (cost grows as R²).
 CLASS_LOO_MAX = 32
 
@@ -210,13 +208,8 @@ class Composition(BackboneDetector):
             self.normalisers = dict(NAIVE_WEIGHTS)
             self.normal_scores, self.threshold, self.map_range = None, None, None
             return
-        order = np.random.default_rng(self.params["seed"]).permutation(count)
-        if count <= LEAVE_ONE_OUT_MAX:
-            folds = [order[i: i + 1] for i in range(count)]
-        else:
-            folds = [order[: max(1, round(HELD_OUT_FRACTION * count))]]
         held_out, patch_maps = [], []
-        for fold in folds:  # the map range (and threshold) need these even when the naive weights stay
+        for fold in held_out_folds(count, self.params["seed"]):  # the map range (and threshold) need these even when the naive weights stay
             memory = Memory([refs[i] for i in range(count) if i not in fold], typical_area, self.background)
             for i in fold:
                 scores, distances, _ = memory.scores(refs[i], self.params["top_fraction"])

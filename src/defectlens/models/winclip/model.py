@@ -25,9 +25,8 @@ import torch
 
 from ...backbones.hf import ModelNotAvailable, load_clip, resolve_model
 from ...data.io import as_image
-from ...engine.threshold import threshold_from_normal_scores
+from ...engine.threshold import held_out_folds, threshold_from_normal_scores
 from ..base import Detector, Prediction, register
-from ..patch import HELD_OUT_FRACTION, LEAVE_ONE_OUT_MAX
 from .encoder import ImageFeatures, WindowEncoder, text_prototypes
 from .prompts import object_name
 from .windows import (
@@ -147,12 +146,11 @@ class WinCLIP(Detector):
         count = len(features)
         if count < 2:
             return None
-        order = torch.from_numpy(np.random.default_rng(self.params["seed"]).permutation(count))
-        folds = order.split(1) if count <= LEAVE_ONE_OUT_MAX else [order[: max(1, round(HELD_OUT_FRACTION * count))]]
         scores, maps = [], []
-        for held_out in folds:
-            keep = torch.from_numpy(np.setdiff1d(np.arange(count), held_out.numpy()))
-            fold_scores, fold_maps = self.score_features(features.select(held_out), self._banks(features.select(keep)))
+        for held_out in held_out_folds(count, self.params["seed"]):
+            keep = torch.from_numpy(np.setdiff1d(np.arange(count), held_out))
+            fold_scores, fold_maps = self.score_features(features.select(torch.from_numpy(held_out)),
+                                                         self._banks(features.select(keep)))
             scores.append(fold_scores)
             maps.append(fold_maps.flatten())
         normal_patches = torch.cat(maps)
