@@ -2,6 +2,19 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """Tiny models gain nothing from a second thread; on a busy machine the threads mostly wait
+    for each other (a tiny WinCLIP predict took 10 s on 2 threads, 0.1 s on 1)."""
+    threads = torch.get_num_threads()
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("DEFECTLENS_THREADS", "1")
+        torch.set_num_threads(1)
+        yield
+    torch.set_num_threads(threads)
+
 
 SHARED = Path(__file__).resolve().parents[2] / "shared"
 BSDATA = SHARED / "datasets" / "bsdata" / "ball_screw"

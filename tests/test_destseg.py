@@ -16,16 +16,7 @@ from defectlens.models.trained import AnomalySampler
 TINY = {"size": 64, "crop": 32, "batch": 4, "steps": 10, "width": 4, "seg_width": 8}
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny networks gain nothing from a second thread, and on a busy machine it costs a lot."""
-    patch = pytest.MonkeyPatch()
-    patch.setenv("DEFECTLENS_THREADS", "1")
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    patch.undo()
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def test_teacher_taps_strides_4_8_16_and_the_student_answers_each():

@@ -19,16 +19,7 @@ from defectlens.models.trained import (
 TINY = {"size": 64, "crop": 32, "batch": 4, "steps": 10, "width": 4}
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny networks gain nothing from a second thread, and on a busy machine it costs a lot."""
-    patch = pytest.MonkeyPatch()
-    patch.setenv("DEFECTLENS_THREADS", "1")
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    patch.undo()
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def focal_by_hand(logit: float, target: int, gamma: float = 2.0) -> float:

@@ -60,15 +60,7 @@ def write_tiny_clip(folder, text_width: int = 32):
     return folder
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny tensors gain nothing from threads; on a shared machine thread hand-offs dominate."""
-    saved = torch.get_num_threads()
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setenv("DEFECTLENS_THREADS", "1")
-        torch.set_num_threads(1)
-        yield
-    torch.set_num_threads(saved)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

@@ -209,15 +209,6 @@ def test_synthesize_diffusion_without_weights_says_how_to_get_them(synthetic_mvt
 
 
 # -- diffusion on tiny random-weight parts ------------------------------------------------------
-@pytest.fixture
-def one_thread():
-    # Tiny models run fastest on one thread; several threads mostly wait on each other.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def tiny_parts():
     diffusers = pytest.importorskip("diffusers")
     transformers = pytest.importorskip("transformers")

@@ -34,16 +34,7 @@ transformers = pytest.importorskip("transformers")
 SIZE = 48  # 6×6 patches of 8 px: 25 windows of 2×2, 16 of 3×3
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """The tiny model's matrices are too small to split: on a busy machine, threads only wait
-    for each other (a tiny predict took 10 s on 2 threads, 0.1 s on 1)."""
-    threads = torch.get_num_threads()
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setenv("DEFECTLENS_THREADS", "1")
-        torch.set_num_threads(1)
-        yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
