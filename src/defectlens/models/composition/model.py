@@ -1,4 +1,4 @@
-"""The few-shot composition detector: segment, align, seven scores, self-calibrated sum.
+"""The few-shot composition detector: segment, align, seven scores, self-calibrated norm.
 
 A training-free pipeline after the write-up "few-shot logical and structural anomaly detection
 with SAM and DINOv2", on the embedded backbone:
@@ -142,7 +142,7 @@ class Memory:
 
 @register
 class Composition(BackboneDetector):
-    """Segment, align, score seven features against the few normal shots, sum them calibrated."""
+    """Segment, align, score seven features against the few normal shots, combine them calibrated."""
 
     name = "composition"
 
