@@ -92,23 +92,37 @@ def test_benchmark_writes_json_and_report(synthetic_mvtec, tmp_path):
     assert report.read_text().count("<img") >= 3
 
 
-def test_param_reaches_the_method_and_unknown_params_are_named(tmp_path, normal_images, capsys):
-    from defectlens.models import Detector
+def test_param_reaches_the_method_and_bad_params_are_one_line_errors(tmp_path, normal_images, capsys):
+    from defectlens.models import Detector, ParameterError, create_detector
 
     folder = tmp_path / "good"
     folder.mkdir()
     for i, image in enumerate(normal_images[:3]):
         Image.fromarray(image).save(folder / f"good_{i}.png")
     path = tmp_path / "small.dlmodel"
-    assert main(["fit", str(folder), "-o", str(path), "--size", "128", "--param", "bank_size=64",
+    assert main(["fit", str(folder), "-o", str(path), "--param", "size=128", "--param", "bank_size=64",
                  "--param", "reweight_neighbours=0"]) == 0
     model = Detector.load(path)
-    assert model.params["bank_size"] == 64 and model.params["reweight_neighbours"] == 0
+    assert model.bank_size == 64 and model.reweight_neighbours == 0 and model.size == 128
     assert model.bank.shape[0] == 64
+    capsys.readouterr()
 
-    assert main(["fit", str(folder), "-o", str(tmp_path / "x.dlmodel"), "--param", "bank_sise=64"]) == 2
-    error = capsys.readouterr().err
-    assert "bank_sise" in error and "bank_size" in error  # names the typo and what is accepted
-    assert main(["fit", str(folder), "-o", str(tmp_path / "y.dlmodel"), "--param", "novalue"]) == 2
-    assert "KEY=VALUE" in capsys.readouterr().err
-    assert not (tmp_path / "x.dlmodel").exists() and not (tmp_path / "y.dlmodel").exists()
+    def refused(*extra, expect):
+        target = tmp_path / "refused.dlmodel"
+        assert main(["fit", str(folder), "-o", str(target), *extra]) == 2
+        error = capsys.readouterr().err
+        assert expect in error and "Traceback" not in error and len(error.strip().splitlines()) == 1, error
+        assert not target.exists()
+        return error
+
+    # The same message as the Python API, naming the typo and what is accepted.
+    error = refused("--param", "bank_sise=64", expect="bank_sise")
+    with pytest.raises(ParameterError) as api:
+        create_detector("patchcore", bank_sise=64)
+    assert str(api.value) in error and "bank_size" in error
+    refused("--param", "novalue", expect="KEY=VALUE")
+    refused("--param", "bank_size=abc", expect="bank_size must be an integer")
+    refused("--param", "seed=1", expect="--seed")
+    refused("--size", "0", expect="size must be an integer >= 32")
+    refused("--size", "100000", expect="size must be an integer >= 32 and <= 2048")
+    refused("--size", "128", "--param", "size=64", expect="disagree")

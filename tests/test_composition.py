@@ -42,7 +42,7 @@ def fitted():
 
 
 def calibrated_scores(detector, images):
-    features = detector.backbone.embed(images)
+    features = detector.backbone_network.embed(images)
     parts, _ = detector.compose(images, features)
     return [detector.score_parts(p)[0] for p in parts]
 
@@ -116,7 +116,7 @@ def test_calibration_one_shot_and_single_score_ablation(fitted):
 
 
 def test_bad_parameters_are_refused():
-    with pytest.raises(ValueError, match="unknown"):
+    with pytest.raises(ValueError, match="scores must be a non-empty list .* not \\['histogram', 'shape'\\]"):
         create_detector("composition", scores=["histogram", "shape"])
     with pytest.raises(ValueError, match="segmenter"):
         create_detector("composition", segmenter="watershed")
@@ -223,12 +223,12 @@ def test_benchmark_reports_part_maps_and_spro(tmp_path):
     from defectlens.engine.benchmark import run_benchmark
 
     folder = generate(tmp_path, kind="loco", seed=0, size=64, n_train=3, n_test_good=2, n_test_defect_per_type=1)[0]
-    result = run_benchmark(folder, method="composition", shots=[2], seeds=1, size=64, params={"part_size": 32, "parts": 4})
-    metrics = result["runs"][0]["metrics"]
+    result = run_benchmark(folder, method="composition", shots=[2], seeds=1, params={"size": 64, "part_size": 32, "parts": 4})
+    metrics = result.runs[0]["metrics"]
     for block in ("all", "logical", "structural"):
         assert 0.0 <= metrics[block]["au_spro_0.05"] <= metrics[block]["au_spro_0.3"] + 1e-9 <= 1.0 + 1e-9
-    assert {"au_spro_0.05", "au_spro_0.3[logical]"} <= set(result["summary"][0])
-    records = result["_records"]
+    assert {"au_spro_0.05", "au_spro_0.3[logical]"} <= set(result.summary[0])
+    records = result.records
     assert all(r.extra_panels["parts"].shape == (64, 64, 3) for r in records)
     assert set(SCORES) == {"agnostic", "aware", "foreground", "embedding", "histogram", "colour", "location"}
 

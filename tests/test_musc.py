@@ -181,7 +181,7 @@ def test_model_file_holds_parameters_and_reproduces_scores(batch, tmp_path):
     with pytest.warns(UserWarning, match="zero-shot"):
         detector.fit(batch[:3])
     loaded = Detector.load(detector.save(tmp_path / "musc.dlmodel"))
-    assert loaded.name == "musc" and loaded.params == detector.params and loaded.threshold is None
+    assert loaded.name == "musc" and loaded.get_params() == detector.get_params() and loaded.threshold is None
     np.testing.assert_allclose(loaded.predict(batch[:6]).scores, detector.predict(batch[:6]).scores, rtol=1e-6)
 
 

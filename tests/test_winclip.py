@@ -4,7 +4,6 @@ so the real loading, window, text and fusion code paths run without downloaded w
 import csv
 import json
 import math
-import string
 
 import numpy as np
 import pytest
@@ -35,27 +34,6 @@ SIZE = 48  # 6×6 patches of 8 px: 25 windows of 2×2, 16 of 3×3
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")
-
-
-@pytest.fixture(scope="module")
-def tiny_clip(tmp_path_factory):
-    """A CLIP folder like a downloaded checkpoint: config, safetensors weights, tokenizer."""
-    vocab = {"<|startoftext|>": 0, "<|endoftext|>": 1}
-    for char in string.ascii_lowercase + string.digits + ".-'":
-        vocab[char] = len(vocab)
-        vocab[char + "</w>"] = len(vocab)
-    tokenizer = transformers.CLIPTokenizer(vocab=vocab, merges=[])
-    layers = {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2, "num_attention_heads": 2}
-    text = transformers.CLIPTextConfig(**layers, vocab_size=len(vocab), max_position_embeddings=77, bos_token_id=0,
-                                       eos_token_id=1, pad_token_id=1)
-    vision = transformers.CLIPVisionConfig(**layers, image_size=32, patch_size=8)
-    torch.manual_seed(0)
-    clip = transformers.CLIPModel(transformers.CLIPConfig(text_config=text.to_dict(), vision_config=vision.to_dict(),
-                                                          projection_dim=16))
-    folder = tmp_path_factory.mktemp("tiny-clip")
-    clip.save_pretrained(folder)
-    tokenizer.save_pretrained(folder)
-    return str(folder)
 
 
 @pytest.fixture(scope="module")
@@ -174,7 +152,7 @@ def test_whole_image_embedding_matches_clip(tiny_clip, parts):
 def test_zero_shot_fit_predict_save_load(tiny_clip, parts, tmp_path):
     detector = create_detector("winclip", clip_model=tiny_clip, object_name="ball_screw", size=SIZE).fit([])
     assert detector.threshold is None and detector.banks is None
-    assert detector.params["object_name"] == "ball screw"
+    assert detector.object_name == "ball_screw" and detector.object_name_ == "ball screw"
     mixed = [parts[0], parts[1][:32, :48]]
     prediction = detector.predict(mixed)
     assert isinstance(prediction.maps, list) and [m.shape for m in prediction.maps] == [(40, 56), (32, 48)]
@@ -234,7 +212,7 @@ def test_loaded_model_refuses_a_different_clip(tiny_clip, parts, tmp_path):
     clip.save_pretrained(other)
     transformers.AutoTokenizer.from_pretrained(tiny_clip).save_pretrained(other)
     loaded = Detector.load(path)
-    loaded.params["clip_model"] = str(other)
+    loaded.set_params(clip_model=str(other))
     with pytest.raises(ModelNotAvailable, match="not the one this winclip model was fitted with"):
         loaded.predict(parts[:1])
 
@@ -259,7 +237,7 @@ def test_cli_fit_predict_benchmark_with_tiny_clip(tiny_clip, synthetic_mvtec, tm
     monkeypatch.setenv("DEFECTLENS_CLIP_MODEL", tiny_clip)  # the environment variable path
     model = tmp_path / "zero.dlmodel"
     assert main(["fit", str(synthetic_mvtec), "--method", "winclip", "--shots", "0", "--size", str(SIZE), "-o", str(model)]) == 0
-    assert Detector.load(model).params["object_name"] == "washer"  # the dataset's category
+    assert Detector.load(model).object_name == "washer"  # the dataset's category
     plus = tmp_path / "plus.dlmodel"
     assert main(["fit", str(synthetic_mvtec), "--method", "winclip", "--shots", "3", "--size", str(SIZE), "-o", str(plus)]) == 0
     out = tmp_path / "scores.csv"

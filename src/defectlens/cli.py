@@ -27,10 +27,10 @@ def _refuse_overwrite(path: Path, overwrite: bool) -> None:
         raise UsageError(f"{path} already exists; pass --overwrite to replace it")
 
 
-def parse_params(pairs: list[str] | None, backbone: str | None = None) -> dict:
+def parse_params(pairs: list[str] | None) -> dict:
     """--param KEY=VALUE (repeatable) -> method keyword arguments; VALUE is read as JSON when it
-    parses (numbers, true/false, lists), otherwise kept as a string (paths, names)."""
-    params = {"backbone": backbone} if backbone else {}
+    parses (numbers, true/false, null, lists), otherwise kept as a string (paths, names)."""
+    params = {}
     for pair in pairs or []:
         key, sep, value = pair.partition("=")
         if not sep or not key.strip():
@@ -42,40 +42,46 @@ def parse_params(pairs: list[str] | None, backbone: str | None = None) -> dict:
     return params
 
 
-def _check_params(method: str, params: dict) -> None:
-    import inspect
-
+def method_params(args) -> dict:
+    """The method's parameters from --param and the flags that are shortcuts for some of them
+    (--size, --backbone), checked against the method's parameters before any work starts."""
     from .models import REGISTRY
 
-    accepted = set()
-    for cls in REGISTRY[method].__mro__:
-        if "__init__" in vars(cls):
-            accepted |= {name for name, p in inspect.signature(cls.__init__).parameters.items()
-                         if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY) and name != "self"}
-    unknown = sorted(set(params) - accepted)
-    if unknown:
-        raise UsageError(f"{method} has no parameter {', '.join(unknown)}; it takes: {', '.join(sorted(accepted))}")
+    params = parse_params(args.param)
+    if "seed" in params:
+        raise UsageError("--param seed: pass --seed S instead (it picks the shots and seeds the method)")
+    for flag in ("size", "backbone"):
+        value = getattr(args, flag)
+        if value is not None:
+            if flag in params and params[flag] != value:
+                raise UsageError(f"--{flag} {value} and --param {flag}={params[flag]} disagree: give one of them")
+            params[flag] = value
+    REGISTRY[args.method].check_params({"seed": getattr(args, "seed", 0), **params})
+    return params
 
 
 # -- fit ----------------------------------------------------------------------------------------
 def cmd_fit(args) -> int:
     from .engine.fit import fit_from_folder
+    from .models import LearningType
 
     output = Path(args.output)
     _refuse_overwrite(output, args.overwrite)
-    params = parse_params(args.param, args.backbone)
-    _check_params(args.method, params)
+    params = method_params(args)
     started = time.perf_counter()
-    detector, paths = fit_from_folder(args.data, method=args.method, shots=args.shots, seed=args.seed, size=args.size, **params)
+    detector, training = fit_from_folder(args.data, method=args.method, shots=args.shots, seed=args.seed, params=params)
     detector.save(output)
     if detector.threshold is not None:
         threshold = f"{detector.threshold:.4g}"
-    elif detector.zero_shot and detector.predict_chunk is None:
+    elif detector.predict_chunk is None:
         threshold = "set from each predicted batch (override with --threshold)"
     else:
         threshold = "none (needs at least 3 held-out normal scores; pass --threshold to predict)"
-    kind = "labelled" if getattr(detector, "trains_on_anomalies", False) and args.shots is None else "normal"
-    print(f"fitted {detector.name} on {len(paths)} {kind} images in {time.perf_counter() - started:.1f} s; "
+    anomalous = len(training.labels) - training.normal_count
+    kind = (f"{training.normal_count} normal and {anomalous} anomalous" if anomalous
+            else f"{training.normal_count} normal")
+    zero = " (zero-shot)" if not training.images and detector.learning_type == LearningType.ZERO_SHOT else ""
+    print(f"fitted {detector.name} on {kind} images{zero} in {time.perf_counter() - started:.1f} s; "
           f"threshold {threshold}; saved {output}")
     return 0
 
@@ -177,23 +183,22 @@ def cmd_benchmark(args) -> int:
     for target in (args.json, args.report):
         if target:
             _refuse_overwrite(Path(target), args.overwrite)
-    params = parse_params(args.param, args.backbone)
-    _check_params(args.method, params)
+    params = method_params(args)
     result = run_benchmark(args.data, kind=args.dataset, method=args.method, shots=parse_shots(args.shots),
-                           seeds=args.seeds, size=args.size, params=params)
-    records, threshold = result.pop("_records"), result.pop("_threshold")
-    table = format_table(result["summary"], result["n_train"])
+                           seeds=args.seeds, params=params)
+    table = format_table(result.summary, result.n_train)
     extra = [c for c in table[0] if c.startswith(("image_auroc[", "au_spro"))] if table else []
-    print(f"{result['method']} on {result['dataset']} ({result['n_train']} train, {result['n_test']} test, size {result['size']})")
+    print(f"{result.method} on {result.dataset} ({result.n_train} train, {result.n_test} test, size {result.params.get('size')})")
     print(markdown_table(table, TABLE_COLUMNS + extra))
     if args.json:
-        Path(args.json).write_text(json.dumps(result, indent=2, default=_json_default))
-    if args.report and records:
-        last = result["runs"][-1]
-        write_report(args.report, title=f"defectlens benchmark — {result['method']} on {result['category']}",
-                     records=records, threshold=threshold, metrics=last["metrics"], table=table,
+        Path(args.json).write_text(json.dumps(result.to_json(), indent=2, default=_json_default))
+    if args.report and result.records:
+        last = result.runs[-1]
+        write_report(args.report, title=f"defectlens benchmark — {result.method} on {result.category}",
+                     records=result.records, threshold=result.threshold, metrics=last["metrics"], table=table,
                      table_title="k-shot protocol (mean ± std over seeds)",
-                     notes=[f"data: {result['dataset']}", f"backbone {result['backbone']} at {result['size']} px",
+                     notes=[f"data: {result.dataset}",
+                            f"backbone {result.params.get('backbone', '–')} at {result.params.get('size', '–')} px",
                             f"examples and curves: the last run ({last['shots']} shots, seed {last['seed']})"])
         print(f"report: {args.report}")
     return 0
@@ -237,6 +242,21 @@ def cmd_demo(args) -> int:
 
 
 # -- parser -------------------------------------------------------------------------------------
+def _count(text: str) -> int:
+    """argparse type: a whole number >= 0."""
+    if not text.strip().isdigit():
+        raise argparse.ArgumentTypeError(f"expected a whole number >= 0, not {text!r}")
+    return int(text)
+
+
+def _positive(text: str) -> int:
+    """argparse type: a whole number >= 1."""
+    value = _count(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a whole number >= 1, not {text!r}")
+    return value
+
+
 def build_parser() -> argparse.ArgumentParser:
     from .models import DEFAULT_METHOD, REGISTRY
 
@@ -249,7 +269,7 @@ def build_parser() -> argparse.ArgumentParser:
     fit.add_argument("data", help="an MVTec-style category folder (its train/good is used) or a folder of normal images")
     fit.add_argument("-o", "--output", required=True, help="model file to write")
     fit.add_argument("--method", default=DEFAULT_METHOD, choices=methods, help=f"default: {DEFAULT_METHOD}")
-    fit.add_argument("--shots", type=int, default=None, help="use only K normal images (picked with --seed); 0 = zero-shot methods")
+    fit.add_argument("--shots", type=_count, default=None, help="use only K normal images (picked with --seed); 0 = zero-shot methods")
     fit.add_argument("--seed", type=int, default=0)
     fit.add_argument("--size", type=int, default=None,
                      help="input size in pixels (default: the method's own, 256 for the embedded backbone, 240 for winclip)")
@@ -275,7 +295,7 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--dataset", default="auto", choices=["auto", "mvtec", "loco", "visa", "folder"])
     bench.add_argument("--method", default=DEFAULT_METHOD, choices=methods)
     bench.add_argument("--shots", default="1,2,4,8,full", help="comma list; 0 = zero-shot, 'full' = every training image (default 1,2,4,8,full)")
-    bench.add_argument("--seeds", type=int, default=5)
+    bench.add_argument("--seeds", type=_positive, default=5)
     bench.add_argument("--size", type=int, default=None, help="input size in pixels (default: the method's own)")
     bench.add_argument("--backbone", default=None)
     bench.add_argument("--param", action="append", metavar="KEY=VALUE", help="a method parameter, repeatable")

@@ -11,12 +11,22 @@ from .efficientnet_lite import EfficientNetLite
 DEFAULT_BACKBONE = "efficientnet-lite0"
 
 
+def available_backbones() -> list[str]:
+    """Names ``get_backbone`` accepts."""
+    return sorted(EFFICIENTNET_LITE_VARIANTS)
+
+
+def is_backbone_name(name) -> bool:
+    """Whether ``get_backbone`` knows ``name`` (without loading anything)."""
+    return isinstance(name, str) and name in EFFICIENTNET_LITE_VARIANTS
+
+
 @lru_cache(maxsize=4)
 def get_backbone(name: str = DEFAULT_BACKBONE, size: int = 256) -> PatchBackbone:
     """One shared instance per (name, size): loading weights once per process."""
     if name in EFFICIENTNET_LITE_VARIANTS:
         return EfficientNetLite(name, size)
-    raise ValueError(f"unknown backbone '{name}'; available: {', '.join(sorted(EFFICIENTNET_LITE_VARIANTS))}")
+    raise ValueError(f"unknown backbone '{name}'; available: {', '.join(available_backbones())}")
 
 
-__all__ = ["DEFAULT_BACKBONE", "EfficientNetLite", "PatchBackbone", "configure_threads", "get_backbone"]
+__all__ = ["DEFAULT_BACKBONE", "available_backbones", "is_backbone_name", "EfficientNetLite", "PatchBackbone", "configure_threads", "get_backbone"]

@@ -48,8 +48,14 @@ def _to_uint8(array: np.ndarray) -> np.ndarray:
                 lo, hi = 0.0, 255.0 if hi <= 255 else 65535.0
         scaled = (array.astype(np.float64) - lo) / (hi - lo) if hi > lo else np.zeros(array.shape)
     else:
+        # Floats in [0, 1] are the usual convention (skimage, torch); floats in [0, 255] are
+        # uint8 images converted; anything else is stretched to its own range.
         finite = np.nan_to_num(array.astype(np.float64))
         lo, hi = float(finite.min()), float(finite.max())
+        if lo >= 0.0 and hi <= 1.0:
+            lo, hi = 0.0, 1.0
+        elif lo >= 0.0 and hi <= 255.0:
+            lo, hi = 0.0, 255.0
         scaled = (finite - lo) / (hi - lo) if hi > lo else np.zeros_like(finite)
     return np.clip(np.round(scaled * 255.0), 0, 255).astype(np.uint8)
 
@@ -123,13 +129,7 @@ def read_mask(path: str | os.PathLike, shape: tuple[int, int] | None = None) -> 
             mask = np.asarray(image)
     except (OSError, UnidentifiedImageError, SyntaxError, ValueError) as error:
         raise ImageReadError(path, f"cannot read mask: {error}") from None
-    if mask.ndim == 3:
-        mask = mask.max(axis=2)
-    mask = mask > 0
-    if shape is not None and mask.shape != tuple(shape):
-        resized = Image.fromarray(mask.astype(np.uint8) * 255).resize((shape[1], shape[0]), Image.Resampling.NEAREST)
-        mask = np.asarray(resized) > 0
-    return mask
+    return as_mask(mask, shape)
 
 
 def as_image(item) -> np.ndarray:
@@ -146,3 +146,31 @@ def as_image(item) -> np.ndarray:
     if array.shape[2] == 4:
         array = array[..., :3]
     return _to_uint8(array)
+
+
+def as_mask(item, shape: tuple[int, int] | None = None) -> np.ndarray | None:
+    """Accept a ground-truth mask in any of the forms defectlens meets: None (no mask), a path, a
+    list of paths (their union: LOCO keeps one file per defect), or an array (H×W, or H×W×C with
+    any channel marking the defect). Returns a bool H×W array, resized to ``shape`` (height,
+    width) by nearest neighbour when given."""
+    if item is None:
+        return None
+    if isinstance(item, (str, os.PathLike)):
+        return read_mask(item, shape)
+    if isinstance(item, (list, tuple)) and all(isinstance(p, (str, os.PathLike)) for p in item):
+        if not item:
+            return None
+        mask = read_mask(item[0], shape)
+        for path in item[1:]:
+            mask |= read_mask(path, mask.shape)
+        return mask
+    mask = np.asarray(item)
+    if mask.ndim == 3:
+        mask = mask.max(axis=2)
+    if mask.ndim != 2:
+        raise ValueError(f"expected an H×W mask array, got shape {mask.shape}")
+    mask = mask > 0
+    if shape is not None and mask.shape != tuple(shape):
+        resized = Image.fromarray(mask.astype(np.uint8) * 255).resize((shape[1], shape[0]), Image.Resampling.NEAREST)
+        mask = np.asarray(resized) > 0
+    return mask

@@ -12,7 +12,7 @@ from __future__ import annotations
 import math
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 
 import cv2
 import numpy as np
@@ -22,13 +22,13 @@ from tqdm.auto import tqdm
 
 from .. import __version__
 from ..data.datasets import Dataset, Sample, load_dataset
-from ..data.io import read_image, read_mask
-from ..data.kshot import sample_shots, shot_plan
-from ..engine.fit import normal_training_samples, with_category
+from ..data.io import as_mask, read_image
+from ..data.kshot import shot_plan
 from ..metrics import evaluate
 from ..metrics.spro import DefectRegion, au_spro, defect_regions
-from ..models import DEFAULT_METHOD, create_detector
+from ..models import DEFAULT_METHOD, REGISTRY, LearningType, ParameterError, create_detector
 from ..models.patch import PatchDetector
+from .fit import normal_training_samples, training_set, with_category
 from ..report import ImageRecord, colorize_parts
 
 SUMMARY_METRICS = ("image_auroc", "image_aupr", "f1_max", "pixel_auroc", "au_pro", "fpr_at_threshold", "tpr_at_threshold")
@@ -59,6 +59,13 @@ class TestSet:
     defects_config: list[dict] | None = None  # LOCO: regions (and sPRO) only with a config
     regions: list[list[DefectRegion]] = field(default_factory=list)  # at evaluation size
 
+    def subset(self, keep: np.ndarray) -> TestSet:
+        """The test set without the images where ``keep`` is False (ground truth loaded)."""
+        pick = [i for i in range(len(self.samples)) if keep[i]]
+        return TestSet([self.samples[i] for i in pick], self.labels[pick], [self.defect_types[i] for i in pick],
+                       [self.masks[i] for i in pick], [self.eval_shapes[i] for i in pick], self.defects_config,
+                       [self.regions[i] for i in pick] if self.regions else [])
+
     def add_ground_truth(self, sample: Sample, shape: tuple[int, int], eval_side: int) -> None:
         """Eval shape, union mask and (LOCO) defect regions of the next sample, ``shape`` its size."""
         eval_shape = _eval_shape(shape, eval_side)
@@ -74,9 +81,9 @@ def _eval_shape(shape: tuple[int, int], eval_side: int) -> tuple[int, int]:
 
 
 def _load_mask(sample: Sample, shape: tuple[int, int], eval_shape: tuple[int, int]) -> np.ndarray:
-    union = np.zeros(shape, dtype=bool)
-    for mask_path in sample.mask_paths:
-        union |= read_mask(mask_path, shape)
+    union = as_mask(list(sample.mask_paths), shape)
+    if union is None:
+        union = np.zeros(shape, dtype=bool)
     return cv2.resize(union.astype(np.uint8), (eval_shape[1], eval_shape[0]), interpolation=cv2.INTER_NEAREST) > 0
 
 
@@ -184,32 +191,63 @@ def _predict_generic(detector, samples: list[Sample], test_set: TestSet,
     return np.concatenate(scores), maps, part_maps
 
 
-def run_benchmark(data, kind: str = "auto", method: str = DEFAULT_METHOD, shots: Sequence[int | str] = (1, 2, 4, 8, "full"),
-                  seeds: int = 5, size: int | None = None, eval_side: int = 512, params: dict | None = None,
-                  dataset: Dataset | None = None) -> dict:
-    """Run the k-shot protocol; returns a JSON-serialisable dict with every run and a summary.
+@dataclass
+class BenchmarkResult:
+    """Every run of a benchmark and their summary; ``records`` (the last run's per-image results,
+    for the report) and ``threshold`` (its threshold) stay out of the JSON form."""
 
-    Patch detectors (frozen backbone) share one feature pass over all images; every other
-    detector is fitted on the picked image files and predicts the test files itself. Shots 0
-    runs zero-shot methods only. On LOCO-layout sets the metrics also hold "logical" and
-    "structural" blocks. The last run's per-image results are attached under ``"_records"``
-    (not JSON) for the report. ``size``: the input size in pixels; None keeps the method's default.
+    defectlens_version: str
+    dataset: str
+    kind: str
+    category: str
+    method: str
+    params: dict
+    n_train: int
+    n_test: int
+    seeds: int
+    runs: list[dict]
+    summary: list[dict]
+    records: list[ImageRecord] | None = field(default=None, repr=False)
+    threshold: float | None = None
+
+    def to_json(self) -> dict:
+        """The JSON-serialisable content: everything but the per-image records."""
+        return {k: v for k, v in asdict(self).items() if k not in ("records", "threshold")}
+
+
+def run_benchmark(data, kind: str = "auto", method: str = DEFAULT_METHOD, shots: Sequence[int | str] = (1, 2, 4, 8, "full"),
+                  seeds: int = 5, eval_side: int = 512, params: dict | None = None,
+                  dataset: Dataset | None = None) -> BenchmarkResult:
+    """Run the k-shot protocol of ``method`` with ``params`` (its ``seed`` is each run's seed).
+
+    Each run fits on the training set (engine.fit.training_set) of ``shots`` normal images picked
+    with the run's seed; methods that learn from a few anomalies take their real examples from the
+    test set, which that run then evaluates without. Patch detectors (frozen backbone) share one
+    feature pass over all images; every other detector is fitted on image files and predicts the
+    test files itself. Shots 0 runs zero-shot methods only. On LOCO-layout sets the metrics also
+    hold "logical" and "structural" blocks.
     """
-    params = dict(params or {}) | ({} if size is None else {"size": size})
+    if method not in REGISTRY:
+        raise ParameterError(f"unknown method '{method}'; available: {', '.join(sorted(REGISTRY))}")
+    params = dict(params or {})
+    params.pop("seed", None)  # each run has its own
     dataset = dataset or load_dataset(data, kind=kind)
     params = with_category(method, dataset, params)
+    learning_type = REGISTRY[method].learning_type
     train = normal_training_samples(dataset)
     test = [s for s in dataset.test if s.label in (0, 1)]
     if not test:
         raise ValueError(f"{dataset.root}: no labelled test images to benchmark on")
     probe = create_detector(method, **params)
-    if 0 in shots and not probe.zero_shot:
+    # Methods that learn on an auxiliary set apply zero-shot to this one.
+    if 0 in shots and learning_type not in (LearningType.ZERO_SHOT, LearningType.AUXILIARY):
         raise ValueError(f"--shots 0 means zero-shot, which '{method}' is not; it needs normal images")
+    anomalies = probe.anomalies if learning_type == LearningType.FEW_ANOMALIES else 0
     patch_path = isinstance(probe, PatchDetector)
     test_set = TestSet(samples=test, labels=np.array([s.label for s in test]), defect_types=[s.defect_type for s in test],
                        defects_config=dataset.defects_config if dataset.kind == "loco" else None)
     if patch_path:
-        backbone = probe.backbone
+        backbone = probe.backbone_network
         test_features = _embed_test(backbone, test_set, eval_side)
         train_features = backbone.embed([s.path for s in train], progress="train features", total=len(train)) if train else None
         index_of = {s.path: i for i, s in enumerate(train)}
@@ -218,13 +256,13 @@ def run_benchmark(data, kind: str = "auto", method: str = DEFAULT_METHOD, shots:
     runs, records = [], None
     plan = shot_plan(len(train), shot_counts, seeds)
     for run_shots, seed in tqdm(plan, desc=f"{method} runs", unit="run"):
-        picked = sample_shots(train, run_shots, seed) if run_shots else []
+        training = training_set(dataset, learning_type, run_shots, seed, anomalies)
         detector = create_detector(method, seed=seed, **params)
         started = time.perf_counter()
         if patch_path:
-            detector.fit_from_features(train_features[[index_of[s.path] for s in picked]])
+            detector.fit_from_features(train_features[[index_of[path] for path in training.images]])
         else:
-            detector.fit([s.path for s in picked])
+            training.fit(detector)
         fit_seconds = time.perf_counter() - started
         started = time.perf_counter()
         part_maps = None
@@ -234,21 +272,20 @@ def run_benchmark(data, kind: str = "auto", method: str = DEFAULT_METHOD, shots:
         else:
             scores, maps, part_maps = _predict_generic(detector, test, test_set, eval_side)
         score_ms = (time.perf_counter() - started) / len(test) * 1000
+        keep = np.array([s.path not in training.from_test for s in test])
+        evaluated = test_set if keep.all() else test_set.subset(keep)
         runs.append({"shots": run_shots, "seed": seed, "fit_seconds": fit_seconds, "score_ms_per_image": score_ms,
-                     **_score_run(detector, test_set, scores, maps)})
+                     "anomalies": len(training.from_test),
+                     **_score_run(detector, evaluated, scores[keep], None if maps is None else [m for m, k in zip(maps, keep) if k])})
         records = [ImageRecord(path=str(s.path), score=float(score), label=int(s.label), defect_type=s.defect_type,
                                anomaly_map=None if maps is None else m, mask=mask,
                                extra_panels={} if parts is None else {"parts": colorize_parts(parts)})
                    for s, score, m, mask, parts in zip(test, scores, maps or [None] * len(test), test_set.masks,
                                                        part_maps or [None] * len(test))]
-    return {
-        "defectlens_version": __version__,
-        "dataset": str(dataset.root), "kind": dataset.kind, "category": dataset.category,
-        "method": method, "backbone": probe.params.get("backbone"), "size": probe.params.get("size"), "params": params,
-        "n_train": len(train), "n_test": len(test), "seeds": seeds,
-        "runs": runs, "summary": summarise(runs),
-        "_records": records, "_threshold": runs[-1]["threshold"] if runs else None,
-    }
+    return BenchmarkResult(
+        defectlens_version=__version__, dataset=str(dataset.root), kind=dataset.kind, category=dataset.category,
+        method=method, params=probe.get_params(), n_train=len(train), n_test=len(test), seeds=seeds,
+        runs=runs, summary=summarise(runs), records=records, threshold=runs[-1]["threshold"] if runs else None)
 
 
 def _mean_std(values: list[float]) -> tuple[float, float]:

@@ -1,90 +1,122 @@
-"""Fitting a detector on a category folder or a folder of normal images."""
+"""What a detector learns from, and fitting it on a dataset folder.
+
+One function, :func:`training_set`, turns a dataset and a method's ``learning_type`` into the
+images, masks and labels that ``Detector.fit`` takes; ``defectlens fit``, the benchmark and the
+scripts under benchmarks/ all go through it, so a method learns from the same thing everywhere.
+"""
 
 from __future__ import annotations
 
 import inspect
 import os
+from dataclasses import dataclass, field
 from pathlib import Path
 
-import numpy as np
-
 from ..data.datasets import Dataset, Sample, load_dataset
-from ..data.io import read_mask
 from ..data.kshot import sample_shots
-from ..models import DEFAULT_METHOD, REGISTRY, Detector, create_detector
+from ..models import DEFAULT_METHOD, REGISTRY, Detector, LearningType, ParameterError, create_detector
 
 
-def normal_training_samples(dataset: Dataset):
-    """The images a detector may learn from: train/good of a dataset, or every image of a
+@dataclass
+class TrainingSet:
+    """What ``fit`` gets: image paths, one mask per image (None, or the mask file paths of an
+    anomalous image) and labels (0 normal, 1 anomalous). ``from_test``: test images it took
+    (real anomaly examples), which an evaluation must leave out."""
+
+    images: list[Path] = field(default_factory=list)
+    masks: list[tuple[Path, ...] | None] = field(default_factory=list)
+    labels: list[int] = field(default_factory=list)
+    from_test: set[Path] = field(default_factory=set)
+
+    @classmethod
+    def of(cls, samples: list[Sample], from_test: set[Path] | None = None) -> TrainingSet:
+        # A plain folder's images are unlabelled (-1): the user gives them as normal.
+        return cls([s.path for s in samples], [s.mask_paths if s.label == 1 else None for s in samples],
+                   [1 if s.label == 1 else 0 for s in samples], from_test or set())
+
+    @property
+    def normal_count(self) -> int:
+        return self.labels.count(0)
+
+    def fit(self, detector: Detector) -> Detector:
+        return detector.fit(self.images, masks=self.masks, labels=self.labels)
+
+
+def normal_training_samples(dataset: Dataset) -> list[Sample]:
+    """The normal images a detector may learn from: train/good of a dataset, or every image of a
     plain folder (which the user gives as normal)."""
     if dataset.kind == "folder":
         return [s for s in dataset.test if s.label in (0, -1)]
     return [s for s in dataset.train if s.label == 0]
 
 
-def with_category(method: str, dataset: Dataset, params: dict) -> dict:
-    """Prompted methods (those with an ``object_name`` parameter) get the dataset's category as
-    the object when the user names none. A plain folder's name says nothing about the object."""
-    accepts = method in REGISTRY and "object_name" in inspect.signature(REGISTRY[method].__init__).parameters
-    if accepts and params.get("object_name") is None and dataset.kind != "folder":
-        return {**params, "object_name": dataset.category}
-    return params
+def training_set(dataset: Dataset, learning_type: LearningType, shots: int | None = None, seed: int = 0,
+                 anomalies: int = 0, labelled: list[Dataset] | None = None) -> TrainingSet:
+    """The training set of a method that learns from ``learning_type``.
 
-
-def fit_from_folder(data: str | os.PathLike, method: str = DEFAULT_METHOD, shots: int | None = None, seed: int = 0,
-                    size: int | None = None, **params) -> tuple[Detector, list[Path]]:
-    """Fit ``method`` on DATA's normal images (all, or ``shots`` of them picked with ``seed``).
-    ``size``: the input size in pixels; None keeps the method's own default.
-    Methods with ``trains_on_anomalies`` learn from every labelled image of DATA instead, unless
-    ``shots`` is given."""
-    if size is not None:
-        params["size"] = size
-    if shots is None and getattr(REGISTRY.get(method), "trains_on_anomalies", False):
-        samples = labelled_samples(data)
-        detector = create_detector(method, seed=seed, **params)
-        fitted = detector.fit([s.path for s in samples], masks=[s.mask_paths for s in samples], labels=[s.label for s in samples])
-        return fitted, [s.path for s in samples]
-    dataset = load_dataset(data)
-    samples = normal_training_samples(dataset)
+    ``shots``: how many normal images (picked with ``seed``); None = all of them, 0 = none
+    (zero-shot). Methods that learn from a few anomalies also get ``anomalies`` test images with
+    masks (picked with ``seed``, listed in ``from_test``). Methods that learn from a labelled
+    auxiliary set get every labelled image of ``labelled`` (default: of ``dataset``) when
+    ``shots`` is None; given shots, they get normal images of the target, to calibrate on.
+    """
+    if learning_type == LearningType.AUXILIARY and shots is None:
+        samples = [s for d in (labelled or [dataset]) for s in (*d.train, *d.validation, *d.test) if s.label in (0, 1)]
+        return TrainingSet.of(samples)
+    normal = normal_training_samples(dataset)
     if shots is not None:
-        samples = sample_shots(samples, shots, seed)
-    paths = [s.path for s in samples]
-    detector = create_detector(method, seed=seed, **with_category(method, dataset, params))
-    if not paths and not detector.zero_shot:
-        raise ValueError(f"{data}: no normal training images found (expected train/good or a folder of images)")
-    # Methods that learn from a few real defects (parameter ``anomalies``) get that many test anomalies.
-    examples = anomaly_examples(dataset, int(detector.params.get("anomalies") or 0), seed)
-    if examples:
-        images = paths + [s.path for s in examples]
-        masks = [None] * len(paths) + [s.mask_paths[0] if len(s.mask_paths) == 1 else _union(s) for s in examples]
-        return detector.fit(images, masks=masks, labels=[0] * len(paths) + [1] * len(examples)), paths
-    return detector.fit(paths), paths
-
-
-def labelled_samples(data: str | os.PathLike) -> list[Sample]:
-    """Every labelled image (train, validation, test; anomalies with their masks) of a category
-    folder, or of each category of a dataset root: an annotated auxiliary set."""
-    root = Path(data)
-    categories = []
-    if root.is_dir() and not (root / "train").is_dir():
-        categories = [folder for folder in sorted(root.iterdir()) if (folder / "train" / "good").is_dir()]
-    datasets = [load_dataset(folder) for folder in categories] or [load_dataset(root)]
-    return [s for d in datasets for s in (*d.train, *d.validation, *d.test) if s.label in (0, 1)]
+        normal = sample_shots(normal, shots, seed) if shots else []
+    if learning_type != LearningType.FEW_ANOMALIES or anomalies <= 0:
+        return TrainingSet.of(normal)
+    examples = anomaly_examples(dataset, anomalies, seed)
+    return TrainingSet.of(normal + examples, {s.path for s in examples})
 
 
 def anomaly_examples(dataset: Dataset, count: int, seed: int = 0) -> list[Sample]:
-    """``count`` anomalous test images that have masks, picked with ``seed``: the real defects a
-    method may learn from (a benchmark must then leave them out of its test set)."""
-    if count <= 0:
-        return []
+    """``count`` anomalous test images that have masks, picked with ``seed``."""
     candidates = [s for s in dataset.test if s.label == 1 and s.mask_paths]
     if len(candidates) < count:
         raise ValueError(f"{dataset.root}: asked for {count} anomaly examples but only {len(candidates)} test images have masks")
     return sample_shots(candidates, count, seed)
 
 
-def _union(sample: Sample) -> np.ndarray:
-    mask = read_mask(sample.mask_paths[0])
-    for path in sample.mask_paths[1:]:
-        mask |= read_mask(path, mask.shape)
-    return mask
+def labelled_categories(data: str | os.PathLike) -> list[Dataset]:
+    """Each category of a dataset root (folders holding train/good), or DATA itself."""
+    root = Path(data)
+    categories = []
+    if root.is_dir() and not (root / "train").is_dir():
+        categories = [folder for folder in sorted(root.iterdir()) if (folder / "train" / "good").is_dir()]
+    return [load_dataset(folder) for folder in categories] or [load_dataset(root)]
+
+
+def with_category(method: str, dataset: Dataset, params: dict) -> dict:
+    """Prompted methods (those with an ``object_name`` parameter) get the dataset's category as
+    the object when the user names none. A plain folder's name says nothing about the object."""
+    accepts = "object_name" in inspect.signature(REGISTRY[method].__init__).parameters
+    if accepts and params.get("object_name") is None and dataset.kind != "folder":
+        return {**params, "object_name": dataset.category}
+    return params
+
+
+def fit_from_folder(data: str | os.PathLike, method: str = DEFAULT_METHOD, shots: int | None = None, seed: int = 0,
+                    params: dict | None = None) -> tuple[Detector, TrainingSet]:
+    """Fit ``method`` with ``params`` on what it learns from in DATA (see :func:`training_set`):
+    normal images (all, or ``shots`` of them picked with ``seed``), plus, for methods that learn
+    from anomalies, labelled ones. ``seed`` also seeds the method itself."""
+    if method not in REGISTRY:
+        raise ParameterError(f"unknown method '{method}'; available: {', '.join(sorted(REGISTRY))}")
+    params = {"seed": seed, **(params or {})}
+    learning_type = REGISTRY[method].learning_type
+    if learning_type == LearningType.AUXILIARY and shots is None:
+        categories = labelled_categories(data)
+        dataset = categories[0]
+        detector = create_detector(method, **params)
+        training = training_set(dataset, learning_type, labelled=categories)
+    else:
+        dataset = load_dataset(data)
+        detector = create_detector(method, **with_category(method, dataset, params))
+        anomalies = detector.anomalies if learning_type == LearningType.FEW_ANOMALIES else 0
+        training = training_set(dataset, learning_type, shots, seed, anomalies)
+    if not training.images and learning_type != LearningType.ZERO_SHOT:
+        raise ValueError(f"{data}: no normal training images found (expected train/good or a folder of images)")
+    return training.fit(detector), training

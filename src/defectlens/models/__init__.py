@@ -10,7 +10,8 @@ from __future__ import annotations
 import importlib
 import pkgutil
 
-from .base import REGISTRY, Detector, ModelFileError, Prediction
+from .base import REGISTRY, Detector, LearningType, ModelFileError, NotFittedError, Prediction
+from .params import ParameterError
 
 for _module in pkgutil.iter_modules(__path__):
     if _module.ispkg:
@@ -20,9 +21,13 @@ DEFAULT_METHOD = "patchcore"
 
 
 def create_detector(method: str = DEFAULT_METHOD, **params) -> Detector:
+    """The detector ``method`` with ``params``; a name it does not take or a value out of range
+    is a :class:`ParameterError` naming what it accepts (the same message as ``--param``)."""
     if method not in REGISTRY:
-        raise ValueError(f"unknown method '{method}'; available: {', '.join(sorted(REGISTRY))}")
+        raise ParameterError(f"unknown method '{method}'; available: {', '.join(sorted(REGISTRY))}")
+    REGISTRY[method].check_params(params)
     return REGISTRY[method](**params)
 
 
-__all__ = ["DEFAULT_METHOD", "REGISTRY", "Detector", "ModelFileError", "Prediction", "create_detector"]
+__all__ = ["DEFAULT_METHOD", "REGISTRY", "Detector", "LearningType", "ModelFileError", "NotFittedError", "ParameterError",
+           "Prediction", "create_detector"]

@@ -10,6 +10,7 @@ import json
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass
+from enum import Enum
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -19,6 +20,9 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
 from ..backbones import get_backbone
+from ..errors import DefectlensError
+from .calibration import NONE, Calibration
+from .params import Constraint, ParameterError, check_names, check_values, get_param_names
 
 FORMAT = "defectlens-model"
 FORMAT_VERSION = 1
@@ -26,8 +30,26 @@ FORMAT_VERSION = 1
 REGISTRY: dict[str, type[Detector]] = {}
 
 
-class ModelFileError(ValueError):
+class ModelFileError(DefectlensError, ValueError):
     """A model file is missing, corrupt, or from a format version this defectlens cannot read."""
+
+
+class NotFittedError(DefectlensError, RuntimeError):
+    """``predict`` on a detector that has not been fitted (or loaded)."""
+
+
+class LearningType(str, Enum):
+    """What a method learns from; the engine builds the matching training set."""
+
+    #: Nothing: ``fit([])`` works. Normal images, when given, are used as references (WinCLIP+)
+    #: or ignored (musc scores each predict batch against itself).
+    ZERO_SHOT = "zero-shot"
+    #: Normal images only.
+    NORMAL = "normal"
+    #: Normal images plus a few real anomalies with masks (the ``anomalies`` parameter says how many).
+    FEW_ANOMALIES = "few-anomalies"
+    #: Labelled images, normal and anomalous with masks, of other categories (an auxiliary set).
+    AUXILIARY = "auxiliary"
 
 
 @dataclass
@@ -44,6 +66,7 @@ class Prediction:
     part_maps: list[np.ndarray] | None = None
 
     def __post_init__(self):
+        self.scores = np.asarray(self.scores, dtype=np.float64).reshape(-1)
         # Detectors hand over one map per image; maps of one shape become one N×H×W array.
         if isinstance(self.maps, list) and self.maps and len({np.shape(m) for m in self.maps}) == 1:
             self.maps = np.stack(self.maps)
@@ -59,31 +82,112 @@ def register(cls: type[Detector]) -> type[Detector]:
 
 
 class Detector:
-    """Base of every method. Subclasses define ``name``, ``__init__`` keyword parameters,
-    ``fit``, ``predict``, and the tensors that make up their learned state."""
+    """Base of every method, in the manner of scikit-learn's estimators.
+
+    A subclass defines ``name``, ``learning_type``, an ``__init__`` whose keyword parameters are
+    all named (shared ones included) and stored unchanged as attributes of the same name, their
+    ``parameter_constraints``, and ``fit_images`` / ``predict_images`` plus the tensors of its
+    learned state. ``fit`` and ``predict`` here do what every method shares: parameter checks,
+    the shape of the training set, empty input, and output checks. ``fit`` never changes a
+    parameter; learned values live in other attributes.
+    """
 
     name: ClassVar[str] = "detector"
-    #: Zero-shot methods accept ``fit([])``.
-    zero_shot: ClassVar[bool] = False
+    learning_type: ClassVar[LearningType] = LearningType.NORMAL
     #: How many images one ``predict`` call should get in batch loops; ``None`` = all at once,
-    #: for transductive methods that score the images of a batch against each other.
+    #: for transductive methods that score the images of a batch against each other (they also
+    #: set their threshold from each batch).
     predict_chunk: ClassVar[int | None] = 8
+    #: Parameter name -> accepted values; merged along the class hierarchy.
+    parameter_constraints: ClassVar[dict[str, Constraint]] = {}
 
-    def __init__(self, **params: Any):
-        self.params = params
-        #: Decision threshold on scores, estimated from normal images only (see engine.threshold).
-        self.threshold: float | None = None
-        #: Scores of normal images the model did not see while fitting (held-out folds).
-        self.normal_scores: np.ndarray | None = None
-        #: (low, high) anomaly-map values for colouring heatmaps: typical and most anomalous
-        #: values seen on held-out normal images.
-        self.map_range: tuple[float, float] | None = None
+    #: Decision threshold on scores, from held-out normal images only (models/calibration.py).
+    threshold: float | None = None
+    #: Scores of normal images the model did not see while fitting.
+    normal_scores: np.ndarray | None = None
+    #: (low, high) anomaly-map values for colouring heatmaps (see calibration.heatmap_range).
+    map_range: tuple[float, float] | None = None
+    _fitted: bool = False
+
+    # -- parameters -----------------------------------------------------------------------
+    @classmethod
+    def get_param_names(cls) -> list[str]:
+        return get_param_names(cls)
+
+    @classmethod
+    def constraints(cls) -> dict[str, Constraint]:
+        merged: dict[str, Constraint] = {}
+        for klass in reversed(cls.__mro__):
+            merged.update(vars(klass).get("parameter_constraints", {}))
+        return {name: merged[name] for name in cls.get_param_names() if name in merged}
+
+    @classmethod
+    def check_params(cls, params: dict[str, Any]) -> None:
+        """Raise :class:`ParameterError` for an unknown name or a value out of its constraint."""
+        check_names(cls.name, params, cls.get_param_names())
+        check_values(cls.name, params, cls.constraints())
+
+    def get_params(self) -> dict[str, Any]:
+        return {name: getattr(self, name) for name in self.get_param_names()}
+
+    def set_params(self, **params: Any) -> Detector:
+        self.check_params(params)
+        for key, value in params.items():
+            setattr(self, key, value)
+        return self
+
+    def validate_params(self) -> None:
+        self.check_params(self.get_params())
+
+    def set_calibration(self, calibration: Calibration) -> None:
+        self.normal_scores, self.threshold, self.map_range = calibration.normal_scores, calibration.threshold, calibration.map_range
 
     # -- contract -------------------------------------------------------------------------
-    def fit(self, images: Sequence, masks=None, labels=None) -> Detector:
-        raise NotImplementedError
+    def fit(self, images: Sequence = (), masks: Sequence | None = None, labels: Sequence | None = None) -> Detector:
+        """Learn from ``images`` (paths or arrays). ``labels`` (0 normal, 1 anomalous) and
+        ``masks`` (one per image: None, an array, a path or a list of paths, see data.io.as_mask)
+        matter to methods that learn from anomalies."""
+        self.validate_params()
+        images = list(images)
+        labels = [0] * len(images) if labels is None else [int(label) for label in labels]
+        masks = [None] * len(images) if masks is None else list(masks)
+        if not len(images) == len(labels) == len(masks):
+            raise ValueError(f"{self.name}: {len(images)} images, {len(labels)} labels and {len(masks)} masks")
+        if set(labels) - {0, 1}:
+            raise ValueError(f"{self.name}: labels must be 0 (normal) or 1 (anomalous), got {sorted(set(labels) - {0, 1})}")
+        normal = labels.count(0)
+        if self.learning_type in (LearningType.NORMAL, LearningType.FEW_ANOMALIES) and not normal:
+            raise ValueError(f"{self.name} learns from normal images: give at least one")
+        if self.learning_type in (LearningType.NORMAL, LearningType.ZERO_SHOT) and normal < len(labels):
+            raise ValueError(f"{self.name} learns from normal images only; fit got {len(labels) - normal} labelled anomalous")
+        if self.learning_type in (LearningType.FEW_ANOMALIES, LearningType.AUXILIARY):
+            unmasked = [i for i, (label, mask) in enumerate(zip(labels, masks)) if label == 1 and mask is None]
+            if unmasked:
+                raise ValueError(f"{self.name}: every anomalous image given to fit needs its mask (image {unmasked[0]} has none)")
+        self.set_calibration(NONE)
+        self.fit_images(images, masks, labels)
+        self._fitted = True
+        return self
 
     def predict(self, images: Sequence) -> Prediction:
+        """Scores and maps of ``images`` (paths or arrays: RGB, gray, RGBA, float in [0, 1] or
+        integer); maps at each image's own size. An empty input gives an empty prediction."""
+        images = list(images)
+        if not images:
+            return Prediction(scores=np.zeros(0), maps=[])
+        if not self._fitted:
+            raise NotFittedError(f"{self.name}: call fit (or Detector.load) before predict")
+        prediction = self.predict_images(images)
+        if len(prediction.scores) != len(images):
+            raise RuntimeError(f"{self.name} returned {len(prediction.scores)} scores for {len(images)} images")
+        return prediction
+
+    def fit_images(self, images: list, masks: list, labels: list[int]) -> None:
+        """Learn from checked inputs and set the calibration (``set_calibration``)."""
+        raise NotImplementedError
+
+    def predict_images(self, images: list) -> Prediction:
+        """Score a non-empty list of images."""
         raise NotImplementedError
 
     # -- state ----------------------------------------------------------------------------
@@ -95,20 +199,22 @@ class Detector:
         raise NotImplementedError
 
     def extra_state(self) -> dict[str, Any]:
-        """Small JSON-serialisable learned values (beyond params) to store in the model file."""
+        """Small JSON-serialisable learned values (beyond parameters) to store in the model file."""
         return {}
 
     def save(self, path: str | os.PathLike, overwrite: bool = True) -> Path:
         path = Path(path)
         if path.exists() and not overwrite:
             raise FileExistsError(f"{path} exists; refusing to overwrite it (pass overwrite=True)")
+        if not self._fitted:
+            raise NotFittedError(f"{self.name}: fit before saving")
         config = {
             "format": FORMAT,
             "format_version": FORMAT_VERSION,
             "method": self.name,
-            "params": self.params,
+            "params": self.get_params(),
             "threshold": self.threshold,
-            "map_range": self.map_range,
+            "map_range": None if self.map_range is None else list(self.map_range),
             "extra": self.extra_state(),
         }
         tensors = {k: v.detach().contiguous().cpu() for k, v in self.state_tensors().items()}
@@ -130,26 +236,40 @@ class Detector:
         detector_cls = REGISTRY[method]
         if cls is not Detector and not issubclass(detector_cls, cls):
             raise ModelFileError(f"{path}: holds a '{method}' model, not a {cls.name} model")
+        try:
+            detector_cls.check_params(config["params"])
+        except ParameterError as error:
+            raise ModelFileError(f"{path}: {error}") from None
         detector = detector_cls(**config["params"])
         normal = tensors.pop("__normal_scores__", None)
         detector.normal_scores = None if normal is None else normal.numpy().astype(np.float64)
-        detector.threshold = config.get("threshold")
-        detector.map_range = tuple(config["map_range"]) if config.get("map_range") else None
-        detector.load_state_tensors(tensors, config.get("extra", {}))
+        detector.threshold = config["threshold"]
+        detector.map_range = None if config["map_range"] is None else tuple(config["map_range"])
+        try:
+            detector.load_state_tensors(tensors, config["extra"])
+        except (KeyError, RuntimeError, ValueError) as error:
+            raise ModelFileError(f"{path}: the stored {method} state does not fit its parameters ({error})") from None
+        detector._fitted = True
         return detector
 
 
 class BackboneDetector(Detector):
-    """A detector on the backbone named by ``params["backbone"]`` at ``params["size"]``, built on
-    first use: a loaded model that never predicts does not pay for the weights."""
+    """A detector on the backbone named by its ``backbone`` parameter at its ``size``, built on
+    first use: a loaded model that never predicts does not pay for the weights. Assigning
+    ``backbone_network`` swaps in another implementation of the same features (an exported
+    runtime)."""
 
     _backbone = None
 
     @property
-    def backbone(self):
+    def backbone_network(self):
         if self._backbone is None:
-            self._backbone = get_backbone(self.params["backbone"], self.params["size"])
+            self._backbone = get_backbone(self.backbone, self.size)
         return self._backbone
+
+    @backbone_network.setter
+    def backbone_network(self, network) -> None:
+        self._backbone = network
 
 
 def read_model_file(path: str | os.PathLike) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:

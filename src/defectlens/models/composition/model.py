@@ -28,17 +28,17 @@ the image does not, so a misplaced part shows at both places and a missing one w
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-
 import cv2
 import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from ...backbones import DEFAULT_BACKBONE
 from ...data.io import as_image
-from ...engine.threshold import held_out_folds, threshold_from_normal_scores
 from ..base import BackboneDetector, Prediction, register
+from ..calibration import calibrate, refit_folds
 from ..maps import upsample_map
+from ..params import BACKBONE, BLUR_SIGMA, INPUT_SIZE, SEED, Choice, Integer, ListOf, Optional, Real, Text
 from .parts import ImageParts, class_distances, describe, part_sizes
 from .segment import PartSegmenter, background_classes
 
@@ -145,23 +145,30 @@ class Composition(BackboneDetector):
     """Segment, align, score seven features against the few normal shots, combine them calibrated."""
 
     name = "composition"
+    parameter_constraints = {"backbone": BACKBONE, "size": INPUT_SIZE, "seed": SEED, "parts": Integer(2, 64),
+                             "part_size": Integer(16, 1024), "scores": ListOf(Choice(SCORES)),
+                             "top_fraction": Real(0.0, 1.0, open_low=True), "blur_sigma": BLUR_SIGMA,
+                             "segmenter": Choice(("clusters", "sam")), "sam_model": Optional(Text())}
 
-    def __init__(self, backbone: str = "efficientnet-lite0", size: int = 256, seed: int = 0, parts: int = 12,
-                 part_size: int = 128, scores: Sequence[str] = SCORES, top_fraction: float = 0.02,
+    def __init__(self, backbone: str = DEFAULT_BACKBONE, size: int = 256, seed: int = 0, parts: int = 12,
+                 part_size: int = 128, scores: tuple[str, ...] = SCORES, top_fraction: float = 0.02,
                  blur_sigma: float = 4.0, segmenter: str = "clusters", sam_model: str | None = None):
         """``parts``: number of part classes. ``part_size``: side of the part maps in pixels.
         ``scores``: which of the seven scores to sum (all by default; one alone for an ablation).
         ``segmenter``: "clusters" (embedded, no weights) or "sam" (cluster classes voted inside
         SAM masks; needs ``sam_model``, a local SAM folder, or DEFECTLENS_SAM_MODEL)."""
-        unknown = sorted(set(scores) - set(SCORES))
-        if unknown or not scores:
-            raise ValueError(f"scores: unknown {unknown or 'none given'}; choose from {', '.join(SCORES)}")
-        if segmenter not in ("clusters", "sam"):
-            raise ValueError(f"segmenter must be 'clusters' or 'sam', not {segmenter!r}")
-        super().__init__(backbone=backbone, size=size, seed=seed, parts=parts, part_size=part_size, scores=list(scores),
-                         top_fraction=top_fraction, blur_sigma=blur_sigma, segmenter=segmenter, sam_model=sam_model)
+        self.backbone = backbone
+        self.size = size
+        self.seed = seed
+        self.parts = parts
+        self.part_size = part_size
+        self.scores = scores
+        self.top_fraction = top_fraction
+        self.blur_sigma = blur_sigma
+        self.segmenter = segmenter
+        self.sam_model = sam_model
         self._sam = None
-        self.segmenter = PartSegmenter(parts, part_size, seed)
+        self.part_segmenter = PartSegmenter(parts, part_size, seed)
         self.memory: Memory | None = None
         self.background: np.ndarray | None = None
         self.min_part: np.ndarray | None = None
@@ -169,13 +176,13 @@ class Composition(BackboneDetector):
 
     def part_map(self, image: np.ndarray, features: torch.Tensor) -> np.ndarray:
         """(part_size, part_size) part classes of one RGB image and its (C, h, w) features."""
-        part_map = self.segmenter(image, features)
-        if self.params["segmenter"] == "sam":
+        part_map = self.part_segmenter(image, features)
+        if self.segmenter == "sam":
             from .sam import SamRegions, vote_in_regions
 
             if self._sam is None:
-                self._sam = SamRegions(self.params["sam_model"])
-            part_map = vote_in_regions(part_map, self._sam(image, self.params["part_size"]), self.params["parts"])
+                self._sam = SamRegions(self.sam_model)
+            part_map = vote_in_regions(part_map, self._sam(image, self.part_size), self.parts)
         return part_map
 
     def compose(self, images: list[np.ndarray], features: torch.Tensor) -> tuple[list[ImageParts], list[np.ndarray]]:
@@ -184,35 +191,32 @@ class Composition(BackboneDetector):
         return [describe(image, f, m, self.background, self.min_part) for image, f, m in zip(images, features, maps)], maps
 
     # -- contract ---------------------------------------------------------------------------
-    def fit(self, images: Sequence, masks=None, labels=None) -> Composition:
+    def fit_images(self, images: list, masks: list, labels: list[int]) -> None:
         images = [as_image(image) for image in images]
-        if not images:
-            raise ValueError("composition learns from normal images: give at least one")
-        features = self.backbone.embed(images, progress="features", total=len(images))
-        self.segmenter.fit(images, features)
+        features = self.backbone_network.embed(images, progress="features", total=len(images))
+        self.part_segmenter = PartSegmenter(self.parts, self.part_size, self.seed)
+        self.part_segmenter.fit(images, features)
         maps = [self.part_map(image, f) for image, f in tqdm(zip(images, features), total=len(images), desc="parts",
                                                               unit="img", leave=False, disable=len(images) < 16)]
-        self.background = background_classes(maps, self.params["parts"])
-        self.min_part = part_sizes(maps, self.params["parts"])
+        self.background = background_classes(maps, self.parts)
+        self.min_part = part_sizes(maps, self.parts)
         refs = [describe(image, f, m, self.background, self.min_part) for image, f, m in zip(images, features, maps)]
         typical_area = np.median([r.area for r in refs], axis=0)
         self._calibrate(refs, typical_area)
-        usual_place = np.mean([m[None] == np.arange(self.params["parts"])[:, None, None] for m in maps], axis=0) >= USUAL_PLACE
+        usual_place = np.mean([m[None] == np.arange(self.parts)[:, None, None] for m in maps], axis=0) >= USUAL_PLACE
         self.memory = Memory(refs, typical_area, self.background, usual_place)
-        return self
 
     def _calibrate(self, refs: list[ImageParts], typical_area: np.ndarray) -> None:
         """Held-out shots: the patch scores' normalisers, the threshold and the map range."""
         count = len(refs)
         if count < 2:
             self.normalisers = dict(NAIVE_WEIGHTS)
-            self.normal_scores, self.threshold, self.map_range = None, None, None
             return
         held_out, patch_maps = [], []
-        for fold in held_out_folds(count, self.params["seed"]):  # the map range (and threshold) need these even when the naive weights stay
+        for fold in refit_folds(count, self.seed):  # the map range (and threshold) need these even when the naive weights stay
             memory = Memory([refs[i] for i in range(count) if i not in fold], typical_area, self.background)
             for i in fold:
-                scores, distances, _ = memory.scores(refs[i], self.params["top_fraction"])
+                scores, distances, _ = memory.scores(refs[i], self.top_fraction)
                 held_out.append(scores)
                 patch_maps.append(distances)
         if count < SHOTS_TO_CALIBRATE:
@@ -221,34 +225,32 @@ class Composition(BackboneDetector):
             self.normalisers = {s: max(max(h[s] for h in held_out), 1e-6) if s in PATCH_SCORES else 1.0 for s in SCORES}
         # The held-out shots were scored without their own per-class spreads: an honest, slightly
         # high estimate of what good images score, which keeps false alarms rare.
-        self.normal_scores = np.array([self._total(h) for h in held_out])
-        self.threshold = threshold_from_normal_scores(self.normal_scores)
-        normal = torch.cat(patch_maps) / self.normalisers["agnostic"]
-        self.map_range = (float(normal.median()), float(normal.max()) * 1.25)
+        normal_maps = [(patches / self.normalisers["agnostic"]).numpy() for patches in patch_maps]
+        self.set_calibration(calibrate([self._total(h) for h in held_out], normal_maps))
 
     def _total(self, scores: dict[str, float]) -> float:
-        return combine({s: scores[s] / self.normalisers[s] for s in SCORES}, self.params["scores"])
+        return combine({s: scores[s] / self.normalisers[s] for s in SCORES}, self.scores)
 
     def score_parts(self, parts: ImageParts) -> tuple[dict[str, float], torch.Tensor, np.ndarray]:
         """The seven calibrated scores of one image (the image score is ``combine`` of the chosen
         ones), its calibrated class-agnostic patch distances and each class's calibrated evidence
         (K,): the largest of its chosen class-wise scores, 0 where there is none."""
-        raw, distances, per_class = self.memory.scores(parts, self.params["top_fraction"])
-        chosen = [per_class[s] / self.normalisers[s] for s in QUANTITIES if s in self.params["scores"]]
+        raw, distances, per_class = self.memory.scores(parts, self.top_fraction)
+        chosen = [per_class[s] / self.normalisers[s] for s in QUANTITIES if s in self.scores]
         evidence = np.nan_to_num(np.fmax.reduce(chosen), nan=0.0) if chosen else np.zeros(len(self.background))
         return {s: raw[s] / self.normalisers[s] for s in SCORES}, distances / self.normalisers["agnostic"], evidence
 
-    def predict(self, images: Sequence) -> Prediction:
+    def predict_images(self, images: list) -> Prediction:
         images = [as_image(image) for image in images]
-        features = self.backbone.embed(images)
+        features = self.backbone_network.embed(images)
         compositions, part_maps = self.compose(images, features)
         scores, maps, parts = [], [], []
         height, width = features.shape[2:]
         for image, composition, part_map in zip(images, compositions, part_maps):
             calibrated, distances, evidence = self.score_parts(composition)
-            scores.append(combine(calibrated, self.params["scores"]))
-            patch_map = upsample_map(distances.reshape(height, width).numpy(), self.backbone.input_hw, image.shape[:2],
-                                     self.params["blur_sigma"])
+            scores.append(combine(calibrated, self.scores))
+            patch_map = upsample_map(distances.reshape(height, width).numpy(), self.backbone_network.input_hw, image.shape[:2],
+                                     self.blur_sigma)
             parts_map = cv2.resize(self.evidence_map(part_map, evidence), (image.shape[1], image.shape[0]),
                                    interpolation=cv2.INTER_NEAREST)
             maps.append(np.maximum(patch_map, parts_map))
@@ -272,7 +274,7 @@ class Composition(BackboneDetector):
     def state_tensors(self) -> dict[str, torch.Tensor]:
         refs = self.memory.stacked
         owner = torch.cat([torch.full((len(r.patches),), i) for i, r in enumerate(self.memory.refs)])
-        tensors = self.segmenter.state_tensors("segmenter.")
+        tensors = self.part_segmenter.state_tensors("segmenter.")
         tensors.update({
             "background": torch.from_numpy(self.background.astype(np.uint8)),
             "min_part": torch.from_numpy(self.min_part.astype(np.float64)),
@@ -289,7 +291,7 @@ class Composition(BackboneDetector):
         return {"normalisers": self.normalisers}
 
     def load_state_tensors(self, tensors, extra) -> None:
-        self.segmenter.load_state_tensors(tensors, "segmenter.")
+        self.part_segmenter.load_state_tensors(tensors, "segmenter.")
         self.background = tensors["background"].numpy().astype(bool)
         self.min_part = tensors["min_part"].double().numpy()
         owner = tensors["refs.owner"]

@@ -11,104 +11,14 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ...backbones import get_backbone
+from ...backbones import DEFAULT_BACKBONE
 from ..base import register
-from ..trained import (
-    AnomalySampler,
-    TrainedDetector,
-    conv_block,
-    focal_loss,
-    pixel_weights,
-    train_steps,
-)
+from ..params import BACKBONE, Integer, Real
+from ..trained import AnomalySampler, TrainedDetector, focal_loss, pixel_weights, train_steps
+from .networks import Segmentation, Student, Teacher, cosine_distance, cosine_features
 
 # Image score: mean of the top 100 of 256×256 map pixels, as in the paper, as a share of pixels.
 TOP_SHARE = 100 / 256**2
-
-
-class Teacher(nn.Module):
-    """The backbone's stem and blocks, tapped at the last block of strides 4, 8 and 16."""
-
-    def __init__(self, backbone: str):
-        super().__init__()
-        source = get_backbone(backbone)
-        self.stem, self.blocks = source.stem, source.blocks
-        self.register_buffer("mean", torch.tensor(source.mean).view(1, 3, 1, 1))
-        self.register_buffer("std", torch.tensor(source.std).view(1, 3, 1, 1))
-        with torch.no_grad():
-            sides = [x.shape[-1] for x in self._outputs(torch.zeros(1, 3, 64, 64))]
-        # For each stride, the deepest block at that resolution.
-        self.taps = [max(i for i, side in enumerate(sides) if side == 64 // stride) for stride in (4, 8, 16)]
-        self.channels = [block._block_args.output_filters for block in (self.blocks[i] for i in self.taps)]
-        self.requires_grad_(False)
-
-    def _outputs(self, x: torch.Tensor) -> list[torch.Tensor]:
-        x = self.stem(x)
-        outputs = []
-        for block in self.blocks:
-            x = block(x)
-            outputs.append(x)
-        return outputs
-
-    def forward(self, images: torch.Tensor) -> list[torch.Tensor]:
-        outputs = self._outputs((images - self.mean) / self.std)
-        return [outputs[i] for i in self.taps]
-
-    def train(self, mode: bool = True) -> Teacher:
-        return super().train(False)  # frozen: batch-norm statistics stay the pretrained ones
-
-
-class Student(nn.Module):
-    """Encoder (to stride 32) and decoder without skip connections, which answers the teacher's
-    three feature maps: anomalies must not pass through, the decoder has to restore normal features."""
-
-    def __init__(self, width: int, channels: list[int]):
-        super().__init__()
-        self.stem = nn.Sequential(nn.Conv2d(3, width, 3, stride=2, padding=1, bias=False), nn.BatchNorm2d(width), nn.ReLU(inplace=True))
-        encoder_widths = [2 * width, 4 * width, 8 * width, 8 * width]  # strides 4, 8, 16, 32
-        self.encoder = nn.ModuleList(conv_block(a, b) for a, b in zip([width] + encoder_widths[:-1], encoder_widths))
-        decoder_widths = [8 * width, 4 * width, 2 * width]  # strides 16, 8, 4
-        self.decoder = nn.ModuleList(conv_block(a, b) for a, b in zip([8 * width] + decoder_widths[:-1], decoder_widths))
-        self.heads = nn.ModuleList(nn.Conv2d(w, c, 1) for w, c in zip(decoder_widths, reversed(channels)))
-
-    def forward(self, images: torch.Tensor, mean: torch.Tensor, std: torch.Tensor) -> list[torch.Tensor]:
-        x = self.stem((images - mean) / std)
-        for block in self.encoder:
-            x = block(F.max_pool2d(x, 2))
-        outputs = []
-        for block, head in zip(self.decoder, self.heads):
-            x = block(F.interpolate(x, scale_factor=2, mode="bilinear", align_corners=False))
-            outputs.append(head(x))
-        return outputs[::-1]  # strides 4, 8, 16, like the teacher
-
-
-class Segmentation(nn.Module):
-    """Cosine features at stride 4 -> one anomaly logit per pixel, with growing dilations for context."""
-
-    def __init__(self, channels_in: int, width: int):
-        super().__init__()
-        self.body = nn.Sequential(conv_block(channels_in, width), conv_block(width, width, dilation=2))
-        self.context = nn.ModuleList(
-            nn.Sequential(nn.Conv2d(width, width, 3, padding=d, dilation=d, bias=False), nn.BatchNorm2d(width), nn.ReLU(inplace=True))
-            for d in (1, 4, 8))
-        self.out = nn.Conv2d(3 * width, 1, 1)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = self.body(x)
-        return self.out(torch.cat([branch(x) for branch in self.context], dim=1))
-
-
-def cosine_features(teacher: list[torch.Tensor], student: list[torch.Tensor]) -> torch.Tensor:
-    """Element-wise products of channel-normalised teacher and student features (their channel sum
-    is the cosine similarity), upsampled to the finest scale and concatenated."""
-    size = teacher[0].shape[-2:]
-    products = [F.normalize(t, dim=1) * F.normalize(s, dim=1) for t, s in zip(teacher, student)]
-    return torch.cat([F.interpolate(p, size=size, mode="bilinear", align_corners=False) for p in products], dim=1)
-
-
-def cosine_distance(teacher: list[torch.Tensor], student: list[torch.Tensor]) -> torch.Tensor:
-    """Mean over pixels of 1 - cos(teacher, student), summed over scales."""
-    return sum((1.0 - F.cosine_similarity(t, s, dim=1)).mean() for t, s in zip(teacher, student))
 
 
 @register
@@ -116,17 +26,29 @@ class DeSTSeg(TrainedDetector):
     name = "destseg"
     max_steps = 600  # 4-6 min on 2 shared cores at the default size: enough for it (see benchmarks/results)
 
-    def __init__(self, backbone: str = "efficientnet-lite0", width: int = 16, seg_width: int = 48,
-                 student_share: float = 0.4, gamma: float = 4.0, **params):
+    parameter_constraints = {"backbone": BACKBONE, "width": Integer(2, 256), "seg_width": Integer(2, 512),
+                             "student_share": Real(0.0, 1.0, open_low=True), "gamma": Real(0.0, 16.0)}
+
+    def __init__(self, backbone: str = DEFAULT_BACKBONE, width: int = 16, seg_width: int = 48, student_share: float = 0.4,
+                 gamma: float = 4.0, size: int = 256, crop: int = 128, batch_size: int = 8, steps: int | None = None,
+                 lr: float = 1e-3, anomalies: int = 0, anogen_labels: str = "box", box_threshold: float = 0.5,
+                 box_warmup: float = 0.25, seed: int = 0):
         """``backbone``: the frozen teacher. ``width``: first student width; ``seg_width``: the
         segmentation head's. ``student_share``: the share of the training steps spent on the
-        student; the rest trains the segmentation head. ``gamma``: focal-loss exponent (paper: 4)."""
-        super().__init__(backbone=backbone, width=width, seg_width=seg_width, student_share=student_share, gamma=gamma, **params)
+        student; the rest trains the segmentation head. ``gamma``: focal-loss exponent (paper: 4).
+        The others: TrainedDetector."""
+        self.backbone = backbone
+        self.width = width
+        self.seg_width = seg_width
+        self.student_share = student_share
+        self.gamma = gamma
+        super().__init__(size=size, crop=crop, batch_size=batch_size, steps=steps, lr=lr, anomalies=anomalies,
+                         anogen_labels=anogen_labels, box_threshold=box_threshold, box_warmup=box_warmup, seed=seed)
 
     def build(self) -> None:
-        self.teacher = Teacher(self.params["backbone"]).eval()
-        self.student = Student(self.params["width"], self.teacher.channels)
-        self.segmentation = Segmentation(sum(self.teacher.channels), self.params["seg_width"])
+        self.teacher = Teacher(self.backbone).eval()
+        self.student = Student(self.width, self.teacher.channels)
+        self.segmentation = Segmentation(sum(self.teacher.channels), self.seg_width)
 
     def networks(self) -> dict[str, nn.Module]:
         return {"student": self.student, "segmentation": self.segmentation}
@@ -150,18 +72,18 @@ class DeSTSeg(TrainedDetector):
         logits = self.segmentation_logits(batch.augmented)
         weights = pixel_weights(logits, batch.target, batch.weak, normal_threshold)
         l1 = (torch.sigmoid(logits) - batch.target).abs()
-        return ((focal_loss(logits, batch.target, self.params["gamma"]) + l1) * weights).mean()
+        return ((focal_loss(logits, batch.target, self.gamma) + l1) * weights).mean()
 
     def train_networks(self, sampler: AnomalySampler, steps: int) -> list[float]:
-        size = self.params["batch"]
-        student_steps = max(1, round(self.params["student_share"] * steps))
+        size = self.batch_size
+        student_steps = max(1, round(self.student_share * steps))
         losses = train_steps(lambda step: self.student_loss(sampler.batch(size)), self.student.parameters(),
-                             student_steps, self.params["lr"], desc="destseg student")
+                             student_steps, self.lr, desc="destseg student")
         self.student.eval()  # frozen from here on: its batch-norm statistics too
         head_steps = steps - student_steps
         losses += train_steps(
             lambda step: self.segmentation_loss(sampler.batch(size), self.normal_threshold_at(step, head_steps)),
-            self.segmentation.parameters(), head_steps, self.params["lr"], desc="destseg segmentation")
+            self.segmentation.parameters(), head_steps, self.lr, desc="destseg segmentation")
         return losses
 
     def anomaly_maps(self, images: torch.Tensor) -> torch.Tensor:

@@ -26,18 +26,17 @@ from tqdm.auto import tqdm
 
 from ...backbones.base import configure_threads
 from ...backbones.hf import load_clip, resolve_model
-from ...data.io import as_image, read_mask
-from ...engine.threshold import threshold_from_normal_scores
-from ..base import Detector, ModelFileError, Prediction, register
+from ...data.io import as_image, as_mask
+from ..base import Detector, LearningType, ModelFileError, Prediction, register
+from ..calibration import calibrate, held_out_split
 from ..maps import upsample_map
 from . import losses
 from .clip import default_layers, encode_images, input_side, preprocess
+from ..params import BLUR_SIGMA, INPUT_SIZE, SEED, Integer, ListOf, Optional, Real, Text
 from .prompts import FinePrompts
 
 # Parameters that shape the learned tensors: taken from a prompt file together with them.
 STRUCTURE = ("normal_tokens", "abnormal_tokens", "prompts", "top_patches", "text_depth", "deep_tokens", "layers")
-HELD_OUT_FRACTION = 0.2  # of the auxiliary set's normal images, scored after training for the threshold
-MIN_NORMAL_TO_HOLD_OUT = 5
 EMBED_BATCH = 4
 ORTHOGONALITY_WEIGHT = 0.1
 NEEDS_PROMPTS = ("faprompt needs learned prompts: train them on an annotated set (`defectlens fit AUX_DATA --method "
@@ -46,16 +45,11 @@ NEEDS_PROMPTS = ("faprompt needs learned prompts: train them on an annotated set
 
 
 def mask_target(mask, side: int) -> np.ndarray:
-    """A mask (None, a path, several paths, or an array) -> float32 side×side, the fraction of
-    each cell that is defective."""
-    if mask is None or (isinstance(mask, (tuple, list)) and not mask):
+    """A mask (any form data.io.as_mask takes) -> float32 side×side, the fraction of each cell
+    that is defective."""
+    union = as_mask(mask)
+    if union is None:
         return np.zeros((side, side), np.float32)
-    if isinstance(mask, (tuple, list)):
-        union = np.any([read_mask(path) for path in mask], axis=0)
-    elif isinstance(mask, np.ndarray):
-        union = mask > 0
-    else:
-        union = read_mask(mask)
     return cv2.resize(union.astype(np.float32), (side, side), interpolation=cv2.INTER_AREA)
 
 
@@ -77,9 +71,15 @@ def training_loss(net: FinePrompts, image: torch.Tensor, patches: torch.Tensor, 
 @register
 class FAPrompt(Detector):
     name = "faprompt"
-    zero_shot = True
-    #: engine.fit gives this method every labelled image of DATA (train and test, with masks).
-    trains_on_anomalies = True
+    #: The engine gives this method every labelled image of DATA (train and test, with masks).
+    learning_type = LearningType.AUXILIARY
+    parameter_constraints = {
+        "clip_model": Optional(Text()), "prompt_file": Optional(Text()), "size": INPUT_SIZE,
+        "normal_tokens": Integer(1, 64), "abnormal_tokens": Integer(1, 64), "prompts": Integer(1, 256),
+        "top_patches": Integer(1, 4096), "text_depth": Integer(1, 64), "deep_tokens": Integer(0, 64),
+        "layers": Optional(ListOf(Integer(1, 256))), "steps": Integer(0, 10**6), "batch_size": Integer(1, 1024),
+        "lr": Real(0.0, 1.0, open_low=True), "max_images": Integer(1, 10**6), "blur_sigma": BLUR_SIGMA, "seed": SEED,
+    }
 
     def __init__(self, clip_model: str | None = None, prompt_file: str | None = None, size: int = 256,
                  normal_tokens: int = 5, abnormal_tokens: int = 2, prompts: int = 10, top_patches: int = 10,
@@ -93,32 +93,55 @@ class FAPrompt(Detector):
         learned tokens of their own (AnomalyCLIP's deep prompts; 1 = none); ``layers``: 1-based
         vision layers tapped for patch tokens (default: quarter points of the depth).
         ``steps`` × ``batch_size`` images: the training budget; ``max_images``: at most this
-        many auxiliary images are embedded (their CLIP features are kept in memory)."""
-        super().__init__(clip_model=clip_model, prompt_file=prompt_file, size=size, normal_tokens=normal_tokens,
-                         abnormal_tokens=abnormal_tokens, prompts=prompts, top_patches=top_patches, text_depth=text_depth,
-                         deep_tokens=deep_tokens, layers=layers, steps=steps, batch_size=batch_size, lr=lr,
-                         max_images=max_images, blur_sigma=blur_sigma, seed=seed)
+        many auxiliary images are embedded (their CLIP features are kept in memory).
+        With a ``prompt_file`` the prompt structure (E, E', K, M, depths, layers) and, unless
+        ``clip_model`` is given, the CLIP are the file's: they belong to its learned tensors."""
+        self.clip_model = clip_model
+        self.prompt_file = prompt_file
+        self.size = size
+        self.normal_tokens = normal_tokens
+        self.abnormal_tokens = abnormal_tokens
+        self.prompts = prompts
+        self.top_patches = top_patches
+        self.text_depth = text_depth
+        self.deep_tokens = deep_tokens
+        self.layers = layers
+        self.steps = steps
+        self.batch_size = batch_size
+        self.lr = lr
+        self.max_images = max_images
+        self.blur_sigma = blur_sigma
+        self.seed = seed
         self._learned: dict[str, torch.Tensor] | None = None
         self._net: FinePrompts | None = None
         self.steps_done = 0
+        #: Learned at fit: the prompt structure and the CLIP (resolved path) the prompts belong to.
+        self.structure_: dict | None = None
+        self.clip_path_: str | None = None
 
     # -- CLIP and the learned module --------------------------------------------------------
     def _clip(self):
-        self.params["clip_model"] = resolve_model("clip", self.params["clip_model"])
+        if self.clip_path_ is None:
+            self.clip_path_ = resolve_model("clip", self.clip_model)
         configure_threads()
-        return load_clip(self.params["clip_model"])
+        return load_clip(self.clip_path_)
+
+    def _structure(self) -> dict:
+        if self.structure_ is None:
+            self.structure_ = {key: getattr(self, key) for key in STRUCTURE}
+        return self.structure_
 
     def _network(self) -> FinePrompts:
         if self._net is None:
             clip, tokenizer = self._clip()
             with torch.random.fork_rng():
-                torch.manual_seed(self.params["seed"])
-                net = FinePrompts(clip, tokenizer, **{k: self.params[k] for k in STRUCTURE if k != "layers"})
+                torch.manual_seed(self.seed)
+                net = FinePrompts(clip, tokenizer, **{k: v for k, v in self._structure().items() if k != "layers"})
             if self._learned is not None:
                 try:
                     net.load_state_dict(self._learned)
                 except RuntimeError as error:
-                    raise ModelFileError(f"the learned prompts do not fit CLIP '{self.params['clip_model']}' "
+                    raise ModelFileError(f"the learned prompts do not fit CLIP '{self.clip_path_}' "
                                          f"({str(error).splitlines()[-1].strip()}); use the CLIP they were trained with") from None
             self._net = net
         return self._net
@@ -126,10 +149,10 @@ class FAPrompt(Detector):
     def _geometry(self) -> tuple[int, int, list[int]]:
         """(input side, patch grid side, tapped vision layers)."""
         config = self._network().clip[0].config.vision_config
-        layers = self.params["layers"] or default_layers(config.num_hidden_layers)
+        layers = self._structure()["layers"] or default_layers(config.num_hidden_layers)
         if not all(1 <= layer <= config.num_hidden_layers for layer in layers) or list(layers) != sorted(set(layers)):
             raise ValueError(f"layers {layers}: expected increasing vision layers between 1 and {config.num_hidden_layers}")
-        side = input_side(self.params["size"], config.patch_size)
+        side = input_side(self.size, config.patch_size)
         return side, side // config.patch_size, list(layers)
 
     def _embed(self, images: Sequence, progress: str | None = None,
@@ -144,29 +167,27 @@ class FAPrompt(Detector):
         return torch.cat(embeddings), torch.cat(patches)
 
     # -- contract ---------------------------------------------------------------------------
-    def fit(self, images: Sequence, masks=None, labels=None) -> FAPrompt:
-        images = list(images)
-        if labels is not None:
-            if self.params["prompt_file"]:
-                self._adopt(self.params["prompt_file"])
-            self._train(images, masks, [int(label) for label in labels])
-            return self
-        if not self.params["prompt_file"]:
+    def fit_images(self, images: list, masks: list, labels: list[int]) -> None:
+        """With labelled anomalies: train (from ``prompt_file`` if set: resuming). Otherwise take
+        the prompts of ``prompt_file``, calibrated on the normal images when some are given."""
+        self._learned, self._net, self.structure_, self.clip_path_, self.steps_done = None, None, None, None, 0
+        if self.prompt_file:
+            self._adopt(self.prompt_file)
+        elif 1 not in labels:
             raise ValueError(NEEDS_PROMPTS)
-        self._adopt(self.params["prompt_file"])
-        if images:
+        if 1 in labels:
+            self._train(images, masks, labels)
+        elif images:
+            self._fitted = True  # the adopted prompts score the normal images
             self._calibrate(images)
-        return self
 
-    def predict(self, images: Sequence) -> Prediction:
-        if self._learned is None and self._net is None:
-            raise ValueError(NEEDS_PROMPTS)
+    def predict_images(self, images: list) -> Prediction:
         images = [as_image(image) for image in images]
         net = self._network()
         side, grid, _ = self._geometry()
         with torch.no_grad():
             scores = net(*self._embed(images))
-        maps = [upsample_map(patch_map.reshape(grid, grid).numpy(), (side, side), image.shape[:2], self.params["blur_sigma"])
+        maps = [upsample_map(patch_map.reshape(grid, grid).numpy(), (side, side), image.shape[:2], self.blur_sigma)
                 for patch_map, image in zip(scores.fused_map(), images)]
         return Prediction(scores=scores.image_score().numpy().astype(np.float64), maps=maps)
 
@@ -181,36 +202,34 @@ class FAPrompt(Detector):
         self._learned = {key.removeprefix("prompts."): value for key, value in tensors.items()}
         self._net = None
         self.steps_done = int(extra.get("steps_done", 0))
+        self.structure_ = extra.get("structure")
+        self.clip_path_ = self.clip_model or extra.get("clip_path")
 
     def extra_state(self) -> dict:
-        return {"steps_done": self.steps_done}
+        return {"steps_done": self.steps_done, "structure": self._structure(), "clip_path": self.clip_path_}
 
     # -- internals --------------------------------------------------------------------------
     def _adopt(self, path) -> None:
         """Take learned prompts, their structure, threshold and CLIP path from a model file."""
         trained = FAPrompt.load(path)
-        self.params.update({key: trained.params[key] for key in STRUCTURE})
-        self.params["clip_model"] = self.params["clip_model"] or trained.params["clip_model"]
-        self._learned, self._net = trained._learned, None
+        self.structure_ = dict(trained._structure())
+        self.clip_path_ = resolve_model("clip", self.clip_model or trained.clip_path_)
+        self._learned, self._net = trained.learned_tensors(), None
         self.threshold, self.normal_scores, self.map_range = trained.threshold, trained.normal_scores, trained.map_range
         self.steps_done = trained.steps_done
 
-    def _train(self, images: list, masks, labels: list[int]) -> None:
-        if masks is None or len(masks) != len(images) or len(labels) != len(images):
-            raise ValueError("faprompt trains on images with one mask (or None for normal images) and one label each")
+    def learned_tensors(self) -> dict[str, torch.Tensor]:
+        """The learned prompt tensors."""
+        return self._net.state_dict() if self._net is not None else self._learned
+
+    def _train(self, images: list, masks: list, labels: list[int]) -> None:
         labels_array = np.asarray(labels)
-        if not (labels_array == 1).any():
-            raise ValueError(f"faprompt learns abnormality from annotated anomalies, and none were given: {NEEDS_PROMPTS}")
-        for image, mask, label in zip(images, masks, labels):
-            if label == 1 and (mask is None or (isinstance(mask, (tuple, list)) and not mask)):
-                raise ValueError(f"{image}: an anomalous training image needs a ground-truth mask")
-        rng = np.random.default_rng(self.params["seed"])
+        rng = np.random.default_rng(self.seed)
         normal = np.flatnonzero(labels_array == 0)
-        count = round(HELD_OUT_FRACTION * len(normal)) if len(normal) >= MIN_NORMAL_TO_HOLD_OUT else 0
-        held_out = rng.choice(normal, size=count, replace=False)
+        held_out = normal[held_out_split(len(normal), self.seed)[1]]
         train = np.setdiff1d(np.arange(len(images)), held_out)
-        if len(train) > self.params["max_images"]:
-            train = np.sort(rng.choice(train, size=self.params["max_images"], replace=False))
+        if len(train) > self.max_images:
+            train = np.sort(rng.choice(train, size=self.max_images, replace=False))
         if not (labels_array[train] == 1).any():
             raise ValueError("no anomalous image left among the training images picked; raise max_images")
 
@@ -220,8 +239,8 @@ class FAPrompt(Detector):
         image, patches = self._embed([images[i] for i in train], progress="faprompt: CLIP features", dtype=torch.float16)
         targets = torch.from_numpy(np.stack([mask_target(masks[i], side) for i in train]))
         train_labels = torch.from_numpy(labels_array[train])
-        optimizer = torch.optim.Adam(net.parameters(), lr=self.params["lr"], betas=(0.5, 0.999))
-        steps, batch = self.params["steps"], min(self.params["batch_size"], len(train))
+        optimizer = torch.optim.Adam(net.parameters(), lr=self.lr, betas=(0.5, 0.999))
+        steps, batch = self.steps, min(self.batch_size, len(train))
         bar = tqdm(range(steps), desc="faprompt training", unit="step")
         try:
             for _ in bar:
@@ -236,20 +255,16 @@ class FAPrompt(Detector):
             bar.close()
             print(f"faprompt: training interrupted after {self.steps_done} steps; keeping the prompts learned so far",
                   file=sys.stderr)
+        self._fitted = True
         self._calibrate([images[i] for i in held_out])
 
     def _calibrate(self, normal_images: list) -> None:
         """Threshold and heatmap range from normal images the prompts were not trained on."""
-        if len(normal_images) < 2:
-            self.normal_scores = self.threshold = self.map_range = None
+        if not normal_images:
             return
         scores, maps = [], []
         for start in range(0, len(normal_images), self.predict_chunk):
             prediction = self.predict(normal_images[start : start + self.predict_chunk])
             scores.append(prediction.scores)
-            maps += [np.asarray(m).ravel() for m in prediction.maps]
-        self.normal_scores = np.concatenate(scores)
-        self.threshold = threshold_from_normal_scores(self.normal_scores)
-        values = np.concatenate(maps)
-        # Heatmap colours: blue at a typical normal pixel, red beyond the worst normal pixel.
-        self.map_range = (float(np.median(values)), float(values.max()) * 1.25)
+            maps += [np.asarray(m) for m in prediction.maps]
+        self.set_calibration(calibrate(np.concatenate(scores), maps))

@@ -25,7 +25,6 @@ with altered copies (pose and lighting).
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
 
 import cv2
 import numpy as np
@@ -33,15 +32,15 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
+from ...backbones import DEFAULT_BACKBONE
 from ...data.io import as_image
-from ...engine.threshold import threshold_from_normal_scores
 from ..base import BackboneDetector, Prediction, register
+from ..calibration import Calibration, calibrate, heatmap_range, held_out_split
+from ..params import BACKBONE, BATCH_SIZE, BLUR_SIGMA, INPUT_SIZE, SEED, Integer, Optional, Real
 from .networks import AutoEncoder, Student
 
-# Held-out normal images for map normalisation and the threshold: a fifth (at least one), at
-# most 40 (enough cells for a 0.995 quantile and scores for a threshold; the rest is better
-# spent on training).
-HELD_OUT_FRACTION = 0.2
+# Held-out normal images for map normalisation and the threshold: at most 40 (enough cells for
+# a 0.995 quantile and scores for a threshold; the rest is better spent on training).
 HELD_OUT_MAX = 40
 QUANTILES = (0.9, 0.995)
 # Training steps when ``steps`` is not given: more images need more steps, up to the CPU budget.
@@ -59,8 +58,13 @@ STRIDE = 8  # input pixels per cell of the teacher's grid and of the students' o
 @register
 class GCAD(BackboneDetector):
     name = "gcad"
+    parameter_constraints = {"backbone": BACKBONE, "size": INPUT_SIZE, "dims": Integer(1, 1024), "width": Integer(4, 512),
+                             "receptive_field": Integer(16, 256),
+                             "bottleneck": Integer(1, 4096), "steps": Optional(Integer(1, 10**6)), "batch_size": BATCH_SIZE,
+                             "lr": Real(0.0, 1.0, open_low=True), "augment": Optional(Integer(0, 64)),
+                             "blur_sigma": BLUR_SIGMA, "seed": SEED}
 
-    def __init__(self, backbone: str = "efficientnet-lite0", size: int = 256, dims: int = 32, width: int = 32,
+    def __init__(self, backbone: str = DEFAULT_BACKBONE, size: int = 256, dims: int = 32, width: int = 32,
                  receptive_field: int = 48, bottleneck: int = 64, steps: int | None = None, batch_size: int = 8,
                  lr: float = 3e-3, augment: int | None = None, blur_sigma: float = 4.0, seed: int = 0):
         """``dims``: teacher channels kept by the PCA (the regression targets). ``width``: base
@@ -69,9 +73,18 @@ class GCAD(BackboneDetector):
         training steps (None: 10 per training image, 300 to 1000).
         ``augment``: altered copies (pose and lighting) added per training image (None: enough
         for 32 images in all, 1 to 7)."""
-        super().__init__(backbone=backbone, size=size, dims=dims, width=width, receptive_field=receptive_field,
-                         bottleneck=bottleneck, steps=steps, batch_size=batch_size, lr=lr, augment=augment,
-                         blur_sigma=blur_sigma, seed=seed)
+        self.backbone = backbone
+        self.size = size
+        self.dims = dims
+        self.width = width
+        self.receptive_field = receptive_field
+        self.bottleneck = bottleneck
+        self.steps = steps
+        self.batch_size = batch_size
+        self.lr = lr
+        self.augment = augment
+        self.blur_sigma = blur_sigma
+        self.seed = seed
         self.local_student, self.global_student = (Student(dims, width, receptive_field) for _ in range(2))
         self.autoencoder = AutoEncoder(dims, bottleneck, width)
         for network in self._networks().values():
@@ -85,32 +98,27 @@ class GCAD(BackboneDetector):
 
     @property
     def grid(self) -> tuple[int, int]:
-        return self.backbone.feature_hw
+        return self.backbone_network.feature_hw
 
     # -- contract ---------------------------------------------------------------------------
-    def fit(self, images: Sequence, masks=None, labels=None) -> GCAD:
-        images = list(images)
-        if not images:
-            raise ValueError("gcad learns from normal images: give at least one")
+    def fit_images(self, images: list, masks: list, labels: list[int]) -> None:
         resized = np.stack([self._resize(as_image(image)) for image in tqdm(images, desc="gcad read", unit="img", leave=False)])
-        count = len(resized)
-        order = np.random.default_rng(self.params["seed"]).permutation(count)
-        held = min(HELD_OUT_MAX, max(1, round(HELD_OUT_FRACTION * count))) if count > 1 else 0
-        held_out, train = resized[order[:held]], resized[order[held:]]
+        train_ids, held_ids = held_out_split(len(resized), self.seed, most=HELD_OUT_MAX)
+        held_out, train = resized[held_ids], resized[train_ids]
         copies = self._augmented(train, self._copies(len(train)))
         teacher = self._teacher(copies, progress="gcad teacher")
         self._fit_projection(teacher[: len(train)])
         self._train(copies, self._project(teacher), self._steps(len(train)))
-        # Calibrate on the held-out images. A single one gets an altered copy, so that two images
-        # give two scores; with one image nothing is held out: calibrate on it (optimistic), no
-        # threshold. (Altered copies are not added beyond that: where the camera is fixed, their
-        # pose changes are not normal and would raise the threshold.)
-        scores = self._calibrate(held_out if held > 1 else self._augmented(held_out if held else train, 1))
-        self.normal_scores = scores if held else None
-        self.threshold = None if self.normal_scores is None else threshold_from_normal_scores(scores)
-        return self
+        # Calibrate on the held-out images. Without any (few images), the map quantiles come from
+        # the training images and an altered copy of each (optimistic), and there is no threshold.
+        # (Altered copies are not added beyond that: where the camera is fixed, their pose changes
+        # are not normal and would raise the threshold.)
+        if len(held_out):
+            self.set_calibration(calibrate(*self._calibrate(held_out)))
+        else:
+            self.set_calibration(Calibration(map_range=heatmap_range(self._calibrate(self._augmented(train, 1))[1])))
 
-    def predict(self, images: Sequence) -> Prediction:
+    def predict_images(self, images: list) -> Prediction:
         images = [as_image(image) for image in images]
         scores, maps = [], []
         for start in range(0, len(images), BATCH):
@@ -138,25 +146,25 @@ class GCAD(BackboneDetector):
         return {"local_student": self.local_student, "global_student": self.global_student, "autoencoder": self.autoencoder}
 
     def _resize(self, image: np.ndarray) -> np.ndarray:
-        height, width = self.backbone.input_hw
+        height, width = self.backbone_network.input_hw
         return cv2.resize(image, (width, height), interpolation=cv2.INTER_AREA)
 
     def _tensor(self, images: np.ndarray) -> torch.Tensor:
         """(N, H, W, 3) uint8 at input size -> the backbone's normalised (N, 3, H, W) float."""
         batch = torch.from_numpy(np.ascontiguousarray(images)).permute(0, 3, 1, 2).float() / 255.0
-        mean = torch.tensor(self.backbone.mean).view(1, 3, 1, 1)
-        return (batch - mean) / torch.tensor(self.backbone.std).view(1, 3, 1, 1)
+        mean = torch.tensor(self.backbone_network.mean).view(1, 3, 1, 1)
+        return (batch - mean) / torch.tensor(self.backbone_network.std).view(1, 3, 1, 1)
 
     def _copies(self, count: int) -> int:
-        if self.params["augment"] is not None:
-            return self.params["augment"]
+        if self.augment is not None:
+            return self.augment
         return min(MAX_COPIES, max(1, math.ceil(AUGMENT_TO / count) - 1))
 
     def _augmented(self, images: np.ndarray, copies: int) -> np.ndarray:
         """The images followed by ``copies`` altered copies of each: a small random shift, rotation
         and scale (the pose of a part varies between photos) and brightness and contrast changes
         (so does the lighting). Which part is where, the layout, is left as it is."""
-        rng = np.random.default_rng(self.params["seed"] + 1)
+        rng = np.random.default_rng(self.seed + 1)
         height, width = images.shape[1:3]
         altered = []
         for _ in range(copies):
@@ -178,10 +186,10 @@ class GCAD(BackboneDetector):
         return torch.cat(features)
 
     def _teacher_features(self, inputs: torch.Tensor) -> torch.Tensor:
-        channels, stride = self.backbone.levels[0]
+        channels, stride = self.backbone_network.levels[0]
         if stride != STRIDE:
             raise ValueError(f"gcad needs a backbone whose finest level has stride {STRIDE}, not {stride}")
-        return self.backbone.forward(inputs)[:, :channels]
+        return self.backbone_network.forward(inputs)[:, :channels]
 
     def _fit_projection(self, features: torch.Tensor) -> None:
         """Standardise channels, keep the ``dims`` leading principal components, scaled so the
@@ -190,7 +198,7 @@ class GCAD(BackboneDetector):
         mean, std = flat.mean(0), flat.std(0).clamp_min(1e-6)
         standard = (flat - mean) / std
         values, vectors = torch.linalg.eigh(standard.T @ standard / max(len(standard) - 1, 1))
-        dims = self.params["dims"]
+        dims = self.dims
         if dims > len(values):
             raise ValueError(f"gcad: dims={dims} is more than the teacher's {len(values)} channels")
         kept = vectors[:, -dims:].flip(1) / values[-dims:].clamp_min(1e-12).mean().sqrt()
@@ -201,22 +209,22 @@ class GCAD(BackboneDetector):
         return torch.einsum("nchw,cd->ndhw", standard, self.components)
 
     def _steps(self, count: int) -> int:
-        if self.params["steps"] is not None:
-            return int(self.params["steps"])
+        if self.steps is not None:
+            return int(self.steps)
         return min(MAX_STEPS, max(MIN_STEPS, STEPS_PER_IMAGE * count))
 
     def _train(self, images: np.ndarray, targets: torch.Tensor, steps: int) -> None:
-        seed = self.params["seed"]
+        seed = self.seed
         torch.manual_seed(seed)
-        dims, width = self.params["dims"], self.params["width"]
-        self.local_student, self.global_student = (Student(dims, width, self.params["receptive_field"]) for _ in range(2))
-        self.autoencoder = AutoEncoder(dims, self.params["bottleneck"], width)
+        dims, width = self.dims, self.width
+        self.local_student, self.global_student = (Student(dims, width, self.receptive_field) for _ in range(2))
+        self.autoencoder = AutoEncoder(dims, self.bottleneck, width)
         networks = self._networks().values()
         parameters = [p for network in networks for p in network.parameters()]
-        optimiser = torch.optim.Adam(parameters, lr=self.params["lr"], weight_decay=1e-5)
+        optimiser = torch.optim.Adam(parameters, lr=self.lr, weight_decay=1e-5)
         schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimiser, steps)
         generator = torch.Generator().manual_seed(seed)
-        batch = min(self.params["batch_size"], len(images))
+        batch = min(self.batch_size, len(images))
         crop = tuple(min(CROP_CELLS, size) for size in self.grid)
         losses = np.zeros((steps, 3))
         progress = tqdm(range(steps), desc="gcad train", unit="step", leave=False)
@@ -277,19 +285,18 @@ class GCAD(BackboneDetector):
 
     def _smooth(self, grid_maps: torch.Tensor) -> np.ndarray:
         """Grid maps -> input size, Gaussian smoothing (sigma in input pixels)."""
-        height, width = self.backbone.input_hw
+        height, width = self.backbone_network.input_hw
         maps = F.interpolate(grid_maps[:, None], size=(height, width), mode="bilinear", align_corners=False)[:, 0].numpy()
-        sigma = self.params["blur_sigma"]
+        sigma = self.blur_sigma
         if sigma > 0:
             maps = np.stack([cv2.GaussianBlur(m, (0, 0), sigmaX=sigma, sigmaY=sigma, borderType=cv2.BORDER_REFLECT) for m in maps])
         return maps.astype(np.float32)
 
-    def _calibrate(self, images: np.ndarray) -> np.ndarray:
+    def _calibrate(self, images: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """Quantiles of each branch's map on normal images the networks did not learn from,
-        then their image scores and the heatmap range."""
+        then the images' scores and maps."""
         local, global_ = self._branch_maps(images)
         levels = torch.tensor(QUANTILES)
         self.quantiles = torch.stack([torch.quantile(local.flatten(), levels), torch.quantile(global_.flatten(), levels)])
         smooth = self._smooth(self._combine(local, global_))
-        self.map_range = (float(np.median(smooth)), float(smooth.max()) * 1.25)
-        return smooth.reshape(len(images), -1).max(axis=1).astype(np.float64)
+        return smooth.reshape(len(images), -1).max(axis=1).astype(np.float64), smooth

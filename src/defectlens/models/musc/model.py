@@ -22,38 +22,27 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from ...backbones import get_backbone
+from ...backbones import DEFAULT_BACKBONE, get_backbone
 from ...data.io import as_image
-from ..base import BackboneDetector, Prediction, register
+from ..base import BackboneDetector, LearningType, Prediction, register
+from ..calibration import Calibration, batch_threshold, heatmap_range
 from ..maps import upsample_map
+from ..params import BACKBONE, BLUR_SIGMA, INPUT_SIZE, SEED, Boolean, Integer, ListOf, Optional, Real
 from .mutual import mutual_scores, rescore
-
-# Batch threshold: the score a normal image exceeds with about 1 % probability if normal
-# scores were Gaussian (z of the 99th percentile); MAD * 1.4826 estimates a Gaussian's std.
-THRESHOLD_Z = 2.326
-MAD_TO_STD = 1.4826
-
-
-def batch_threshold(scores: np.ndarray) -> float | None:
-    """Decision threshold from the unlabelled scores of one batch: median + z · robust std.
-
-    Median and median absolute deviation stay with the normal images while defective ones are
-    a minority; with more defective images the threshold rises and flags fewer of them.
-    """
-    scores = np.asarray(scores, dtype=np.float64)
-    if scores.size < 3:
-        return None
-    median = float(np.median(scores))
-    return median + THRESHOLD_Z * MAD_TO_STD * float(np.median(np.abs(scores - median)))
 
 
 @register
 class MuSc(BackboneDetector):
     name = "musc"
-    zero_shot = True
+    learning_type = LearningType.ZERO_SHOT
     predict_chunk = None
+    _fitted = True  # nothing to learn: a new musc predicts at once
+    parameter_constraints = {"backbone": BACKBONE, "size": INPUT_SIZE, "keep_aspect": Boolean(),
+                             "references": Optional(Integer(1, 10**6)), "keep": Real(0.0, 1.0, open_low=True),
+                             "levels": Optional(ListOf(Integer(0, 16))), "top_fraction": Real(0.0, 1.0, open_low=True),
+                             "rescore_neighbours": Integer(1, 1024), "blur_sigma": BLUR_SIGMA, "seed": SEED}
 
-    def __init__(self, backbone: str = "efficientnet-lite0", size: int = 256, keep_aspect: bool = True,
+    def __init__(self, backbone: str = DEFAULT_BACKBONE, size: int = 256, keep_aspect: bool = True,
                  references: int | None = 32, keep: float = 0.5, levels: list[int] | None = None,
                  top_fraction: float = 0.01, rescore_neighbours: int = 5, blur_sigma: float = 4.0, seed: int = 0):
         """``size``: backbone input side; with ``keep_aspect`` the input has about size² pixels at
@@ -64,32 +53,34 @@ class MuSc(BackboneDetector):
         ``levels``: which backbone levels to score (indices, finest first; None: all).
         ``top_fraction``: image score = mean of this fraction of highest patch scores.
         ``rescore_neighbours``: RsCIN window, 1 = off. ``blur_sigma``: map smoothing, input pixels."""
-        if not 0.0 < keep <= 1.0:
-            raise ValueError(f"keep must be in (0, 1], not {keep}")
-        if references is not None and references < 1:
-            raise ValueError(f"references must be at least 1 (or None for all), not {references}")
-        super().__init__(backbone=backbone, size=size, keep_aspect=keep_aspect, references=references, keep=keep,
-                         levels=levels, top_fraction=top_fraction, rescore_neighbours=rescore_neighbours,
-                         blur_sigma=blur_sigma, seed=seed)
+        self.backbone = backbone
+        self.size = size
+        self.keep_aspect = keep_aspect
+        self.references = references
+        self.keep = keep
+        self.levels = levels
+        self.top_fraction = top_fraction
+        self.rescore_neighbours = rescore_neighbours
+        self.blur_sigma = blur_sigma
+        self.seed = seed
 
     def backbone_for(self, shape: tuple[int, int]):
         """The backbone at the input size for images of ``shape`` (height, width)."""
-        if not self.params["keep_aspect"]:
-            return self.backbone
-        size, multiple = self.params["size"], max(stride for _, stride in self.backbone.levels)
+        if not self.keep_aspect:
+            return self.backbone_network
+        size, multiple = self.size, max(stride for _, stride in self.backbone_network.levels)
         aspect = shape[1] / shape[0]
         height = max(multiple, round(size / aspect**0.5 / multiple) * multiple)
         width = max(multiple, round(size * aspect**0.5 / multiple) * multiple)
-        return get_backbone(self.params["backbone"], (height, width))
+        return get_backbone(self.backbone, (height, width))
 
-    def fit(self, images: Sequence = (), masks=None, labels=None) -> MuSc:
+    def fit_images(self, images: list, masks: list, labels: list[int]) -> None:
         """Nothing to learn: musc scores each predict batch against itself."""
-        if len(images):
+        if images:
             warnings.warn(f"musc is zero-shot: the {len(images)} images given to fit are not used; "
-                          "it scores the images of each predict call against each other", stacklevel=2)
-        return self
+                          "it scores the images of each predict call against each other", stacklevel=3)
 
-    def predict(self, images: Sequence) -> Prediction:
+    def predict_images(self, images: list) -> Prediction:
         """Scores and maps of a batch scored against itself (at least 2 images). Sets
         ``threshold`` and ``map_range`` from this batch, as no normal images are known."""
         shapes: list[tuple[int, int]] = []
@@ -108,23 +99,22 @@ class MuSc(BackboneDetector):
         backbone = self.backbone_for(shapes[0])
         features = backbone.embed(chain([first], stream), progress="features", total=len(images))
         scores, patch_maps = self.score_features(features)
-        self.threshold = batch_threshold(scores)
-        normal = scores <= self.threshold if self.threshold is not None else np.ones(len(scores), bool)
-        typical = patch_maps[torch.from_numpy(normal)]
-        self.map_range = (float(typical.median()), 1.25 * float(typical.max()))
-        maps = [upsample_map(m.numpy(), backbone.input_hw, shape, self.params["blur_sigma"]) for m, shape in zip(patch_maps, shapes)]
+        threshold = batch_threshold(scores)
+        normal = scores <= threshold if threshold is not None else np.ones(len(scores), bool)
+        self.set_calibration(Calibration(None, threshold, heatmap_range(patch_maps[torch.from_numpy(normal)].numpy())))
+        maps = [upsample_map(m.numpy(), backbone.input_hw, shape, self.blur_sigma) for m, shape in zip(patch_maps, shapes)]
         return Prediction(scores=scores, maps=maps)
 
     def score_features(self, features: torch.Tensor) -> tuple[np.ndarray, torch.Tensor]:
         """Backbone features (N, C, h, w) of one batch -> image scores (N,) and patch maps (N, h, w)."""
         levels = self.split_levels(features)
-        patch_maps = mutual_scores(levels, self.params["references"], self.params["keep"], self.params["seed"],
+        patch_maps = mutual_scores(levels, self.references, self.keep, self.seed,
                                    progress=True)
         flat = patch_maps.flatten(1)
-        top = max(1, round(self.params["top_fraction"] * flat.shape[1]))
+        top = max(1, round(self.top_fraction * flat.shape[1]))
         scores = flat.topk(top, dim=1).values.mean(dim=1)
         image_features = torch.cat([F.normalize(level.mean(dim=(2, 3)), dim=1) for level in levels], dim=1)
-        scores = rescore(scores, F.normalize(image_features, dim=1), self.params["rescore_neighbours"])
+        scores = rescore(scores, F.normalize(image_features, dim=1), self.rescore_neighbours)
         return scores.numpy().astype(np.float64), patch_maps
 
     def split_levels(self, features: torch.Tensor) -> list[torch.Tensor]:
@@ -132,14 +122,14 @@ class MuSc(BackboneDetector):
         undoes the upsampling of coarser levels up to a mild blur): 4× fewer patches for a
         stride-16 level, 16× less work to score it."""
         levels, start = [], 0
-        finest = self.backbone.levels[0][1]
-        for channels, stride in self.backbone.levels:
+        finest = self.backbone_network.levels[0][1]
+        for channels, stride in self.backbone_network.levels:
             level = features[:, start : start + channels]
             start += channels
             if stride > finest:
                 level = F.avg_pool2d(level, stride // finest, ceil_mode=True)
             levels.append(level)
-        chosen = self.params["levels"]
+        chosen = self.levels
         return levels if chosen is None else [levels[i] for i in chosen]
 
     def state_tensors(self) -> dict[str, torch.Tensor]:

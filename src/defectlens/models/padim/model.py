@@ -5,27 +5,30 @@ from __future__ import annotations
 
 import torch
 
+from ...backbones import DEFAULT_BACKBONE
 from ..base import register
+from ..params import Integer, Real
 from ..patch import PatchDetector
 
 
 @register
 class PaDiM(PatchDetector):
     name = "padim"
+    parameter_constraints = {"feature_dims": Integer(1, 4096), "regularisation": Real(0.0, open_low=True)}
 
-    def __init__(self, feature_dims: int = 100, regularisation: float = 0.01, **params):
+    def __init__(self, feature_dims: int = 100, regularisation: float = 0.01, backbone: str = DEFAULT_BACKBONE,
+                 size: int = 256, blur_sigma: float = 4.0, seed: int = 0):
         """``feature_dims``: random channels kept (the paper's dimensionality reduction, which
         keeps the per-position covariances small). ``regularisation``: εI added to each
         covariance so it stays invertible with few images (with one image it is εI alone)."""
-        super().__init__(feature_dims=feature_dims, regularisation=regularisation, **params)
-        self.channels: torch.Tensor | None = None
-        self.mean: torch.Tensor | None = None
-        self.precision: torch.Tensor | None = None
+        super().__init__(backbone=backbone, size=size, blur_sigma=blur_sigma, seed=seed)
+        self.feature_dims = feature_dims
+        self.regularisation = regularisation
 
     def fit_features(self, features: torch.Tensor) -> None:
         total = features.shape[1]
-        keep = min(self.params["feature_dims"], total)
-        generator = torch.Generator().manual_seed(self.params["seed"])
+        keep = min(self.feature_dims, total)
+        generator = torch.Generator().manual_seed(self.seed)
         self.channels = torch.randperm(total, generator=generator)[:keep].sort().values
         # (positions, images, channels), in float64 for a stable covariance.
         samples = features[:, self.channels].flatten(2).permute(2, 0, 1).double()
@@ -33,7 +36,7 @@ class PaDiM(PatchDetector):
         centred = samples - self.mean[:, None, :]
         count = samples.shape[1]
         covariance = centred.transpose(1, 2) @ centred / max(count - 1, 1)
-        covariance += self.params["regularisation"] * torch.eye(keep, dtype=torch.float64)
+        covariance += self.regularisation * torch.eye(keep, dtype=torch.float64)
         self.precision = torch.linalg.inv(covariance).float()
         self.mean = self.mean.float()
 

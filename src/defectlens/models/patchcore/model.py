@@ -6,8 +6,10 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from ...backbones import DEFAULT_BACKBONE
 from ..base import register
 from ..memory import NearestNeighbours, greedy_coreset
+from ..params import Integer
 from ..patch import PatchDetector
 
 
@@ -19,18 +21,20 @@ def flatten_patches(features: torch.Tensor) -> torch.Tensor:
 @register
 class PatchCore(PatchDetector):
     name = "patchcore"
+    parameter_constraints = {"bank_size": Integer(1, 10**7), "reweight_neighbours": Integer(0, 1024)}
 
-    def __init__(self, bank_size: int = 4096, reweight_neighbours: int = 9, **params):
+    def __init__(self, bank_size: int = 4096, reweight_neighbours: int = 9, backbone: str = DEFAULT_BACKBONE,
+                 size: int = 256, blur_sigma: float = 4.0, seed: int = 0):
         """``bank_size``: patches kept by the coreset. Search time grows linearly with it; 4096
         keeps prediction within budget on 2 cores (see benchmarks/). ``reweight_neighbours``:
         b in the paper's image-score re-weighting (0 disables it)."""
-        super().__init__(bank_size=bank_size, reweight_neighbours=reweight_neighbours, **params)
-        self.bank: torch.Tensor | None = None
-        self._index: NearestNeighbours | None = None
+        super().__init__(backbone=backbone, size=size, blur_sigma=blur_sigma, seed=seed)
+        self.bank_size = bank_size
+        self.reweight_neighbours = reweight_neighbours
 
     def fit_features(self, features: torch.Tensor) -> None:
         patches = flatten_patches(features)
-        keep = greedy_coreset(patches, self.params["bank_size"], seed=self.params["seed"], progress=True, groups=features.shape[0])
+        keep = greedy_coreset(patches, self.bank_size, seed=self.seed, progress=True, groups=features.shape[0])
         self._set_bank(patches[keep].contiguous())
 
     def _set_bank(self, bank: torch.Tensor) -> None:
@@ -48,7 +52,7 @@ class PatchCore(PatchDetector):
         surprising than one near an isolated bank patch. Eq. 7 of the paper."""
         flat = patch_scores.flatten(1)
         worst = flat.argmax(dim=1)
-        neighbours = self.params["reweight_neighbours"]
+        neighbours = self.reweight_neighbours
         if neighbours <= 0 or self.bank.shape[0] <= neighbours:
             return flat.gather(1, worst[:, None])[:, 0]
         patches = features.permute(0, 2, 3, 1).reshape(features.shape[0], -1, features.shape[1])

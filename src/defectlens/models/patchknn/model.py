@@ -8,8 +8,10 @@ import cv2
 import numpy as np
 import torch
 
+from ...backbones import DEFAULT_BACKBONE
 from ..base import register
 from ..memory import NearestNeighbours, greedy_coreset
+from ..params import Boolean, Integer, Optional, Real
 from ..patch import PatchDetector
 from ..patchcore.model import flatten_patches
 
@@ -27,25 +29,29 @@ def pca_foreground(features: torch.Tensor, axis: torch.Tensor, mean: torch.Tenso
 @register
 class PatchKNN(PatchDetector):
     name = "patchknn"
+    parameter_constraints = {"foreground": Boolean(), "top_fraction": Real(0.0, 1.0, open_low=True),
+                             "bank_size": Optional(Integer(1, 10**7))}
 
-    def __init__(self, foreground: bool = False, top_fraction: float = 0.01, bank_size: int | None = 16384, **params):
+    def __init__(self, foreground: bool = False, top_fraction: float = 0.01, bank_size: int | None = 16384,
+                 backbone: str = DEFAULT_BACKBONE, size: int = 256, blur_sigma: float = 4.0, seed: int = 0):
         """``foreground``: mask the background (for objects on a plain background; leave off
         for textures, whose whole image is foreground). ``bank_size``: above this many normal
         patches (16 images at 256 px), keep each image's most distinct patches (per-image
         greedy coreset) so search time stays bounded; None keeps every patch."""
-        super().__init__(foreground=foreground, top_fraction=top_fraction, bank_size=bank_size, **params)
-        self.bank: torch.Tensor | None = None
+        super().__init__(backbone=backbone, size=size, blur_sigma=blur_sigma, seed=seed)
+        self.foreground = foreground
+        self.top_fraction = top_fraction
+        self.bank_size = bank_size
         self.pca_axis: torch.Tensor | None = None
         self.pca_mean: torch.Tensor | None = None
-        self._index: NearestNeighbours | None = None
 
     def fit_features(self, features: torch.Tensor) -> None:
         patches = flatten_patches(features)
-        if self.params["foreground"]:
+        if self.foreground:
             self._fit_foreground(features)
             patches = patches[pca_foreground(features, self.pca_axis, self.pca_mean).flatten()]
-        if self.params["bank_size"] is not None:
-            patches = patches[greedy_coreset(patches, self.params["bank_size"], seed=self.params["seed"],
+        if self.bank_size is not None:
+            patches = patches[greedy_coreset(patches, self.bank_size, seed=self.seed,
                                              groups=features.shape[0], pool_factor=1)]
         self._set_bank(patches.contiguous())
 
@@ -70,18 +76,18 @@ class PatchKNN(PatchDetector):
         count, _, height, width = features.shape
         distances, _ = self._index.search(flatten_patches(features).numpy(), k=1)
         scores = torch.from_numpy(distances[:, 0]).reshape(count, height, width)
-        if self.params["foreground"]:
+        if self.foreground:
             scores = scores * pca_foreground(features, self.pca_axis, self.pca_mean)
         return scores
 
     def image_scores(self, patch_scores: torch.Tensor, features: torch.Tensor) -> torch.Tensor:
         flat = patch_scores.flatten(1)
-        top = max(1, int(round(self.params["top_fraction"] * flat.shape[1])))
+        top = max(1, int(round(self.top_fraction * flat.shape[1])))
         return flat.topk(top, dim=1).values.mean(dim=1)
 
     def state_tensors(self) -> dict[str, torch.Tensor]:
         tensors = {"bank": self.bank}
-        if self.params["foreground"]:
+        if self.foreground:
             tensors.update(pca_axis=self.pca_axis, pca_mean=self.pca_mean)
         return tensors
 

@@ -5,8 +5,10 @@ from __future__ import annotations
 
 import torch
 
+from ...backbones import DEFAULT_BACKBONE
 from ..base import register
 from ..memory import NearestNeighbours
+from ..params import Integer
 from ..patch import PatchDetector
 from ..patchcore.model import flatten_patches
 
@@ -14,12 +16,13 @@ from ..patchcore.model import flatten_patches
 @register
 class SPADE(PatchDetector):
     name = "spade"
+    parameter_constraints = {"neighbour_images": Integer(1, 10**4)}
 
-    def __init__(self, neighbour_images: int = 10, **params):
+    def __init__(self, neighbour_images: int = 10, backbone: str = DEFAULT_BACKBONE, size: int = 256,
+                 blur_sigma: float = 4.0, seed: int = 0):
         """``neighbour_images``: K, the normal images whose patches form each test image's gallery."""
-        super().__init__(neighbour_images=neighbour_images, **params)
-        self.patches: torch.Tensor | None = None
-        self._global_index: NearestNeighbours | None = None
+        super().__init__(backbone=backbone, size=size, blur_sigma=blur_sigma, seed=seed)
+        self.neighbour_images = neighbour_images
 
     @staticmethod
     def _global(features: torch.Tensor) -> torch.Tensor:
@@ -30,7 +33,7 @@ class SPADE(PatchDetector):
         self._global_index = NearestNeighbours(self._global(features).numpy())
 
     def _nearest_images(self, features: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        distances, indices = self._global_index.search(self._global(features).numpy(), k=self.params["neighbour_images"])
+        distances, indices = self._global_index.search(self._global(features).numpy(), k=self.neighbour_images)
         return torch.from_numpy(distances), torch.from_numpy(indices)
 
     def score_features(self, features: torch.Tensor) -> torch.Tensor:

@@ -25,8 +25,9 @@ import torch
 
 from ...backbones.hf import ModelNotAvailable, load_clip, resolve_model
 from ...data.io import as_image
-from ...engine.threshold import held_out_folds, threshold_from_normal_scores
-from ..base import Detector, Prediction, register
+from ..base import Detector, LearningType, Prediction, register
+from ..calibration import calibrate, refit_folds
+from ..params import INPUT_SIZE, SEED, Integer, ListOf, Optional, Text
 from .encoder import ImageFeatures, WindowEncoder, text_prototypes
 from .prompts import object_name
 from .windows import (
@@ -48,7 +49,9 @@ def clip_fingerprint(clip) -> list[float]:
 @register
 class WinCLIP(Detector):
     name = "winclip"
-    zero_shot = True
+    learning_type = LearningType.ZERO_SHOT
+    parameter_constraints = {"clip_model": Optional(Text()), "object_name": Optional(Text()), "size": INPUT_SIZE,
+                             "scales": ListOf(Integer(1, 64)), "seed": SEED}
 
     def __init__(self, clip_model: str | None = None, object_name: str | None = None, size: int = 240,
                  scales: Sequence[int] = (2, 3), seed: int = 0):
@@ -58,11 +61,15 @@ class WinCLIP(Detector):
         CLIP input side in pixels, rounded down to whole patches (240: 15×15 patches at ViT-B/16,
         WinCLIP's reference setting). ``scales``: window sides in patches. ``seed``: which normal images
         are held out for the threshold when there are more than 10."""
-        if not scales or min(scales) < 1:
-            raise ValueError(f"winclip: scales={scales!r}; give window sides in patches, e.g. [2, 3]")
-        if clip_model and Path(clip_model).expanduser().is_dir():
-            clip_model = str(Path(clip_model).expanduser().resolve())  # the model file must not depend on the cwd
-        super().__init__(clip_model=clip_model, object_name=object_name, size=size, scales=sorted(set(scales)), seed=seed)
+        self.clip_model = clip_model
+        self.object_name = object_name
+        self.size = size
+        self.scales = scales
+        self.seed = seed
+        #: Learned at fit: the CLIP folder (absolute, so a model file does not depend on the cwd)
+        #: and the object named in the prompts.
+        self.clip_path_: str | None = None
+        self.object_name_: str | None = None
         self.prototypes: torch.Tensor | None = None  # (2, D) unit [normal, anomalous] text embeddings
         self.temperature: float | None = None  # CLIP's logit scale
         self.fingerprint: list[float] | None = None
@@ -73,38 +80,36 @@ class WinCLIP(Detector):
     def encoder(self) -> WindowEncoder:
         """CLIP, loaded on first use and checked against the one the model was fitted with."""
         if self._encoder is None:
-            clip, _ = load_clip(self.params["clip_model"])
+            # The CLIP named by the parameter, else the one it was fitted with.
+            path = resolve_model("clip", self.clip_model) if self.clip_model else self.clip_path_
+            clip, _ = load_clip(path)
             if self.fingerprint is not None and not np.allclose(clip_fingerprint(clip), self.fingerprint, rtol=1e-5):
-                raise ModelNotAvailable(f"the CLIP model at {resolve_model('clip', self.params['clip_model'])} is not "
+                raise ModelNotAvailable(f"the CLIP model at {path} is not "
                                         "the one this winclip model was fitted with; fit again or point to that CLIP")
-            self._encoder = WindowEncoder(clip, self.params["size"], self.params["scales"])
+            self._encoder = WindowEncoder(clip, self.size, sorted(set(self.scales)))
         return self._encoder
 
     # -- contract ---------------------------------------------------------------------------
-    def fit(self, images: Sequence, masks=None, labels=None) -> WinCLIP:
+    def fit_images(self, images: list, masks: list, labels: list[int]) -> None:
         """Text prototypes for the object; with normal images, also the visual memory and the
         threshold from held-out normal images."""
-        images = list(images)
-        clip, tokenizer = load_clip(self.params["clip_model"])
-        self.params["object_name"] = object_name(self.params["object_name"])
-        self.prototypes = text_prototypes(clip, tokenizer, self.params["object_name"])
+        self.clip_path_ = resolve_model("clip", self.clip_model)
+        if Path(self.clip_path_).expanduser().is_dir():
+            self.clip_path_ = str(Path(self.clip_path_).expanduser().resolve())
+        clip, tokenizer = load_clip(self.clip_path_)
+        self.object_name_ = object_name(self.object_name)
+        self.prototypes = text_prototypes(clip, tokenizer, self.object_name_)
         self.temperature = float(clip.logit_scale.detach().exp())
         self.fingerprint = clip_fingerprint(clip)
         self._encoder = None
-        self.banks, self.normal_scores, self.threshold, self.map_range = None, None, None, None
+        self.banks = None
         if images:
             features = self.encoder.encode(images, progress="winclip normal images")
-            self.normal_scores = self._held_out_scores(features)
-            self.threshold = None if self.normal_scores is None else threshold_from_normal_scores(self.normal_scores)
+            self._calibrate(features)
             self.banks = self._banks(features)
-        return self
 
-    def predict(self, images: Sequence) -> Prediction:
-        if self.prototypes is None:
-            raise ValueError("winclip: call fit first (fit([]) for zero-shot)")
+    def predict_images(self, images: list) -> Prediction:
         images = [as_image(image) for image in images]
-        if not images:
-            return Prediction(scores=np.zeros(0), maps=[])
         scores, patch_maps = self.score_features(self.encoder.encode(images), self.banks)
         grid = math.isqrt(patch_maps.shape[1])
         maps = [cv2.resize(m.view(grid, grid).numpy(), (image.shape[1], image.shape[0]), interpolation=cv2.INTER_LINEAR)
@@ -140,34 +145,29 @@ class WinCLIP(Detector):
         banks[PATCH_BANK] = features.patches.flatten(0, 1)
         return banks
 
-    def _held_out_scores(self, features: ImageFeatures) -> np.ndarray | None:
-        """Scores of normal images against a memory of the other normal images (leave-one-out
-        up to 10 images, one held-out fifth above), and the heatmap range from their maps."""
-        count = len(features)
-        if count < 2:
-            return None
+    def _calibrate(self, features: ImageFeatures) -> None:
+        """Scores and maps of normal images against a memory of the other normal images."""
         scores, maps = [], []
-        for held_out in held_out_folds(count, self.params["seed"]):
-            keep = torch.from_numpy(np.setdiff1d(np.arange(count), held_out))
+        for held_out in refit_folds(len(features), self.seed):
+            keep = torch.from_numpy(np.setdiff1d(np.arange(len(features)), held_out))
             fold_scores, fold_maps = self.score_features(features.select(torch.from_numpy(held_out)),
                                                          self._banks(features.select(keep)))
-            scores.append(fold_scores)
-            maps.append(fold_maps.flatten())
-        normal_patches = torch.cat(maps)
-        self.map_range = (float(normal_patches.median()), float(normal_patches.max()) * 1.25)
-        return torch.cat(scores).numpy().astype(np.float64)
+            scores.append(fold_scores.numpy())
+            maps.append(fold_maps.numpy())
+        self.set_calibration(calibrate(np.concatenate(scores) if scores else None, maps or None))
 
     # -- model file -------------------------------------------------------------------------
     def state_tensors(self) -> dict[str, torch.Tensor]:
-        if self.prototypes is None:
-            raise ValueError("winclip: nothing to save before fit")
         return {"prototypes": self.prototypes, **{f"bank.{name}": bank for name, bank in (self.banks or {}).items()}}
 
     def extra_state(self) -> dict:
-        return {"temperature": self.temperature, "fingerprint": self.fingerprint}
+        return {"temperature": self.temperature, "fingerprint": self.fingerprint, "clip_path": self.clip_path_,
+                "object_name": self.object_name_}
 
     def load_state_tensors(self, tensors, extra) -> None:
         self.prototypes = tensors["prototypes"].float()
         banks = {name.removeprefix("bank."): t.float() for name, t in tensors.items() if name.startswith("bank.")}
         self.banks = banks or None
         self.temperature, self.fingerprint = extra["temperature"], extra["fingerprint"]
+        self.clip_path_ = extra["clip_path"]
+        self.object_name_ = extra["object_name"]
