@@ -13,7 +13,7 @@ from safetensors import safe_open
 
 from defectlens.backbones.hf import load_clip
 from defectlens.cli import main
-from defectlens.data.synthetic import generate
+from defectlens.data.generator import generate
 from defectlens.models import Detector, ModelFileError, create_detector
 from defectlens.models.faprompt import losses
 from defectlens.models.faprompt.clip import (

@@ -209,7 +209,7 @@ def _json_default(value):
 
 # -- generate and demo --------------------------------------------------------------------------
 def cmd_generate(args) -> int:
-    from .data.synthetic import generate
+    from .data.generator import generate
 
     folders = generate(args.out, kind=args.kind, seed=args.seed, size=args.size, overwrite=args.overwrite)
     print("wrote " + ", ".join(str(f) for f in folders))

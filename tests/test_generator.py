@@ -5,8 +5,7 @@ import cv2
 import numpy as np
 import pytest
 
-from defectlens.data import synthetic
-from defectlens.data.synthetic import (
+from defectlens.data.generator import (
     LOCO_STRUCTURAL_DEFECTS,
     LOGICAL_DEFECTS,
     MVTEC_CATEGORIES,
@@ -14,6 +13,8 @@ from defectlens.data.synthetic import (
     generate,
     render_pair,
 )
+from defectlens.data.generator.loco import render_loco
+from defectlens.data.generator.mvtec import render_mvtec
 
 SMALL = dict(size=64, n_train=3, n_test_good=2, n_test_defect_per_type=2)
 
@@ -115,9 +116,9 @@ def test_mask_covers_exactly_the_changed_pixels(category, defect):
 
 
 def test_good_images_have_no_defect():
-    scene = synthetic._render_mvtec("fabric", "train/good", 0, 0, 64, None)
+    scene = render_mvtec("fabric", "train/good", 0, 0, 64, None)
     assert scene.masks == [] and scene.defective is scene.clean
-    loco = synthetic._render_loco("train/good", 0, 0, 64, None)
+    loco = render_loco("train/good", 0, 0, 64, None)
     assert loco.masks == []
 
 
