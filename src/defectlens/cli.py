@@ -211,7 +211,8 @@ def _json_default(value):
 def cmd_generate(args) -> int:
     from .data.generator import generate
 
-    folders = generate(args.out, kind=args.kind, seed=args.seed, size=args.size, overwrite=args.overwrite)
+    folders = generate(args.out, kind=args.kind, seed=args.seed, size=args.size, categories=args.categories,
+                       overwrite=args.overwrite)
     print("wrote " + ", ".join(str(f) for f in folders))
     return 0
 
@@ -289,6 +290,9 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--kind", default="mvtec", choices=["mvtec", "loco"])
     gen.add_argument("--seed", type=int, default=0)
     gen.add_argument("--size", type=int, default=256)
+    gen.add_argument("--categories", default=None, metavar="A,B,...|all",
+                     help="MVTec-layout categories to write, comma-separated, or all (default fabric,washer); "
+                          "others: brushed_metal, wood, tiles, leaf, leather, screw, capsule, hex_nut, connector")
     gen.add_argument("--overwrite", action="store_true")
     gen.set_defaults(func=cmd_generate)
 

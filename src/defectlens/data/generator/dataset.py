@@ -39,13 +39,15 @@ def render_pair(category: str, defect: str, seed: int = 0, index: int = 0, size:
 
 
 def generate(out: str | Path, kind: str = "mvtec", seed: int = 0, size: int = 256, n_train: int = 40,
-             n_test_good: int = 20, n_test_defect_per_type: int = 8, categories: Sequence[str] | None = None,
+             n_test_good: int = 20, n_test_defect_per_type: int = 8, categories: Sequence[str] | str | None = None,
              overwrite: bool = False) -> list[Path]:
     """Write a synthetic dataset under ``out`` and return the category folders written.
 
-    ``kind="mvtec"``: MVTec AD layout per category (default fabric and washer; brushed_metal is
-    also available) with ``n_test_defect_per_type`` images of each of scratch, crack, hole, stain,
-    deformation and 0/255 masks. ``kind="loco"``: MVTec LOCO layout for "assembly" with
+    ``kind="mvtec"``: MVTec AD layout per category with ``n_test_defect_per_type`` images of each of
+    scratch, crack, hole, stain, deformation and 0/255 masks. ``categories`` is a list of names from
+    ``MVTEC_CATEGORIES``, a comma-separated string, or ``"all"``; the default is fabric and washer
+    (the demo's set). Each category draws from its own random streams, so one category's files do
+    not depend on which others are written. ``kind="loco"``: MVTec LOCO layout for "assembly" with
     ``max(1, n_train // 4)`` validation images, five logical and three structural anomaly types,
     masks valued by ``defects_config.json``. Same arguments give byte-identical files. A non-empty
     category folder is refused with FileExistsError unless ``overwrite`` (then it is replaced).
@@ -56,7 +58,12 @@ def generate(out: str | Path, kind: str = "mvtec", seed: int = 0, size: int = 25
     if seed < 0 or min(n_train, n_test_good, n_test_defect_per_type) < 0:
         raise ValueError("seed and image counts must be non-negative")
     known = MVTEC_CATEGORIES if kind == "mvtec" else (LOCO_CATEGORY,)
-    cats = list(categories) if categories is not None else list(DEFAULT_MVTEC_CATEGORIES if kind == "mvtec" else known)
+    if categories is None:
+        cats = list(DEFAULT_MVTEC_CATEGORIES if kind == "mvtec" else known)
+    elif isinstance(categories, str):  # "all" or "a,b,c", as the command line gives them
+        cats = list(known) if categories == "all" else [c.strip() for c in categories.split(",") if c.strip()]
+    else:
+        cats = list(categories)
     _check_categories(cats, known)
     return write_dataset(Path(out), kind, cats, seed, size, n_train, n_test_good, n_test_defect_per_type, overwrite)
 

@@ -38,6 +38,16 @@ def texture_scene(image: np.ndarray, light: np.ndarray, contrast: float = 1.0) -
     return Scene(image, light, np.ones((size, size), np.float32), sites, sites, contrast=contrast)
 
 
+def object_scene(image: np.ndarray, light: np.ndarray, alpha: np.ndarray, centre, contrast: float = 1.0) -> Scene:
+    """A part of coverage ``alpha`` on a background: surface defects start well inside the part,
+    deformations sit on its anti-aliased outline and push along the radius from ``centre``."""
+    s = alpha.shape[0] / 256
+    inside = (alpha >= 1).astype(np.uint8)
+    sites = cv2.erode(inside, np.ones((3, 3), np.uint8), iterations=max(1, int(3 * s))) > 0
+    edge_sites = (alpha > 0.25) & (alpha < 0.75)
+    return Scene(image.astype(np.float32), light, alpha, sites, edge_sites, np.asarray(centre, np.float64), contrast)
+
+
 def _scratch(scene: Scene, rng: np.random.Generator, size: int) -> tuple[np.ndarray, np.ndarray]:
     """Thin curved line, slightly lighter or darker, fading at both ends."""
     path = curve(rng, pick(rng, scene.sites), rng.uniform(0.12, 0.35) * size, rng.uniform(-0.8, 0.8), 0.04, 24)

@@ -10,15 +10,23 @@ from collections.abc import Callable
 import numpy as np
 
 from .defects import STRUCTURAL, Scene
-from .objects import washer
+from .objects import capsule, connector, hex_nut, screw, washer
 from .render import Rendering, dilate, streams
-from .textures import brushed_metal, fabric
+from .textures import brushed_metal, fabric, leaf, leather, tiles, wood
 
 # name -> (scene drawer, one line for the dataset README)
 _CATEGORIES: dict[str, tuple[Callable[[np.random.Generator, int], Scene], str]] = {
     "fabric": (fabric, "plain-weave canvas"),
     "washer": (washer, "keyed turned-steel washer on a belt"),
     "brushed_metal": (brushed_metal, "brushed steel sheet"),
+    "wood": (wood, "planed wood with growth rings and pores"),
+    "tiles": (tiles, "glazed pale-blue square tiles in a grout grid"),
+    "leaf": (leaf, "close-up of a leaf blade with midrib and veins"),
+    "leather": (leather, "pebbled oxblood leather"),
+    "screw": (screw, "slotted steel machine screw on white paper, at any angle"),
+    "capsule": (capsule, "red-and-ivory capsule on a dark slate tray, at any angle"),
+    "hex_nut": (hex_nut, "brass hex nut on a blue rubber mat"),
+    "connector": (connector, "cream 2x6 pin header on a green circuit board"),
 }
 MVTEC_CATEGORIES = tuple(_CATEGORIES)
 DEFAULT_MVTEC_CATEGORIES = ("fabric", "washer")

@@ -54,3 +54,93 @@ def brushed_metal(rng: np.random.Generator, size: int) -> Scene:
     return texture_scene(image.astype(np.float32), lighting(rng, size))
 
 
+
+
+def wood(rng: np.random.Generator, size: int) -> Scene:
+    """Planed wood: growth rings as warped stripes along the board, darker latewood bands and fine
+    pores drawn out along the grain; ring phase, warp and board angle vary."""
+    s = size / 256
+    yy, xx = coords(size)
+    angle = np.deg2rad(rng.normal(0.0, 4.0))
+    across = yy * np.cos(angle) - xx * np.sin(angle)
+    warp = 20 * s * smooth_noise(rng, size, 3) + 5 * s * smooth_noise(rng, size, 8)
+    pitch = 15 * s * rng.uniform(0.9, 1.1)
+    ring = 0.5 + 0.5 * np.sin(2 * np.pi * (across + warp) / pitch + rng.uniform(0, 2 * np.pi))
+    latewood = ring**4  # narrow dark bands, wide light earlywood
+    pores = fine_noise(rng, size, 8 * s, 0.5 * s)
+    shade = (1 - 0.32 * latewood) * (1 + 0.05 * pores) * (1 + 0.04 * smooth_noise(rng, size, 4))
+    colour = np.float32([0.78, 0.55, 0.32]) * rng.normal(1.0, 0.02, 3).astype(np.float32)
+    return texture_scene((shade[..., None] * colour).astype(np.float32), lighting(rng, size), contrast=1.3)
+
+
+def tiles(rng: np.random.Generator, size: int) -> Scene:
+    """Glazed pale-blue square tiles in a grey grout grid: each tile a slightly different shade,
+    bevelled edges and a soft glare; the grid's offset and a slight twist vary."""
+    s = size / 256
+    yy, xx = coords(size)
+    pitch = 64 * s * rng.uniform(0.97, 1.03)
+    angle = np.deg2rad(rng.normal(0.0, 1.0))
+    u = (xx * np.cos(angle) + yy * np.sin(angle)) / pitch + rng.uniform(0, 1)
+    v = (yy * np.cos(angle) - xx * np.sin(angle)) / pitch + rng.uniform(0, 1)
+    iu, iv = np.floor(u), np.floor(v)
+    fu, fv = u - iu, v - iv
+    joint = np.minimum(np.minimum(fu, 1 - fu), np.minimum(fv, 1 - fv)) * pitch  # px to the nearest joint
+    half_grout = max(2.5 * s, 1.0)
+    grout = np.clip(half_grout + 0.5 - joint, 0, 1)  # one anti-aliased pixel at the tile edge
+    bevel = np.clip(1 - (joint - half_grout) / max(5 * s, 1.5), 0, 1)
+    shade_of_tile = rng.normal(1.0, 0.025, (32, 32)).astype(np.float32)
+    tile_shade = shade_of_tile[iu.astype(np.int64) % 32, iv.astype(np.int64) % 32]
+    glare_at = rng.uniform(0.2, 0.8, 2) * size
+    glare = np.exp(-((xx - glare_at[0]) ** 2 + (yy - glare_at[1]) ** 2) / (0.3 * size) ** 2)
+    glaze = (tile_shade * (1 - 0.15 * bevel) + 0.08 * glare)[..., None] * np.float32([0.74, 0.84, 0.92])
+    mortar = (0.45 + 0.03 * fine_noise(rng, size, 1.0, 1.0))[..., None] * np.float32([1.0, 0.97, 0.92])
+    image = glaze * (1 - grout[..., None]) + mortar * grout[..., None]
+    return texture_scene(image.astype(np.float32), lighting(rng, size))
+
+
+def leaf(rng: np.random.Generator, size: int) -> Scene:
+    """Close-up of a leaf blade: a pale midrib, side veins slanting towards the tip, a fine vein
+    network and cell mottling; midrib angle and position vary."""
+    s = size / 256
+    yy, xx = coords(size)
+    angle = np.deg2rad(45 + rng.normal(0.0, 10.0))
+    origin = (size - 1) / 2 + rng.normal(0.0, 12 * s, 2)
+    along = (xx - origin[0]) * np.cos(angle) + (yy - origin[1]) * np.sin(angle)
+    across = (yy - origin[1]) * np.cos(angle) - (xx - origin[0]) * np.sin(angle)
+    midrib = np.exp(-((across / max(3.5 * s, 1.2)) ** 2))
+    pitch = 30 * s * rng.uniform(0.9, 1.1)
+    t = (along - 0.9 * np.abs(across)) / pitch + rng.uniform(0, 1)
+    side = np.exp(-(((t - np.round(t)) * pitch / max(1.6 * s, 0.8)) ** 2))
+    network = np.exp(-((fine_noise(rng, size, 2.5 * s, 2.5 * s) / 0.18) ** 2))
+    veins = np.clip(midrib + 0.7 * side + 0.25 * network, 0, 1)[..., None]
+    blade = (1 + 0.08 * smooth_noise(rng, size, 6) + 0.04 * fine_noise(rng, size, 1.2 * s, 1.2 * s))[..., None]
+    blade = blade * np.float32([0.22, 0.45, 0.14])
+    image = blade * (1 - veins) + np.float32([0.46, 0.64, 0.28]) * veins
+    return texture_scene(image.astype(np.float32), lighting(rng, size), contrast=1.4)
+
+
+def leather(rng: np.random.Generator, size: int) -> Scene:
+    """Pebbled oxblood leather: rounded grains (cells of a jittered grid) parted by dark creases,
+    with a broad sheen; the grain pattern differs in every image."""
+    s = size / 256
+    yy, xx = coords(size)
+    cell = max(9 * s * rng.uniform(0.95, 1.05), 3.0)
+    n = int(size / cell) + 3
+    seeds = rng.uniform(0.1, 0.9, (n, n, 2))
+    gx, gy = xx / cell + rng.uniform(0, 1), yy / cell + rng.uniform(0, 1)
+    ix, iy = np.floor(gx).astype(np.int64), np.floor(gy).astype(np.int64)
+    nearest = np.full(gx.shape, np.inf, np.float32)
+    second = np.full(gx.shape, np.inf, np.float32)
+    for dy in (-1, 0, 1):  # the nearest two grain centres lie in the 3×3 neighbouring cells
+        for dx in (-1, 0, 1):
+            cx, cy = ix + dx, iy + dy
+            seed = seeds[cy % n, cx % n]
+            d = np.hypot(gx - (cx + seed[..., 0]), gy - (cy + seed[..., 1])).astype(np.float32)
+            second = np.where(d < nearest, nearest, np.minimum(second, d))
+            nearest = np.minimum(nearest, d)
+    crease = np.exp(-(((second - nearest) / 0.12) ** 2))
+    dome = np.sqrt(np.clip(1 - nearest / 0.9, 0, 1))
+    sheen = np.exp(-(((xx + yy) / 2 - rng.uniform(0.2, 0.8) * size) / (0.4 * size)) ** 2)
+    shade = (0.75 + 0.2 * dome + 0.1 * sheen) * (1 - 0.45 * crease) * (1 + 0.03 * fine_noise(rng, size, 0.7, 0.7))
+    colour = np.float32([0.46, 0.17, 0.12]) * rng.normal(1.0, 0.02, 3).astype(np.float32)
+    return texture_scene((shade[..., None] * colour).astype(np.float32), lighting(rng, size), contrast=1.5)

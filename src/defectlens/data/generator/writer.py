@@ -28,6 +28,9 @@ def write_dataset(out: Path, kind: str, categories: Sequence[str], seed: int, si
     """Write every category folder of ``kind`` under ``out`` and a README; checks all folders
     before writing any, so a refused run leaves everything as it was."""
     folders = [out / c for c in categories]
+    readme = out / "README.txt"
+    if readme.exists() and not overwrite and not _ours(readme):
+        raise FileExistsError(f"{readme} exists and was not written by the generator; pass overwrite=True (--overwrite on the command line) to replace it")
     for folder in folders:
         if folder.is_dir() and any(folder.iterdir()):
             if not overwrite:
@@ -40,8 +43,18 @@ def write_dataset(out: Path, kind: str, categories: Sequence[str], seed: int, si
     counts = dict(n_train=n_train, n_test_good=n_test_good, n_test_defect_per_type=n_test_defect_per_type)
     make_jobs = _mvtec_jobs if kind == "mvtec" else _loco_jobs
     _run([job for folder in folders for job in make_jobs(folder, seed, size, **counts)])
-    (out / "README.txt").write_text(_readme(kind, categories, seed, size, **counts), encoding="utf-8")
+    readme.write_text(_readme(kind, categories, seed, size, **counts), encoding="utf-8")
     return folders
+
+
+def _ours(readme: Path) -> bool:
+    """Whether a README.txt is one this generator wrote (then rewriting it loses nothing)."""
+    try:
+        with readme.open(encoding="utf-8") as file:
+            first = file.readline()
+    except (OSError, UnicodeDecodeError):
+        return False
+    return first.startswith("Synthetic MVTec") and ".generate(kind=" in first
 
 
 def _write_png(path: Path, image: np.ndarray) -> None:
