@@ -292,7 +292,7 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--size", type=int, default=256)
     gen.add_argument("--categories", default=None, metavar="A,B,...|all",
                      help="MVTec-layout categories to write, comma-separated, or all (default fabric,washer); "
-                          "others: brushed_metal, wood, tiles, leaf, leather, screw, capsule, hex_nut, connector")
+                          "others: brushed_metal, wood, tiles, leaf, leather, perforated_metal, screw, capsule, hex_nut, connector, gear")
     gen.add_argument("--overwrite", action="store_true")
     gen.set_defaults(func=cmd_generate)
 

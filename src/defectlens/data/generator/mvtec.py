@@ -10,9 +10,9 @@ from collections.abc import Callable
 import numpy as np
 
 from .defects import STRUCTURAL, Scene
-from .objects import capsule, connector, hex_nut, screw, washer
+from .objects import capsule, connector, gear, hex_nut, screw, washer
 from .render import Rendering, dilate, streams
-from .textures import brushed_metal, fabric, leaf, leather, tiles, wood
+from .textures import brushed_metal, fabric, leaf, leather, perforated_metal, tiles, wood
 
 # name -> (scene drawer, one line for the dataset README)
 _CATEGORIES: dict[str, tuple[Callable[[np.random.Generator, int], Scene], str]] = {
@@ -27,6 +27,8 @@ _CATEGORIES: dict[str, tuple[Callable[[np.random.Generator, int], Scene], str]] 
     "capsule": (capsule, "red-and-ivory capsule on a dark slate tray, at any angle"),
     "hex_nut": (hex_nut, "brass hex nut on a blue rubber mat"),
     "connector": (connector, "cream 2x6 pin header on a green circuit board"),
+    "perforated_metal": (perforated_metal, "perforated steel sheet, holes on a staggered grid"),
+    "gear": (gear, "blued-steel spur gear on kraft card"),
 }
 MVTEC_CATEGORIES = tuple(_CATEGORIES)
 DEFAULT_MVTEC_CATEGORIES = ("fabric", "washer")

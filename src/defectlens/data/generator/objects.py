@@ -209,3 +209,36 @@ def connector(rng: np.random.Generator, size: int) -> Scene:
     board = board * (1 - silk) + np.float32([0.92, 0.92, 0.88]) * silk
     image = _on_background(board, part, alpha, (2 * s, 3 * s), 5 * s, 0.5)
     return object_scene(image, lighting(rng, size), alpha, centre)
+
+
+def gear(rng: np.random.Generator, size: int) -> Scene:
+    """A blued-steel spur gear with 18 teeth, a hub and four lightening holes on kraft card; it
+    turns freely and shifts a little."""
+    s = size / 256
+    teeth, turn = 18, rng.uniform(0, 2 * np.pi)
+    centre, _, _ = _frame(rng, size, 6 * s, turn)
+    root_r, tip_r, bore_r = 72 * s, 88 * s, 13 * s
+    step = 2 * np.pi / teeth
+    # each tooth a trapezoid: root, tip, tip, root (the flanks narrow towards the tip)
+    angles = turn + np.arange(teeth)[:, None] * step + np.array([0.0, 0.18, 0.42, 0.6]) * step
+    radii = np.array([root_r, tip_r, tip_r, root_r])
+    outline = centre + np.stack([radii * np.cos(angles), radii * np.sin(angles)], -1).reshape(-1, 2)
+    win = Win.full(size)
+    canvas = np.zeros(win.shape, np.uint8)
+    cv2.fillPoly(canvas, [win.fixed(outline)], 255, cv2.LINE_AA, SUBPIXEL_BITS)
+    circle(canvas, win, centre, root_r, 255)
+    circle(canvas, win, centre, bore_r, 0)
+    for k in range(4):
+        a = turn + k * np.pi / 2 + np.pi / 4
+        circle(canvas, win, centre + 44 * s * np.array([np.cos(a), np.sin(a)]), 12 * s, 0)
+    alpha = canvas.astype(np.float32) / 255.0
+
+    yy, xx = coords(size)
+    r, theta = np.hypot(xx - centre[0], yy - centre[1]), np.arctan2(yy - centre[1], xx - centre[0])
+    light = rng.uniform(0, 2 * np.pi)
+    raised = ((r > root_r - 10 * s) | (r < bore_r + 10 * s)).astype(np.float32)  # rim and hub stand proud of the web
+    shade = 0.62 + 0.12 * raised + 0.06 * np.cos(theta - light) + 0.02 * np.sin(2 * np.pi * r / max(2.5 * s, 1.2))
+    steel = shade[..., None] * np.float32([0.36, 0.40, 0.50])
+    card = (0.70 + 0.02 * smooth_noise(rng, size, 5) + 0.025 * fine_noise(rng, size, 0.7, 0.7))[..., None]
+    image = _on_background(card * np.float32([1.0, 0.82, 0.58]), steel, alpha, (2.5 * s, 3.5 * s), 6 * s, 0.45)
+    return object_scene(image, lighting(rng, size), alpha, centre, contrast=1.5)

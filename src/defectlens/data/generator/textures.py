@@ -144,3 +144,32 @@ def leather(rng: np.random.Generator, size: int) -> Scene:
     shade = (0.75 + 0.2 * dome + 0.1 * sheen) * (1 - 0.45 * crease) * (1 + 0.03 * fine_noise(rng, size, 0.7, 0.7))
     colour = np.float32([0.46, 0.17, 0.12]) * rng.normal(1.0, 0.02, 3).astype(np.float32)
     return texture_scene((shade[..., None] * colour).astype(np.float32), lighting(rng, size), contrast=1.5)
+
+
+def perforated_metal(rng: np.random.Generator, size: int) -> Scene:
+    """Perforated steel sheet: round holes on a staggered grid, dark behind, each with a bright
+    punched rim, over a faint rolling texture and a broad sheen; the sheet shifts and twists
+    slightly. Defects stay on the metal."""
+    s = size / 256
+    yy, xx = coords(size)
+    pitch = max(26 * s, 10.0) * rng.uniform(0.98, 1.02)  # small images keep room for defects between holes
+    hole_r = 0.3 * pitch
+    row = pitch * np.sqrt(3)  # the vertical period of a hexagonal lattice with spacing ``pitch``
+    angle = np.deg2rad(rng.normal(0.0, 1.5))
+    u = xx * np.cos(angle) + yy * np.sin(angle) + rng.uniform(0, pitch)
+    v = yy * np.cos(angle) - xx * np.sin(angle) + rng.uniform(0, row)
+    # nearest hole centre: the lattice is two rectangular ones, the second shifted by half a period
+    d = np.minimum(np.hypot(u % pitch - pitch / 2, v % row - row / 2),
+                   np.hypot((u + pitch / 2) % pitch - pitch / 2, (v + row / 2) % row - row / 2))
+    hole = np.clip(hole_r + 0.5 - d, 0, 1).astype(np.float32)
+    rim = np.exp(-(((d - hole_r) / max(1.5 * s, 0.8)) ** 2))
+    sheen = np.exp(-(((xx - yy) / 2 - rng.uniform(-0.3, 0.3) * size) / (0.45 * size)) ** 2)
+    sheet = 0.56 + 0.02 * fine_noise(rng, size, 4 * s, 0.6 * s) + 0.12 * sheen + 0.12 * rim
+    metal = sheet[..., None] * np.float32([0.95, 0.98, 1.03])
+    behind = np.float32([0.07, 0.07, 0.08])
+    image = metal * (1 - hole[..., None]) + behind * hole[..., None]
+    margin = max(2, int(0.1 * size))
+    sites = np.zeros((size, size), bool)
+    sites[margin:-margin, margin:-margin] = True
+    sites &= cv2.erode((hole == 0).astype(np.uint8), np.ones((3, 3), np.uint8)) > 0
+    return Scene(image.astype(np.float32), lighting(rng, size), 1 - hole, sites, sites, contrast=1.2)
