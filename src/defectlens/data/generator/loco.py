@@ -394,6 +394,7 @@ def _contamination(image, tray: _Tray, rng, size):
 
 
 def render_loco(split: str, index: int, seed: int, size: int, defect: str | None) -> Rendering:
+    """One tray scene of ``split`` and stream ``index``, with ``defect`` (or none) and its masks."""
     scene_stream, defect_stream, noise_stream = streams(seed, LOCO_CATEGORY, split, index)
     rng = np.random.default_rng(scene_stream)
     tray = _tray(rng, size)
@@ -425,6 +426,7 @@ def render_loco(split: str, index: int, seed: int, size: int, defect: str | None
 
 
 def loco_split(defect: str | None) -> str:
+    """The LOCO test folder (and ground-truth folder) of a defect type; "good" for normal images."""
     if defect is None:
         return "good"
     return "logical_anomalies" if defect in LOGICAL_DEFECTS else "structural_anomalies"

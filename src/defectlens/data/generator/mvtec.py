@@ -36,6 +36,8 @@ DESCRIPTIONS = {name: description for name, (_, description) in _CATEGORIES.item
 
 
 def render_mvtec(category: str, split: str, index: int, seed: int, size: int, defect: str | None) -> Rendering:
+    """One scene of ``category`` from the streams of (seed, category, split, index), with ``defect``
+    (or none) drawn on it and its mask."""
     scene_stream, defect_stream, noise_stream = streams(seed, category, split, index)
     scene = _CATEGORIES[category][0](np.random.default_rng(scene_stream), size)
     if defect is None:
