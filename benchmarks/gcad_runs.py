@@ -28,7 +28,7 @@ import numpy as np
 import torch
 
 from defectlens.cli import _json_default
-from defectlens.data.synthetic import generate
+from defectlens.data.generator import generate
 from defectlens.engine.benchmark import parse_shots, run_benchmark
 from defectlens.models.gcad.model import (
     AUGMENT_TO,

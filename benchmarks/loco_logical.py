@@ -30,7 +30,7 @@ from defectlens.cli import _json_default
 from defectlens.data.datasets import load_dataset
 from defectlens.data.io import read_image
 from defectlens.data.kshot import sample_shots
-from defectlens.data.synthetic import generate
+from defectlens.data.generator import generate
 from defectlens.engine.benchmark import parse_shots, run_benchmark
 from defectlens.engine.fit import normal_training_samples
 from defectlens.metrics import image_auroc

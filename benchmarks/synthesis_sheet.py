@@ -22,7 +22,7 @@ from PIL import Image
 
 from defectlens.cli import main as cli
 from defectlens.data.io import read_image, read_mask
-from defectlens.data.synthetic import generate
+from defectlens.data.generator import generate
 
 ROOT = Path(__file__).resolve().parents[1]
 BSDATA = ROOT.parent / "shared" / "datasets" / "bsdata" / "ball_screw"

@@ -46,7 +46,7 @@ def defect_image():
 
 @pytest.fixture(scope="session")
 def synthetic_mvtec(tmp_path_factory):
-    from defectlens.data.synthetic import generate
+    from defectlens.data.generator import generate
 
     out = tmp_path_factory.mktemp("synthetic")
     folders = generate(out, kind="mvtec", seed=3, size=128, n_train=8, n_test_good=4, n_test_defect_per_type=2, categories=["washer"])

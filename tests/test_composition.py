@@ -219,7 +219,7 @@ def test_sam_votes_and_tiny_random_sam(tmp_path):
 
 
 def test_benchmark_reports_part_maps_and_spro(tmp_path):
-    from defectlens.data.synthetic import generate
+    from defectlens.data.generator import generate
     from defectlens.engine.benchmark import run_benchmark
 
     folder = generate(tmp_path, kind="loco", seed=0, size=64, n_train=3, n_test_good=2, n_test_defect_per_type=1)[0]

@@ -14,7 +14,7 @@ from conftest import write_tiny_clip
 
 from defectlens.backbones.hf import load_clip
 from defectlens.cli import main
-from defectlens.data.synthetic import generate
+from defectlens.data.generator import generate
 from defectlens.models import Detector, ModelFileError, create_detector
 from defectlens.models.faprompt import losses
 from defectlens.models.faprompt.clip import (

@@ -97,7 +97,7 @@ def test_fit_without_images_is_a_clear_error():
 
 
 def test_k_shot_benchmark_on_a_loco_set_runs_through_fit_and_predict(tmp_path):
-    from defectlens.data.synthetic import generate
+    from defectlens.data.generator import generate
     from defectlens.engine.benchmark import run_benchmark
 
     folder = generate(tmp_path, kind="loco", seed=1, size=64, n_train=3, n_test_good=2, n_test_defect_per_type=1)[0]

@@ -214,9 +214,10 @@ def _json_default(value):
 
 # -- generate and demo --------------------------------------------------------------------------
 def cmd_generate(args) -> int:
-    from .data.synthetic import generate
+    from .data.generator import generate
 
-    folders = generate(args.out, kind=args.kind, seed=args.seed, size=args.size, overwrite=args.overwrite)
+    folders = generate(args.out, kind=args.kind, seed=args.seed, size=args.size, categories=args.categories,
+                       overwrite=args.overwrite)
     print("wrote " + ", ".join(str(f) for f in folders))
     return 0
 
@@ -309,6 +310,9 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--kind", default="mvtec", choices=["mvtec", "loco"])
     gen.add_argument("--seed", type=int, default=0)
     gen.add_argument("--size", type=int, default=256)
+    gen.add_argument("--categories", default=None, metavar="A,B,...|all",
+                     help="MVTec-layout categories to write, comma-separated, or all (default fabric,washer); "
+                          "others: brushed_metal, wood, tiles, leaf, leather, perforated_metal, screw, capsule, hex_nut, connector, gear")
     gen.add_argument("--overwrite", action="store_true")
     gen.set_defaults(func=cmd_generate)
 

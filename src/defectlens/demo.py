@@ -26,7 +26,7 @@ def _prepare(out: Path, overwrite: bool) -> None:
 
 
 def run_demo(out: Path, overwrite: bool = False) -> int:
-    from .data.synthetic import generate
+    from .data.generator import generate
 
     started = time.perf_counter()
     _prepare(out, overwrite)

@@ -5,8 +5,9 @@ import cv2
 import numpy as np
 import pytest
 
-from defectlens.data import synthetic
-from defectlens.data.synthetic import (
+from defectlens.cli import main
+from defectlens.data.generator import (
+    DEFAULT_MVTEC_CATEGORIES,
     LOCO_STRUCTURAL_DEFECTS,
     LOGICAL_DEFECTS,
     MVTEC_CATEGORIES,
@@ -14,6 +15,9 @@ from defectlens.data.synthetic import (
     generate,
     render_pair,
 )
+from defectlens.data.generator.loco import render_loco
+from defectlens.data.generator.mvtec import render_mvtec
+from defectlens.data.generator.render import expose
 
 SMALL = dict(size=64, n_train=3, n_test_good=2, n_test_defect_per_type=2)
 
@@ -67,11 +71,57 @@ def test_same_seed_same_bytes_other_seed_differs(tmp_path):
     assert all(a[k] != c[k] for k in images)
 
 
-def test_normal_images_vary(tmp_path):
-    generate(tmp_path, **SMALL)
-    for category in ("fabric", "washer"):
-        first, second = (_rgb(tmp_path / category / "train" / "good" / f"{i:03d}.png").astype(float) for i in (0, 1))
-        assert np.abs(first - second).mean() > 3
+def test_every_category_generates_deterministically(tmp_path):
+    tiny = dict(size=64, n_train=1, n_test_good=1, n_test_defect_per_type=1)
+    folders = generate(tmp_path / "a", categories="all", **tiny)
+    assert [f.name for f in folders] == list(MVTEC_CATEGORIES) and len(MVTEC_CATEGORIES) >= 10
+    for folder in folders:
+        assert sorted(p.name for p in (folder / "test").iterdir()) == sorted(["good", *STRUCTURAL_DEFECTS])
+        for defect in STRUCTURAL_DEFECTS:
+            mask = _gray(folder / "ground_truth" / defect / "000_mask.png")
+            assert set(np.unique(mask)) == {0, 255}, (folder.name, defect)
+    generate(tmp_path / "b", categories="all", **tiny)
+    assert _files(tmp_path / "a") == _files(tmp_path / "b")
+
+
+def test_a_category_does_not_depend_on_the_others_written(tmp_path):
+    # New categories are opt-in: writing them alongside never changes the default categories' files.
+    generate(tmp_path / "default", **SMALL)
+    generate(tmp_path / "all", categories="all", **SMALL)
+    for category in DEFAULT_MVTEC_CATEGORIES:
+        assert _files(tmp_path / "default" / category) == _files(tmp_path / "all" / category)
+
+
+@pytest.mark.parametrize("category", MVTEC_CATEGORIES)
+def test_normal_images_vary(category):
+    # Real parts vary in pose, texture phase and lighting: two normal images are never near copies.
+    first, second = (render_mvtec(category, "train/good", i, 0, 64, None) for i in (0, 1))
+    a, b = (expose(r.clean, r.light, r.noise).astype(float) for r in (first, second))
+    assert np.abs(a - b).mean() > 3
+
+
+def _global_features(image: np.ndarray) -> np.ndarray:
+    """Colour statistics and edge energy: what a router sees of a whole image, blind to pose."""
+    gray = image.mean(axis=2)
+    gx, gy = np.abs(np.diff(gray, axis=1)).mean(), np.abs(np.diff(gray, axis=0)).mean()
+    return np.concatenate([image.mean(axis=(0, 1)), image.std(axis=(0, 1)), [gx, gy]])
+
+
+def test_categories_differ_in_global_appearance():
+    # A product router works from global features: leave-one-out nearest neighbour on colour and
+    # edge statistics of normal images must name every image's category.
+    features, labels = [], []
+    for category in MVTEC_CATEGORIES:
+        for i in range(5):
+            r = render_mvtec(category, "train/good", i, 0, 64, None)
+            features.append(_global_features(expose(r.clean, r.light, r.noise).astype(float)))
+            labels.append(category)
+    x = np.array(features)
+    x = (x - x.mean(axis=0)) / x.std(axis=0)
+    distances = np.linalg.norm(x[:, None] - x[None], axis=2)
+    np.fill_diagonal(distances, np.inf)
+    predicted = [labels[j] for j in distances.argmin(axis=1)]
+    assert predicted == labels
 
 
 def test_loco_layout_and_config(tmp_path):
@@ -115,9 +165,9 @@ def test_mask_covers_exactly_the_changed_pixels(category, defect):
 
 
 def test_good_images_have_no_defect():
-    scene = synthetic._render_mvtec("fabric", "train/good", 0, 0, 64, None)
+    scene = render_mvtec("fabric", "train/good", 0, 0, 64, None)
     assert scene.masks == [] and scene.defective is scene.clean
-    loco = synthetic._render_loco("train/good", 0, 0, 64, None)
+    loco = render_loco("train/good", 0, 0, 64, None)
     assert loco.masks == []
 
 
@@ -131,6 +181,24 @@ def test_refuses_to_overwrite(tmp_path):
     generate(tmp_path, categories=["fabric"], overwrite=True, **SMALL)
     assert not stale.exists()
     assert len(list((tmp_path / "fabric" / "train" / "good").glob("*.png"))) == 3
+
+
+def test_refuses_to_overwrite_a_readme_it_did_not_write(tmp_path):
+    (tmp_path / "README.txt").write_text("my notes")
+    with pytest.raises(FileExistsError, match="README.txt"):
+        generate(tmp_path, categories=["fabric"], **SMALL)
+    assert (tmp_path / "README.txt").read_text() == "my notes" and not (tmp_path / "fabric").exists()
+    generate(tmp_path, categories=["fabric"], **SMALL, overwrite=True)
+    generate(tmp_path, categories=["washer"], **SMALL)  # its own README is rewritten without asking
+    assert "Categories: washer" in (tmp_path / "README.txt").read_text()
+
+
+def test_cli_generate_categories(tmp_path, capsys):
+    assert main(["generate", str(tmp_path), "--categories", "capsule,wood", "--size", "64"]) == 0
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["README.txt", "capsule", "wood"]
+    assert len(list((tmp_path / "capsule" / "test" / "hole").glob("*.png"))) == 8
+    assert main(["generate", str(tmp_path / "x"), "--categories", "carpet"]) == 2
+    assert "unknown categories ['carpet']" in capsys.readouterr().err
 
 
 def test_bad_arguments():

@@ -1,0 +1,80 @@
+"""The generator's entry points: :func:`generate` writes a dataset, :func:`render_pair` re-renders
+one test image with and without its defect. Both check their arguments here."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+
+from .defects import STRUCTURAL_DEFECTS
+from .loco import LOCO_CATEGORY, LOCO_STRUCTURAL_DEFECTS, LOGICAL_DEFECTS, loco_index, loco_split, render_loco
+from .mvtec import DEFAULT_MVTEC_CATEGORIES, MVTEC_CATEGORIES, render_mvtec
+from .render import expose
+from .writer import write_dataset
+
+
+def render_pair(category: str, defect: str, seed: int = 0, index: int = 0, size: int = 256):
+    """Render one test scene without and with ``defect`` from the same random streams.
+
+    Returns ``(clean, defective, mask)``: two RGB uint8 images with identical sensor noise and the
+    bool union of the defect's masks. ``defective`` and the mask are exactly what :func:`generate`
+    writes for that category, defect and index, so the pair shows which pixels a defect changed.
+    """
+    _check_size(size)
+    if category == LOCO_CATEGORY:
+        kinds = LOGICAL_DEFECTS + LOCO_STRUCTURAL_DEFECTS
+        if defect not in kinds:
+            raise ValueError(f"unknown {category} defect {defect!r}; expected one of {', '.join(kinds)}")
+        rendering = render_loco(loco_split(defect), loco_index(defect, index), seed, size, defect)
+    else:
+        _check_categories([category], MVTEC_CATEGORIES)
+        if defect not in STRUCTURAL_DEFECTS:
+            raise ValueError(f"unknown defect {defect!r}; expected one of {', '.join(STRUCTURAL_DEFECTS)}")
+        rendering = render_mvtec(category, f"test/{defect}", index, seed, size, defect)
+    clean = expose(rendering.clean, rendering.light, rendering.noise)
+    defective = expose(rendering.defective, rendering.light, rendering.noise)
+    return clean, defective, np.any([m for _, m in rendering.masks], axis=0)
+
+
+def generate(out: str | Path, kind: str = "mvtec", seed: int = 0, size: int = 256, n_train: int = 40,
+             n_test_good: int = 20, n_test_defect_per_type: int = 8, categories: Sequence[str] | str | None = None,
+             overwrite: bool = False) -> list[Path]:
+    """Write a synthetic dataset under ``out`` and return the category folders written.
+
+    ``kind="mvtec"``: MVTec AD layout per category with ``n_test_defect_per_type`` images of each of
+    scratch, crack, hole, stain, deformation and 0/255 masks. ``categories`` is a list of names from
+    ``MVTEC_CATEGORIES``, a comma-separated string, or ``"all"``; the default is fabric and washer
+    (the demo's set). Each category draws from its own random streams, so one category's files do
+    not depend on which others are written. ``kind="loco"``: MVTec LOCO layout for "assembly" with
+    ``max(1, n_train // 4)`` validation images, five logical and three structural anomaly types,
+    masks valued by ``defects_config.json``. Same arguments give byte-identical files. A non-empty
+    category folder is refused with FileExistsError unless ``overwrite`` (then it is replaced).
+    """
+    if kind not in ("mvtec", "loco"):
+        raise ValueError(f"unknown kind {kind!r}; expected 'mvtec' or 'loco'")
+    _check_size(size)
+    if seed < 0 or min(n_train, n_test_good, n_test_defect_per_type) < 0:
+        raise ValueError("seed and image counts must be non-negative")
+    known = MVTEC_CATEGORIES if kind == "mvtec" else (LOCO_CATEGORY,)
+    if categories is None:
+        cats = list(DEFAULT_MVTEC_CATEGORIES if kind == "mvtec" else known)
+    elif isinstance(categories, str):  # "all" or "a,b,c", as the command line gives them
+        cats = list(known) if categories == "all" else [c.strip() for c in categories.split(",") if c.strip()]
+    else:
+        cats = list(categories)
+    _check_categories(cats, known)
+    return write_dataset(Path(out), kind, cats, seed, size, n_train, n_test_good, n_test_defect_per_type, overwrite)
+
+
+def _check_size(size: int) -> None:
+    if not isinstance(size, (int, np.integer)) or size < 64:
+        raise ValueError(f"size must be an integer of at least 64 pixels, got {size!r}")
+
+
+def _check_categories(categories: Sequence[str], known: Sequence[str]) -> None:
+    unknown = [c for c in categories if c not in known]
+    if unknown or not categories:
+        raise ValueError(f"unknown categories {unknown}; expected some of {', '.join(known)}")
+
