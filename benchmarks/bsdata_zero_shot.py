@@ -19,7 +19,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from defectlens.cli import _json_default
+from defectlens.report.benchmark import json_default
 from defectlens.data.datasets import load_dataset
 from defectlens.data.io import read_image
 from defectlens.engine.benchmark import run_benchmark
@@ -172,7 +172,7 @@ def main() -> None:
         sections += ["## The same variants on synthetic categories (defectlens generate, seed 0; 20 good + 40 defective test images each)\n",
                      table(synthetic, "category: variant") + "\n"]
     Path(args.out + ".md").write_text("\n".join(sections))
-    Path(args.out + ".json").write_text(json.dumps({"bsdata": bsdata, "synthetic": synthetic}, indent=1, default=_json_default))
+    Path(args.out + ".json").write_text(json.dumps({"bsdata": bsdata, "synthetic": synthetic}, indent=1, default=json_default))
 
 
 if __name__ == "__main__":

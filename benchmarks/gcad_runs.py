@@ -27,7 +27,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from defectlens.cli import _json_default
+from defectlens.report.benchmark import json_default
 from defectlens.data.synthetic import generate
 from defectlens.engine.benchmark import parse_shots, run_benchmark
 from defectlens.models.gcad.model import (
@@ -113,7 +113,7 @@ def run_block(key: str, data: Path, name: str, shots, seeds: int, command: str) 
     # Re-read before writing: two sweeps (say one per LOCO set) may share the file.
     results = load_results() | {key: block}
     partial = OUT.with_suffix(".json.partial")
-    partial.write_text(json.dumps(results, indent=1, default=_json_default))
+    partial.write_text(json.dumps(results, indent=1, default=json_default))
     os.replace(partial, OUT.with_suffix(".json"))
     write_markdown(results)
     print(_block_row(name, block), flush=True)

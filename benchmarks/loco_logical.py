@@ -26,7 +26,7 @@ from pathlib import Path
 
 import numpy as np
 
-from defectlens.cli import _json_default
+from defectlens.report.benchmark import json_default
 from defectlens.data.datasets import load_dataset
 from defectlens.data.io import read_image
 from defectlens.data.kshot import sample_shots
@@ -189,7 +189,7 @@ def main() -> None:
         if k != "work" and v not in ([], None)) + "`"
 
     def save() -> None:
-        OUT.with_suffix(".json").write_text(json.dumps(store, indent=1, default=_json_default))
+        OUT.with_suffix(".json").write_text(json.dumps(store, indent=1, default=json_default))
         write_markdown(store, args_line)
 
     folders = {}

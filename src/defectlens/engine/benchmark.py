@@ -25,6 +25,7 @@ from ..data.datasets import Dataset, Sample, load_dataset
 from ..data.io import read_image, read_mask
 from ..data.kshot import sample_shots, shot_plan
 from ..engine.fit import normal_training_samples, with_category
+from ..errors import DatasetError, UsageError
 from ..metrics import evaluate
 from ..metrics.spro import DefectRegion, au_spro, defect_regions
 from ..models import DEFAULT_METHOD, create_detector
@@ -45,7 +46,7 @@ def parse_shots(text: str) -> list[int | str]:
         elif token.isdigit():
             shots.append(int(token))
         else:
-            raise ValueError(f"--shots: {token!r} is neither a number nor 'full'")
+            raise UsageError(f"--shots: {token!r} is neither a number nor 'full'")
     return shots
 
 
@@ -201,10 +202,10 @@ def run_benchmark(data, kind: str = "auto", method: str = DEFAULT_METHOD, shots:
     train = normal_training_samples(dataset)
     test = [s for s in dataset.test if s.label in (0, 1)]
     if not test:
-        raise ValueError(f"{dataset.root}: no labelled test images to benchmark on")
+        raise DatasetError(f"{dataset.root}: no labelled test images to benchmark on")
     probe = create_detector(method, **params)
     if 0 in shots and not probe.zero_shot:
-        raise ValueError(f"--shots 0 means zero-shot, which '{method}' is not; it needs normal images")
+        raise UsageError(f"--shots 0 means zero-shot, which '{method}' is not; it needs normal images")
     patch_path = isinstance(probe, PatchDetector)
     test_set = TestSet(samples=test, labels=np.array([s.label for s in test]), defect_types=[s.defect_type for s in test],
                        defects_config=dataset.defects_config if dataset.kind == "loco" else None)

@@ -11,6 +11,7 @@ import numpy as np
 from ..data.datasets import Dataset, Sample, load_dataset
 from ..data.io import read_mask
 from ..data.kshot import sample_shots
+from ..errors import DatasetError
 from ..models import DEFAULT_METHOD, REGISTRY, Detector, create_detector
 
 
@@ -51,7 +52,7 @@ def fit_from_folder(data: str | os.PathLike, method: str = DEFAULT_METHOD, shots
     paths = [s.path for s in samples]
     detector = create_detector(method, seed=seed, **with_category(method, dataset, params))
     if not paths and not detector.zero_shot:
-        raise ValueError(f"{data}: no normal training images found (expected train/good or a folder of images)")
+        raise DatasetError(f"{data}: no normal training images found (expected train/good or a folder of images)")
     # Methods that learn from a few real defects (parameter ``anomalies``) get that many test anomalies.
     examples = anomaly_examples(dataset, int(detector.params.get("anomalies") or 0), seed)
     if examples:
@@ -79,7 +80,7 @@ def anomaly_examples(dataset: Dataset, count: int, seed: int = 0) -> list[Sample
         return []
     candidates = [s for s in dataset.test if s.label == 1 and s.mask_paths]
     if len(candidates) < count:
-        raise ValueError(f"{dataset.root}: asked for {count} anomaly examples but only {len(candidates)} test images have masks")
+        raise DatasetError(f"{dataset.root}: asked for {count} anomaly examples but only {len(candidates)} test images have masks")
     return sample_shots(candidates, count, seed)
 
 

@@ -19,6 +19,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
 from ..backbones import get_backbone
+from ..errors import DefectlensError
 
 FORMAT = "defectlens-model"
 FORMAT_VERSION = 1
@@ -26,7 +27,7 @@ FORMAT_VERSION = 1
 REGISTRY: dict[str, type[Detector]] = {}
 
 
-class ModelFileError(ValueError):
+class ModelFileError(DefectlensError, ValueError):
     """A model file is missing, corrupt, or from a format version this defectlens cannot read."""
 
 
@@ -168,12 +169,7 @@ def read_model_file(path: str | os.PathLike) -> tuple[dict[str, Any], dict[str, 
         config = json.loads(metadata["defectlens"])
     except json.JSONDecodeError as error:
         raise ModelFileError(f"{path}: corrupt model config ({error})") from None
-    version = config.get("format_version")
-    if config.get("format") != FORMAT or not isinstance(version, int):
-        raise ModelFileError(f"{path}: not a defectlens model file (format {config.get('format')!r})")
-    if version > FORMAT_VERSION:
-        raise ModelFileError(
-            f"{path}: model file format version {version} is newer than this defectlens reads "
-            f"(version {FORMAT_VERSION}); upgrade defectlens to load it"
-        )
+    from .modelfile import validate_model_config  # imports this module
+
+    validate_model_config(config, path)
     return config, tensors
