@@ -125,8 +125,9 @@ def test_rows_survive_an_interruption_and_resume_scores_only_the_rest(model, ima
     assert predict(model, images, "--csv", out, "--maps", maps) == 2  # the tool's own CSV is not replaced unasked
     seen.clear()
     monkeypatch.setattr(predict_module, "read_image", lambda path, *a, **k: seen.append(path) or real(path, *a, **k))
-    assert predict(model, images, "--csv", out, "--maps", maps, "--resume") == 0
+    assert predict(model, images, "--csv", out, "--maps", maps, "--resume", "--report", tmp_path / "r.html") == 0
     assert [p.name for p in seen] == ["img_2.png", "img_3.png"]
+    assert "4 inputs, 0 failed" in (tmp_path / "r.html").read_text()  # the report covers the earlier rows too
     rows = rows_of(out)
     assert [os.path.basename(r["path"]) for r in rows] == ["img_0.png", "img_1.png", "img_2.png", "img_3.png"]
     assert rows[:2] == done and rows[2]["score"] != "0.1"
@@ -165,7 +166,9 @@ def test_a_file_name_that_is_not_utf8_gets_its_row_and_the_csv_stays_whole(model
     odd = os.fsdecode(bytes(images) + b"/caf\xe9.png")  # Latin-1 "café": not valid UTF-8
     Image.open(images / "img_0.png").save(odd, format="PNG")
     out = tmp_path / "out.csv"
-    assert predict(model, images, "--csv", out, "--maps", tmp_path / "maps") == 0
+    report = tmp_path / "r.html"
+    assert predict(model, images, "--csv", out, "--maps", tmp_path / "maps", "--report", report) == 0
+    assert "5 inputs, 0 failed" in report.read_text(encoding="utf-8")
     rows = rows_of(out)  # strict UTF-8 read: would fail on raw bytes
     names = sorted(os.path.basename(r["path"]) for r in rows)
     assert names == ["caf\\xe9.png", "img_0.png", "img_1.png", "img_2.png", "img_3.png"]
@@ -220,7 +223,7 @@ def test_every_input_is_accounted_for(model, images, tmp_path, capsys):
     assert "not a regular file" in rows["pipe.png"]["error"]
     assert "does not exist" in rows["missing.png"]["error"]
     err = capsys.readouterr().err
-    assert "skipped 2 files" in err and "1 hidden" in err and "without an image suffix" in err
+    assert "skipped 2 items" in err and "1 hidden" in err and "without an image suffix" in err
 
 
 # -- thresholds and model files ---------------------------------------------------------------------

@@ -67,11 +67,11 @@ class InputScan:
     duplicates: int = 0
 
     def skipped_summary(self) -> str:
-        """One line such as "skipped 3 files: 2 not images (by suffix), 1 hidden"; "" if none."""
+        """One line such as "skipped 3 items in the input folders: 2 hidden files, 1 ..."; "" if none."""
         if not self.skipped:
             return ""
         parts = ", ".join(f"{count} {reason}" for reason, count in self.skipped.most_common())
-        return f"skipped {sum(self.skipped.values())} files in the input folders: {parts}"
+        return f"skipped {sum(self.skipped.values())} items in the input folders: {parts}"
 
 
 def scan_inputs(inputs: Sequence[str | os.PathLike]) -> InputScan:
@@ -185,9 +185,10 @@ def read_image(path: str | os.PathLike, max_side: int | None = None, max_pixels:
                 if max_side is not None and image.format == "JPEG":
                     image.draft("RGB", (max_side, max_side))
                 image.load()
-                image = ImageOps.exif_transpose(image)
                 if max_side is not None and max(image.size) > max_side:
                     image.thumbnail((max_side, max_side), Image.Resampling.BILINEAR)
+                # After shrinking: the transpose copies the image (its EXIF tag survives thumbnail()).
+                image = ImageOps.exif_transpose(image)
                 array = _pil_to_rgb_array(image)
     except ImageReadError:
         raise
