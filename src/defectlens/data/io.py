@@ -22,8 +22,9 @@ IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp")
 Image.MAX_IMAGE_PIXELS = 1_000_000_000
 
 #: Images with more pixels than this are refused before decoding. PNG, TIFF and BMP files can
-#: only be decoded whole, so this bounds the memory one input can take (about 3 bytes a pixel
-#: for 8-bit RGB: 450 MB at the limit, and a 1 MB PNG of one colour can hold 400 Mpx).
+#: only be decoded whole, so this bounds the memory one input can take: about 5 bytes a pixel for
+#: 8-bit RGB (PIL holds 4, plus the reduced copy), 0.75 GB at the limit; a 1 MB PNG of one colour
+#: can hold 400 Mpx. Measured by benchmarks/huge_images.py.
 MAX_IMAGE_PIXELS = 150_000_000
 
 #: Batch prediction decodes larger images reduced so that their longer side is at most this
