@@ -13,8 +13,8 @@ import platform
 import time
 from pathlib import Path
 
-from defectlens.report.benchmark import TABLE_COLUMNS, json_default
 from defectlens.engine.benchmark import format_table, markdown_table, run_benchmark
+from defectlens.report.benchmark import TABLE_COLUMNS, json_default
 
 HERE = Path(__file__).resolve().parent
 DATA = HERE.parents[1] / "shared" / "datasets" / "bsdata" / "ball_screw"

@@ -19,11 +19,11 @@ import tempfile
 import time
 from pathlib import Path
 
-from defectlens.report.benchmark import json_default
 from defectlens.data.datasets import load_dataset
 from defectlens.data.io import read_image
 from defectlens.engine.benchmark import run_benchmark
 from defectlens.models import create_detector
+from defectlens.report.benchmark import json_default
 
 HERE = Path(__file__).resolve().parent
 DATA = HERE.parents[1] / "shared" / "datasets" / "bsdata" / "ball_screw"

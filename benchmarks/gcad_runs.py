@@ -27,7 +27,6 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from defectlens.report.benchmark import json_default
 from defectlens.data.synthetic import generate
 from defectlens.engine.benchmark import parse_shots, run_benchmark
 from defectlens.models.gcad.model import (
@@ -38,6 +37,7 @@ from defectlens.models.gcad.model import (
     MIN_STEPS,
     STEPS_PER_IMAGE,
 )
+from defectlens.report.benchmark import json_default
 
 HERE = Path(__file__).resolve().parent
 BSDATA = HERE.parents[1] / "shared" / "datasets" / "bsdata" / "ball_screw"

@@ -26,7 +26,6 @@ from pathlib import Path
 
 import numpy as np
 
-from defectlens.report.benchmark import json_default
 from defectlens.data.datasets import load_dataset
 from defectlens.data.io import read_image
 from defectlens.data.kshot import sample_shots
@@ -36,6 +35,7 @@ from defectlens.engine.fit import normal_training_samples
 from defectlens.metrics import image_auroc
 from defectlens.models import REGISTRY, create_detector
 from defectlens.models.composition.model import SCORES, combine
+from defectlens.report.benchmark import json_default
 
 HERE = Path(__file__).resolve().parent
 BSDATA = HERE.parents[1] / "shared" / "datasets" / "bsdata" / "ball_screw"

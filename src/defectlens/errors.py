@@ -25,4 +25,8 @@ class DatasetError(DefectlensError, ValueError):
 
 
 class OutputError(DefectlensError, OSError):
-    """An output file or folder cannot be written (exists, not writable, not a folder, disk full)."""
+    """An output file or folder cannot be written (not writable, not a folder, disk full)."""
+
+
+class OutputExistsError(OutputError, FileExistsError):
+    """An output is already there and replacing it was not asked for (``--overwrite``)."""

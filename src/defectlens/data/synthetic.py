@@ -25,6 +25,8 @@ from pathlib import Path
 import cv2
 import numpy as np
 
+from ..errors import OutputError, OutputExistsError, UsageError
+
 MVTEC_CATEGORIES = ("fabric", "washer", "brushed_metal")
 DEFAULT_MVTEC_CATEGORIES = ("fabric", "washer")
 STRUCTURAL_DEFECTS = ("scratch", "crack", "hole", "stain", "deformation")
@@ -864,10 +866,10 @@ def generate(out: str | Path, kind: str = "mvtec", seed: int = 0, size: int = 25
     category folder is refused with FileExistsError unless ``overwrite`` (then it is replaced).
     """
     if kind not in ("mvtec", "loco"):
-        raise ValueError(f"unknown kind {kind!r}; expected 'mvtec' or 'loco'")
+        raise UsageError(f"unknown kind {kind!r}; expected 'mvtec' or 'loco'")
     _check_size(size)
     if seed < 0 or min(n_train, n_test_good, n_test_defect_per_type) < 0:
-        raise ValueError("seed and image counts must be non-negative")
+        raise UsageError("seed and image counts must be non-negative")
     known = MVTEC_CATEGORIES if kind == "mvtec" else (LOCO_CATEGORY,)
     cats = list(categories) if categories is not None else list(DEFAULT_MVTEC_CATEGORIES if kind == "mvtec" else known)
     _check_categories(cats, known)
@@ -876,9 +878,9 @@ def generate(out: str | Path, kind: str = "mvtec", seed: int = 0, size: int = 25
     for folder in folders:
         if folder.is_dir() and any(folder.iterdir()):
             if not overwrite:
-                raise FileExistsError(f"{folder} already exists and is not empty; pass overwrite=True (--overwrite on the command line) to replace it")
+                raise OutputExistsError(f"{folder} already exists and is not empty; pass overwrite=True (--overwrite on the command line) to replace it")
         elif folder.exists() and not folder.is_dir():
-            raise FileExistsError(f"{folder} exists and is not a folder")
+            raise OutputError(f"{folder} exists and is not a folder")
     for folder in folders:
         if folder.is_dir():
             shutil.rmtree(folder)
@@ -891,20 +893,20 @@ def generate(out: str | Path, kind: str = "mvtec", seed: int = 0, size: int = 25
 
 def _check_size(size: int) -> None:
     if not isinstance(size, (int, np.integer)) or size < 64:
-        raise ValueError(f"size must be an integer of at least 64 pixels, got {size!r}")
+        raise UsageError(f"size must be an integer of at least 64 pixels, got {size!r}")
 
 
 def _check_categories(categories: Sequence[str], known: Sequence[str]) -> None:
     unknown = [c for c in categories if c not in known]
     if unknown or not categories:
-        raise ValueError(f"unknown categories {unknown}; expected some of {', '.join(known)}")
+        raise UsageError(f"unknown categories {unknown}; expected some of {', '.join(known)}")
 
 
 def _write_png(path: Path, image: np.ndarray) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     pixels = image[..., ::-1] if image.ndim == 3 else image  # cv2 writes BGR
     if not cv2.imwrite(str(path), np.ascontiguousarray(pixels), _PNG_OPTIONS):
-        raise OSError(f"could not write {path}")
+        raise OutputError(f"could not write {path}")
 
 
 def _run(jobs: Sequence[Callable[[], None]]) -> None:

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ..data.io import printable
-from ..errors import OutputError, UsageError
+from ..errors import OutputError, OutputExistsError, UsageError
 
 CSV_COLUMNS = ["path", "score", "label", "error", "map", "overlay"]
 
@@ -47,7 +47,7 @@ def check_output_file(path: str | os.PathLike, *, overwrite: bool, what: str = "
         raise OutputError(f"{what} {printable(path)} is a folder; give a file name")
     if path.exists() or path.is_symlink():
         if not overwrite:
-            raise OutputError(f"{what} {printable(path)} already exists; pass --overwrite to replace it")
+            raise OutputExistsError(f"{what} {printable(path)} already exists; pass --overwrite to replace it")
         if not os.access(path, os.W_OK):
             raise OutputError(f"{what} {printable(path)} exists and is not writable")
     _check_creatable(path.parent, what)
@@ -123,7 +123,7 @@ class PredictionOutputs:
             taken = [t for t in map(target, inputs) if t is not None and (t.exists() or t.is_symlink())]
             if taken:
                 more = f" and {len(taken) - 1} more" if len(taken) > 1 else ""
-                raise OutputError(f"{name}: {printable(taken[0])}{more} already exist; pass --overwrite to replace "
+                raise OutputExistsError(f"{name}: {printable(taken[0])}{more} already exist; pass --overwrite to replace "
                                   "them, or --resume (with the earlier --csv) to carry on an interrupted run")
 
     def prepare(self) -> None:

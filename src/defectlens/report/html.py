@@ -31,6 +31,7 @@ from sklearn.metrics import (
 
 from defectlens import __version__
 from defectlens.data.io import ImageReadError, as_image, printable, read_image
+from defectlens.errors import OutputExistsError
 from defectlens.report.overlay import colorize, colorize_parts, draw_mask_contour, heatmap_overlay, resize_map
 
 TILE_PX = 300
@@ -433,7 +434,7 @@ def write_report(
     """
     path = Path(path)
     if path.exists() and not overwrite:
-        raise FileExistsError(f"{path} already exists (pass overwrite=True to replace it)")
+        raise OutputExistsError(f"{path} already exists (pass overwrite=True to replace it)")
     scored = [r for r in records if r.score is not None and math.isfinite(r.score)]
     scores = np.array([r.score for r in scored], dtype=np.float64)
     labels = np.array([UNKNOWN if r.label is None else int(r.label) for r in scored], dtype=np.int64)

@@ -12,7 +12,7 @@ import cv2
 import numpy as np
 from tqdm import tqdm
 
-from ..errors import DatasetError, OutputError, UsageError
+from ..errors import DatasetError, OutputError, OutputExistsError, UsageError
 from . import KINDS, synthesizer_class
 
 MANIFEST = "synthesis.json"
@@ -36,7 +36,7 @@ def _earlier_output(out: Path, overwrite: bool) -> list[Path]:
     ours = [out / "images", out / "masks", out / MANIFEST, out / "defect_embedding.safetensors"]
     existing = [path for path in ours if path.exists()]
     if existing and not overwrite:
-        raise OutputError(f"{existing[0]} already exists; pass --overwrite (overwrite=True) to replace earlier output")
+        raise OutputExistsError(f"{existing[0]} already exists; pass --overwrite (overwrite=True) to replace earlier output")
     return existing
 
 
