@@ -13,8 +13,8 @@ import platform
 import time
 from pathlib import Path
 
-from defectlens.cli import TABLE_COLUMNS, _json_default
 from defectlens.engine.benchmark import format_table, markdown_table, run_benchmark
+from defectlens.report.benchmark import TABLE_COLUMNS, json_default
 
 HERE = Path(__file__).resolve().parent
 DATA = HERE.parents[1] / "shared" / "datasets" / "bsdata" / "ball_screw"
@@ -34,10 +34,10 @@ def main() -> None:
     sections, results = [], {}
     for method in args.methods.split(","):
         started = time.perf_counter()
-        result = run_benchmark(args.data, method=method, shots=parse_shots(args.shots), seeds=args.seeds, size=args.size)
-        result.pop("_records"), result.pop("_threshold")
-        results[method] = result
-        table = format_table(result["summary"], result["n_train"])
+        result = run_benchmark(args.data, method=method, shots=parse_shots(args.shots), seeds=args.seeds,
+                               params={"size": args.size})
+        results[method] = result.to_json()
+        table = format_table(result.summary, result.n_train)
         sections.append(f"### {method}\n\n{markdown_table(table, TABLE_COLUMNS)}\n\n"
                         f"({time.perf_counter() - started:.0f} s for the whole sweep)\n")
         print(sections[-1], flush=True)
@@ -51,7 +51,7 @@ def main() -> None:
               "training images alone (target false-alarm rate 1 %). `fit_seconds` and `score_ms_per_image` exclude the backbone "
               "(features are computed once per sweep); see speed.md for end-to-end timings. Mean ± std over seeds.\n\n")
     Path(args.out + ".md").write_text(header + "\n".join(sections))
-    Path(args.out + ".json").write_text(json.dumps(results, indent=1, default=_json_default))
+    Path(args.out + ".json").write_text(json.dumps(results, indent=1, default=json_default))
 
 
 if __name__ == "__main__":

@@ -6,9 +6,8 @@ Each method is fitted on all train/good images, per seed and variant: ``perlin``
 only), ``anogen`` (``--anomalies`` real pitting images, picked from the test set with the seed,
 turned into AnoGen-style generated anomalies labelled by their box and trained with the weak box
 loss, next to the Perlin ones; 50/50) and ``anogen-mask`` (the same, labelled by the transplanted
-defect's exact mask: an ablation of the box loss). The real images of a seed are left out of the
-test set of every variant of that seed, so the variants are scored on the same images. Pixel
-metrics as in engine/benchmark.py (maps at the image's aspect ratio, longer side 512 px).
+defect's exact mask: an ablation of the box loss). Each run goes through the engine's benchmark
+(``--param anomalies=K``): a run that learns from real test images is evaluated without them.
 
 Every finished run is written to benchmarks/results/bsdata_trained.json at once and skipped when
 the script is started again, so an interrupted sweep resumes; the markdown table is rewritten
@@ -24,23 +23,17 @@ import platform
 import time
 from pathlib import Path
 
-import cv2
 import numpy as np
 import torch
-from tqdm.auto import tqdm
 
 from defectlens.data.datasets import load_dataset
-from defectlens.data.io import read_mask
-from defectlens.engine.fit import anomaly_examples, normal_training_samples
-from defectlens.metrics import evaluate
-from defectlens.models import create_detector
+from defectlens.engine.benchmark import run_benchmark
 
 HERE = Path(__file__).resolve().parent
 DATA = HERE.parents[1] / "shared" / "datasets" / "bsdata" / "ball_screw"
 CORE_TABLE = HERE / "results" / "bsdata_quality.md"
 CORE_METHODS = ("patchcore", "padim", "spade", "patchknn")
 METRICS = ("image_auroc", "image_aupr", "f1_max", "pixel_auroc", "au_pro")
-EVAL_SIDE = 512  # pixel metrics at the longer side engine/benchmark.py uses
 
 
 VARIANTS = {
@@ -56,65 +49,20 @@ def describe(variant: str, anomalies: int) -> str:
             "anogen-mask": f"Perlin + AnoGen from {anomalies} real (exact masks; ablation)"}[variant]
 
 
-def evaluation_shape(shape: tuple[int, int]) -> tuple[int, int]:
-    """The image's aspect ratio, longer side at most ``EVAL_SIDE`` (as engine/benchmark.py)."""
-    scale = min(1.0, EVAL_SIDE / max(shape))
-    return max(1, round(shape[0] * scale)), max(1, round(shape[1] * scale))
-
-
-def evaluation_mask(sample, shape: tuple[int, int]) -> np.ndarray:
-    """The ground truth read at the image's size, then brought to the evaluation size (nearest)."""
-    mask = np.zeros(shape, bool)
-    for path in sample.mask_paths:
-        mask |= read_mask(path, shape)
-    h, w = evaluation_shape(shape)
-    return cv2.resize(mask.astype(np.uint8), (w, h), interpolation=cv2.INTER_NEAREST) > 0
-
-
-def predict_for_evaluation(detector, samples) -> tuple[np.ndarray, list[np.ndarray], list[np.ndarray]]:
-    """Scores, maps and masks at the evaluation size, through the detector's own ``predict``."""
-    scores, maps, masks = [], [], []
-    chunk = detector.predict_chunk or len(samples)
-    for start in tqdm(range(0, len(samples), chunk), desc=f"{detector.name} predict", unit="chunk", leave=False):
-        batch = samples[start : start + chunk]
-        prediction = detector.predict([s.path for s in batch])
-        scores.extend(prediction.scores)
-        for sample, anomaly_map in zip(batch, prediction.maps):
-            h, w = evaluation_shape(anomaly_map.shape)
-            maps.append(cv2.resize(np.asarray(anomaly_map, np.float32), (w, h), interpolation=cv2.INTER_LINEAR))
-            masks.append(evaluation_mask(sample, anomaly_map.shape))
-    return np.asarray(scores, np.float64), maps, masks
-
-
 def run(method: str, dataset, variant: str, anomalies: int, seed: int, size: int, steps: int | None) -> dict:
+    """One full-shot run through the engine's benchmark: the anogen variants learn from
+    ``anomalies`` real test images (picked with ``seed``), which that run evaluates without."""
     use_real, labels = VARIANTS[variant]
-    train = [s.path for s in normal_training_samples(dataset)]
-    examples = anomaly_examples(dataset, anomalies, seed)
-    held = {s.path for s in examples}
-    test = [s for s in dataset.test if s.label in (0, 1) and s.path not in held]
-    detector = create_detector(method, size=size, seed=seed, steps=steps, anomalies=anomalies if use_real else 0,
-                               anogen_labels=labels)
-    started = time.perf_counter()
-    if use_real:
-        detector.fit(train + [s.path for s in examples], masks=[None] * len(train) + [s.mask_paths[0] for s in examples],
-                     labels=[0] * len(train) + [1] * len(examples))
-    else:
-        detector.fit(train)
-    fit_seconds = time.perf_counter() - started
-    started = time.perf_counter()
-    scores, maps, masks = predict_for_evaluation(detector, test)
-    ms = (time.perf_counter() - started) / len(test) * 1000  # includes reading the masks (a few ms)
-    image_labels = np.array([s.label for s in test])
-    metrics = evaluate(image_labels, scores, [s.defect_type for s in test], masks, maps)["all"]
-    flagged = scores > detector.threshold
+    params = {"size": size, "steps": steps, "anomalies": anomalies if use_real else 0, "anogen_labels": labels}
+    result = run_benchmark(dataset.root, method=method, shots=["full"], seeds=[seed], params=params, dataset=dataset)
+    (run_,) = result.runs
+    metrics = run_["metrics"]["all"]
     return {
-        "method": method, "variant": variant, "seed": seed,
-        "held_out_of_test": [str(s.path.relative_to(dataset.root)) for s in examples], "n_train": len(train), "n_test": len(test),
-        "steps": len(detector.losses), "params": detector.params, "fit_seconds": fit_seconds, "ms_per_image": ms,
-        "threshold": detector.threshold, "fpr_at_threshold": float(flagged[image_labels == 0].mean()),
-        "tpr_at_threshold": float(flagged[image_labels == 1].mean()),
-        **{k: metrics[k] for k in METRICS},
-        "final_loss": float(np.mean(detector.losses[-20:])), "threads": torch.get_num_threads(),
+        "method": method, "variant": variant, "seed": seed, "held_out_of_test": run_["from_test"],
+        "n_train": result.n_train, "n_test": metrics["n_normal"] + metrics["n_anomalous"], "params": result.params,
+        "fit_seconds": run_["fit_seconds"], "ms_per_image": run_["score_ms_per_image"], "threshold": run_["threshold"],
+        "fpr_at_threshold": run_["fpr_at_threshold"], "tpr_at_threshold": run_["tpr_at_threshold"],
+        **{k: metrics[k] for k in METRICS}, "threads": torch.get_num_threads(),
     }
 
 
@@ -151,7 +99,7 @@ def write_markdown(results: list[dict], out: Path, anomalies: int) -> None:
         lines.append(f"| {method} | {describe(variant, anomalies)} | {','.join(str(r['seed']) for r in group)} | "
                      f"{metric['image_auroc']} | {metric['image_aupr']} | {metric['pixel_auroc']} | {metric['au_pro']} | "
                      f"{_cell([r['fpr_at_threshold'] for r in group])} / {_cell([r['tpr_at_threshold'] for r in group])} | "
-                     f"{minutes} min ({group[0]['steps']} steps) | {_cell([r['ms_per_image'] for r in group], 0)} |")
+                     f"{minutes} min | {_cell([r['ms_per_image'] for r in group], 0)} |")
     lines += core_rows()
     per_run = ["| method | variant | seed | image AUROC | pixel AUROC | AU-PRO | train min | real anomalies (held out of the test set) |",
                "|---|---|---|---|---|---|---|---|"]

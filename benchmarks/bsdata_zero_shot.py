@@ -19,11 +19,11 @@ import tempfile
 import time
 from pathlib import Path
 
-from defectlens.cli import _json_default
 from defectlens.data.datasets import load_dataset
 from defectlens.data.io import read_image
 from defectlens.engine.benchmark import run_benchmark
 from defectlens.models import create_detector
+from defectlens.report.benchmark import json_default
 
 HERE = Path(__file__).resolve().parent
 DATA = HERE.parents[1] / "shared" / "datasets" / "bsdata" / "ball_screw"
@@ -46,12 +46,11 @@ METRICS = ("image_auroc", "image_aupr", "f1_max", "pixel_auroc", "au_pro", "fpr_
 
 def run(data, params: dict, size: int) -> dict:
     started = time.perf_counter()
-    result = run_benchmark(data, method="musc", shots=[0], seeds=1, size=size, params=params)
-    result.pop("_records"), result.pop("_threshold")
-    run_ = result["runs"][0]
+    result = run_benchmark(data, method="musc", shots=[0], seeds=1, params={"size": size, **params})
+    run_ = result.runs[0]
     row = {name: run_.get(name, run_["metrics"]["all"].get(name)) for name in METRICS}
     row.update(ms_per_image=run_["score_ms_per_image"], wall_seconds=time.perf_counter() - started,
-               threshold=run_["threshold"], n_test=result["n_test"], n_anomalous=run_["metrics"]["all"]["n_anomalous"])
+               threshold=run_["threshold"], n_test=result.n_test, n_anomalous=run_["metrics"]["all"]["n_anomalous"])
     return row
 
 
@@ -172,7 +171,7 @@ def main() -> None:
         sections += ["## The same variants on synthetic categories (defectlens generate, seed 0; 20 good + 40 defective test images each)\n",
                      table(synthetic, "category: variant") + "\n"]
     Path(args.out + ".md").write_text("\n".join(sections))
-    Path(args.out + ".json").write_text(json.dumps({"bsdata": bsdata, "synthetic": synthetic}, indent=1, default=_json_default))
+    Path(args.out + ".json").write_text(json.dumps({"bsdata": bsdata, "synthetic": synthetic}, indent=1, default=json_default))
 
 
 if __name__ == "__main__":

@@ -27,7 +27,6 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from defectlens.cli import _json_default
 from defectlens.data.generator import generate
 from defectlens.engine.benchmark import parse_shots, run_benchmark
 from defectlens.models.gcad.model import (
@@ -38,6 +37,7 @@ from defectlens.models.gcad.model import (
     MIN_STEPS,
     STEPS_PER_IMAGE,
 )
+from defectlens.report.benchmark import json_default
 
 HERE = Path(__file__).resolve().parent
 BSDATA = HERE.parents[1] / "shared" / "datasets" / "bsdata" / "ball_screw"
@@ -71,7 +71,7 @@ def _block_row(name: str, block: dict) -> str:
 
 def write_markdown(results: dict) -> None:
     commands = "; ".join(f"`{c}`" for c in dict.fromkeys(block["command"] for block in results.values()))
-    defaults = GCAD().params
+    defaults = GCAD().get_params()
     header = (
         "# GCAD: logical vs structural, k-shot\n\n"
         f"{commands} on a {platform.machine()} machine, {len(os.sched_getaffinity(0))} cores shared with other "
@@ -107,13 +107,13 @@ def run_block(key: str, data: Path, name: str, shots, seeds: int, command: str) 
         return
     load_before = os.getloadavg()[0]
     result = run_benchmark(data, method="gcad", shots=[shots], seeds=seeds)
-    block = {"data": name, "shots": result["runs"][0]["shots"], "full": shots == "full", "runs": result["runs"],
-             "n_train": result["n_train"], "n_test": result["n_test"], "load": [load_before, os.getloadavg()[0]],
+    block = {"data": name, "shots": result.runs[0]["shots"], "full": shots == "full", "runs": result.runs,
+             "n_train": result.n_train, "n_test": result.n_test, "load": [load_before, os.getloadavg()[0]],
              "command": command}
     # Re-read before writing: two sweeps (say one per LOCO set) may share the file.
     results = load_results() | {key: block}
     partial = OUT.with_suffix(".json.partial")
-    partial.write_text(json.dumps(results, indent=1, default=_json_default))
+    partial.write_text(json.dumps(results, indent=1, default=json_default))
     os.replace(partial, OUT.with_suffix(".json"))
     write_markdown(results)
     print(_block_row(name, block), flush=True)

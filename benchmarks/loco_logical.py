@@ -26,7 +26,6 @@ from pathlib import Path
 
 import numpy as np
 
-from defectlens.cli import _json_default
 from defectlens.data.datasets import load_dataset
 from defectlens.data.io import read_image
 from defectlens.data.kshot import sample_shots
@@ -36,6 +35,7 @@ from defectlens.engine.fit import normal_training_samples
 from defectlens.metrics import image_auroc
 from defectlens.models import REGISTRY, create_detector
 from defectlens.models.composition.model import SCORES, combine
+from defectlens.report.benchmark import json_default
 
 HERE = Path(__file__).resolve().parent
 BSDATA = HERE.parents[1] / "shared" / "datasets" / "bsdata" / "ball_screw"
@@ -52,11 +52,11 @@ def mean_std(values) -> str:
     return f"{np.mean(values):.3f} ± {np.std(values):.3f}" if len(values) > 1 else f"{values[0]:.3f}"
 
 
-def compact(result: dict) -> dict:
+def compact(result) -> dict:
     """What the tables need from a run_benchmark result: per run, the image AUROC of the groups
     and the sPRO of the maps, plus timings."""
     runs = []
-    for run in result["runs"]:
+    for run in result.runs:
         metrics = run["metrics"]
         runs.append({
             "shots": run["shots"], "seed": run["seed"], "fit_seconds": run["fit_seconds"],
@@ -66,7 +66,7 @@ def compact(result: dict) -> dict:
                for block in ("all", "logical", "structural")
                for name in ("image_auroc", "pixel_auroc", "au_spro_0.05", "au_spro_0.3")},
         })
-    return {"n_train": result["n_train"], "n_test": result["n_test"], "runs": runs}
+    return {"n_train": result.n_train, "n_test": result.n_test, "runs": runs}
 
 
 def ablation(folder: Path, shots: int, seeds: int) -> list[dict]:
@@ -78,7 +78,7 @@ def ablation(folder: Path, shots: int, seeds: int) -> list[dict]:
     labels = np.array([s.label for s in test])
     groups = np.array(["good" if s.label == 0 else "logical" if s.logical else "structural" for s in test])
     images = [read_image(s.path) for s in test]
-    features = create_detector("composition").backbone.embed(images, progress="ablation features", total=len(images))
+    features = create_detector("composition").backbone_network.embed(images, progress="ablation features", total=len(images))
     rows = []
     for seed in range(seeds):
         detector = create_detector("composition", seed=seed).fit([s.path for s in sample_shots(train, shots, seed)])
@@ -189,7 +189,7 @@ def main() -> None:
         if k != "work" and v not in ([], None)) + "`"
 
     def save() -> None:
-        OUT.with_suffix(".json").write_text(json.dumps(store, indent=1, default=_json_default))
+        OUT.with_suffix(".json").write_text(json.dumps(store, indent=1, default=json_default))
         write_markdown(store, args_line)
 
     folders = {}

@@ -1,5 +1,6 @@
 import csv
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -50,7 +51,8 @@ def test_predict_survives_bad_files_and_writes_maps_at_image_size(model_path, mi
         assert rows[bad]["score"] == "" and bad in rows[bad]["error"]
     for good in ("rgb.png", "gray.png", "deep16.png", "alpha.png"):
         assert float(rows[good]["score"]) >= 0 and rows[good]["label"] in ("normal", "anomalous")
-        assert np.load(maps / good.replace(".png", ".npy")).shape == (128, 128)
+        assert np.load(rows[good]["map"]).shape == (128, 128)
+        assert Path(rows[good]["map"]).parent == maps
     assert rows["rgb.png"]["label"] == "anomalous"
     assert float(rows["rgb.png"]["score"]) > max(float(rows[g]["score"]) for g in ("gray.png", "deep16.png", "alpha.png"))
     assert "empty" in capsys.readouterr().err
@@ -64,7 +66,7 @@ def test_predict_refuses_to_overwrite_and_overlays_are_images(model_path, mixed_
     overlays = tmp_path / "overlays"
     assert main(["predict", str(model_path), str(mixed_inputs / "rgb.png"), "--csv", str(out_csv), "--overwrite",
                  "--overlays", str(overlays)]) == 0
-    assert Image.open(overlays / "rgb.png").size == (128, 128)
+    assert Image.open(read_rows(out_csv)["rgb.png"]["overlay"]).size == (128, 128)
 
 
 def test_fit_refuses_to_overwrite_a_model(model_path, tmp_path):

@@ -1,5 +1,7 @@
 """read_image turns every readable file into RGB uint8 and every unreadable one into a clear error."""
 
+import os
+
 import numpy as np
 import pytest
 from PIL import Image
@@ -8,8 +10,10 @@ from defectlens.data.io import (
     ImageReadError,
     as_image,
     is_image_file,
+    printable,
     read_image,
     read_mask,
+    scan_inputs,
 )
 
 
@@ -143,3 +147,52 @@ def test_as_image_accepts_paths_and_arrays(tmp_path):
 def test_is_image_file():
     assert is_image_file("a/b/Photo.JPG") and is_image_file("x.tiff")
     assert not is_image_file("notes.txt") and not is_image_file("archive.png.zip")
+
+
+def test_exif_orientation_is_applied_to_a_reduced_decode(tmp_path):
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    Image.fromarray(_noise(200, 400)).save(tmp_path / "rotated.jpg", exif=exif)
+    assert read_image(tmp_path / "rotated.jpg", max_side=100).shape == (100, 50, 3)
+
+
+def test_images_above_the_pixel_limit_are_refused_before_decoding(tmp_path, monkeypatch):
+    Image.new("L", (300, 200)).save(tmp_path / "wide.png")
+    with pytest.raises(ImageReadError, match="wide.png: image is 300×200 .*decoding limit"):
+        read_image(tmp_path / "wide.png", max_pixels=59_999)
+    assert read_image(tmp_path / "wide.png", max_pixels=60_000).shape == (200, 300, 3)
+    monkeypatch.setattr("defectlens.data.io.MAX_IMAGE_PIXELS", 1000)  # the default limit is read at call time
+    with pytest.raises(ImageReadError, match="0.001 Mpx"):
+        read_image(tmp_path / "wide.png")
+
+
+def test_broken_links_and_special_files_are_named(tmp_path):
+    (tmp_path / "link.png").symlink_to(tmp_path / "nowhere.png")
+    with pytest.raises(ImageReadError, match="link.png: broken symbolic link .*nowhere.png"):
+        read_image(tmp_path / "link.png")
+    os.mkfifo(tmp_path / "pipe.png")
+    with pytest.raises(ImageReadError, match="not a regular file"):
+        read_image(tmp_path / "pipe.png")
+
+
+def test_scan_inputs_accounts_for_every_file(tmp_path):
+    (tmp_path / "sub").mkdir()
+    (tmp_path / ".cache").mkdir()
+    for name in ("b.png", "sub/a.JPG", ".cache/c.png", ".hidden.png", "notes.txt", "sub/data.csv"):
+        (tmp_path / name).write_bytes(b"x")
+    (tmp_path / "gone.png").symlink_to(tmp_path / "nowhere.png")
+    (tmp_path / "linked").symlink_to(tmp_path / "sub")
+    scan = scan_inputs([tmp_path, tmp_path / "b.png", tmp_path / "notes.txt"])
+    names = [p.relative_to(tmp_path).as_posix() for p in scan.paths]
+    # Folder contents sorted, broken links kept (they get an error row), a file named directly kept
+    # even without an image suffix, the same file named twice scored once.
+    assert names == ["b.png", "gone.png", "sub/a.JPG", "notes.txt"]
+    assert scan.duplicates == 1
+    assert scan.skipped == {"hidden folders": 1, "hidden files": 1, "linked folders (not followed)": 1,
+                            "without an image suffix (.png, .jpg, .jpeg, .bmp, .tif, .tiff, .webp)": 2}
+    assert scan.skipped_summary().startswith("skipped 5 items in the input folders: ")
+
+
+def test_printable_keeps_text_and_escapes_undecodable_bytes():
+    assert printable("défaut/001.png") == "défaut/001.png"
+    assert printable(os.fsdecode(b"caf\xe9.png")) == "caf\\xe9.png"

@@ -200,7 +200,7 @@ def test_benchmark_zero_shot_and_predict_labels_from_the_batch(synthetic_mvtec, 
     assert main(["predict", str(model), str(synthetic_mvtec / "test"), "--csv", str(csv_path)]) == 0
     rows = [line.split(",") for line in csv_path.read_text().splitlines()[1:]]
     # The model file has no threshold: the labels come from the threshold set on this batch.
-    assert len(rows) == 14 and all(label in ("anomalous", "normal") for _, _, label, _ in rows)
-    flagged = [float(score) for _, score, label, _ in rows if label == "anomalous"]
-    passed = [float(score) for _, score, label, _ in rows if label == "normal"]
+    assert len(rows) == 14 and all(label in ("anomalous", "normal") for _, _, label, *_ in rows)
+    flagged = [float(score) for _, score, label, *_ in rows if label == "anomalous"]
+    passed = [float(score) for _, score, label, *_ in rows if label == "normal"]
     assert passed and (not flagged or min(flagged) > max(passed))

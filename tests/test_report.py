@@ -145,3 +145,34 @@ def test_report_overwrite_flag(tmp_path, records):
     write_report(path, title="again", records=records, threshold=None)
     with pytest.raises(FileExistsError):
         write_report(path, title="t", records=records, threshold=None, overwrite=False)
+
+
+# -- prediction reports ----------------------------------------------------------------------
+
+
+def test_prediction_records_keep_thumbnail_maps_and_parts_with_their_meaning():
+    from defectlens.report import prediction_record
+    from defectlens.report.html import REPORT_MAP_SIDE
+
+    anomaly_map = np.zeros((2000, 3000), np.float32)
+    anomaly_map[1000:1200, 1500:1800] = 5.0  # a hot region keeps its place when shrunk
+    parts = np.zeros((2000, 3000), np.int64)
+    parts[:, 1500:] = 3
+    record = prediction_record("x.png", 1.5, anomaly_map, parts)
+    assert record.anomaly_map.shape == (REPORT_MAP_SIDE * 2 // 3, REPORT_MAP_SIDE)
+    row, col = np.unravel_index(np.argmax(record.anomaly_map), record.anomaly_map.shape)
+    assert 1000 <= row * 2000 / record.anomaly_map.shape[0] <= 1200 and 1500 <= col * 3000 / REPORT_MAP_SIDE <= 1800
+    assert record.extra_panels["parts"].shape == (REPORT_MAP_SIDE * 2 // 3, REPORT_MAP_SIDE, 3)
+    assert record.label is None and record.score == 1.5
+
+
+def test_report_template_is_a_package_file_and_odd_file_names_render(tmp_path):
+    import importlib.resources
+    import os
+
+    assert importlib.resources.files("defectlens.report").joinpath("templates/report.html.j2").is_file()
+    odd = os.fsdecode(b"caf\xe9.png")
+    path = write_report(tmp_path / "r.html", title="t", records=[ImageRecord(path=odd, score=1.0, label=None)],
+                        threshold=0.5, notes=[f"input {odd}"])
+    html = path.read_text(encoding="utf-8")
+    assert "caf\\xe9.png" in html and "<title>t</title>" in html

@@ -3,28 +3,24 @@
 from __future__ import annotations
 
 import argparse
-import csv
 import json
 import math
 import sys
 import time
+import traceback
 from pathlib import Path
 
-import numpy as np
-
 from . import __version__
+from .errors import DefectlensError, UsageError
 
+EXIT_OK = 0
+#: Some inputs could not be scored (each has a row with its reason); the others were.
 EXIT_INPUT_FAILED = 1
+#: The command could not start: bad options, a bad model file, an output target in the way.
 EXIT_USAGE = 2
-
-
-class UsageError(Exception):
-    """A problem with what the user asked for; printed as one line, no traceback."""
-
-
-def _refuse_overwrite(path: Path, overwrite: bool) -> None:
-    if path.exists() and not overwrite:
-        raise UsageError(f"{path} already exists; pass --overwrite to replace it")
+#: A bug in defectlens: the message says so and ``--debug`` shows the traceback.
+EXIT_INTERNAL = 3
+EXIT_INTERRUPTED = 130
 
 
 def parse_params(pairs: list[str] | None) -> dict:
@@ -65,8 +61,9 @@ def cmd_fit(args) -> int:
     from .engine.fit import fit_from_folder
     from .models import LearningType
 
-    output = Path(args.output)
-    _refuse_overwrite(output, args.overwrite)
+    from .engine.outputs import check_output_file
+
+    output = check_output_file(args.output, overwrite=args.overwrite, what="model file")
     params = method_params(args)
     started = time.perf_counter()
     detector, training = fit_from_folder(args.data, method=args.method, shots=args.shots, seed=args.seed, params=params)
@@ -87,90 +84,48 @@ def cmd_fit(args) -> int:
 
 
 # -- predict ------------------------------------------------------------------------------------
-def _unique_stem(path: Path, used: set[str]) -> str:
-    stem, count = path.stem, 1
-    while stem in used:
-        stem, count = f"{path.stem}_{count}", count + 1
-    used.add(stem)
-    return stem
-
-
-def _small(part_map: np.ndarray, side: int = 256) -> np.ndarray:
-    """A part map shrunk for a report tile: every image's panel stays in memory until the end."""
-    import cv2
-
-    scale = min(1.0, side / max(part_map.shape))
-    height, width = (max(1, round(n * scale)) for n in part_map.shape)
-    return cv2.resize(part_map.astype(np.int32), (width, height), interpolation=cv2.INTER_NEAREST)
-
-
 def cmd_predict(args) -> int:
-    from .engine.predict import collect_inputs, predict_paths
+    from .data.io import printable, scan_inputs
+    from .engine.outputs import PredictionOutputs
+    from .engine.predict import predict_to_outputs
     from .models import Detector
-    from .report import ImageRecord, colorize_parts, heatmap_overlay, save_png, write_report
 
+    outputs = PredictionOutputs(csv=args.csv, maps=args.maps, overlays=args.overlays, report=args.report,
+                                overwrite=args.overwrite, resume=args.resume)
     detector = Detector.load(args.model)
-    paths = collect_inputs(args.inputs)
-    if not paths:
-        raise UsageError("no input images found in " + ", ".join(args.inputs))
-    for target in (args.csv, args.report):
-        if target:
-            _refuse_overwrite(Path(target), args.overwrite)
-    for folder in (args.maps, args.overlays):
-        if folder:
-            Path(folder).mkdir(parents=True, exist_ok=True)
+    scan = scan_inputs(args.inputs)
+    if scan.skipped:
+        print(scan.skipped_summary(), file=sys.stderr)
+    if scan.duplicates:
+        print(f"{scan.duplicates} inputs named more than once, scored once", file=sys.stderr)
+    if not scan.paths:
+        raise UsageError("no input images found in " + ", ".join(map(printable, args.inputs)))
 
-    rows, records, failed, used_stems = [], [], 0, set()
-    for result in predict_paths(detector, paths, keep_images=bool(args.overlays)):
-        # Read after each batch: zero-shot musc sets both from the batch it has just scored.
-        map_range = detector.map_range
-        threshold = args.threshold if args.threshold is not None else detector.threshold
-        label = ""
-        if result.error:
-            failed += 1
-            print(f"error: {result.error}", file=sys.stderr)
-        elif threshold is not None:
-            label = "anomalous" if result.score > threshold else "normal"
-        rows.append({"path": str(result.path), "score": "" if result.score is None else f"{result.score:.6g}",
-                     "label": label, "error": result.error or ""})
-        if result.error is None:
-            stem = _unique_stem(result.path, used_stems)
-            if args.maps and result.anomaly_map is not None:
-                target = Path(args.maps) / f"{stem}.npy"
-                _refuse_overwrite(target, args.overwrite)
-                np.save(target, result.anomaly_map.astype(np.float32))
-            if args.overlays and result.anomaly_map is not None:
-                target = Path(args.overlays) / f"{stem}.png"
-                _refuse_overwrite(target, args.overwrite)
-                low, high = map_range or (float(result.anomaly_map.min()), float(result.anomaly_map.max()) + 1e-6)
-                save_png(target, heatmap_overlay(result.image, result.anomaly_map, low, high))
-            if args.report:
-                panels = {} if result.part_map is None else {"parts": colorize_parts(_small(result.part_map))}
-                records.append(ImageRecord(path=str(result.path), score=result.score, label=None,
-                                           anomaly_map=result.anomaly_map, extra_panels=panels))
+    def show(row: dict) -> None:
+        if row["error"]:
+            print(f"error: {printable(row['error'])}", file=sys.stderr)
         if not args.csv:
-            print(f"{result.path}\t{rows[-1]['score'] or 'ERROR'}\t{label}")
+            print(printable(f"{row['path']}\t{row['score'] or 'ERROR'}\t{row['label']}"), flush=True)
 
-    if args.csv:
-        with open(args.csv, "w", newline="") as handle:
-            writer = csv.DictWriter(handle, fieldnames=["path", "score", "label", "error"])
-            writer.writeheader()
-            writer.writerows(rows)
-    if args.report:
-        write_report(args.report, title=f"defectlens predictions — {detector.name}", records=records, threshold=threshold,
-                     notes=[f"model: {args.model}", f"{len(rows)} inputs, {failed} failed"],
-                     map_range=map_range)
-    anomalous = sum(r["label"] == "anomalous" for r in rows)
-    print(f"{len(rows)} images: {anomalous} anomalous, {len(rows) - anomalous - failed} normal"
-          f"{'' if threshold is not None else ' (no threshold: labels left empty)'}, {failed} failed", file=sys.stderr)
-    return EXIT_INPUT_FAILED if failed else 0
+    max_pixels = None if args.max_megapixels is None else round(args.max_megapixels * 1e6)
+    try:
+        summary = predict_to_outputs(detector, scan.paths, outputs, threshold=args.threshold, max_pixels=max_pixels,
+                                     report_title=f"defectlens predictions — {detector.name}",
+                                     report_notes=[f"model: {args.model}"], on_row=show)
+    except KeyboardInterrupt:
+        if args.csv:
+            print(f"interrupted: the rows written so far are in {printable(args.csv)}; run the same command with "
+                  "--resume instead of --overwrite to carry on", file=sys.stderr)
+        raise
+    rows, failed = summary.rows, summary.failed
+    resumed = f" ({summary.resumed} from the earlier run)" if summary.resumed else ""
+    print(f"{len(rows)} images{resumed}: {summary.anomalous} anomalous, {len(rows) - summary.anomalous - failed} normal"
+          f"{'' if summary.threshold is not None else ' (no threshold: labels left empty)'}, {failed} failed",
+          file=sys.stderr)
+    return EXIT_INPUT_FAILED if failed else EXIT_OK
 
 
 # -- benchmark ----------------------------------------------------------------------------------
-TABLE_COLUMNS = ["shots", "seeds", "image_auroc", "image_aupr", "f1_max", "pixel_auroc", "au_pro",
-                 "fpr_at_threshold", "tpr_at_threshold", "fit_seconds", "score_ms_per_image"]
-
-
 def cmd_benchmark(args) -> int:
     from .engine.benchmark import (
         format_table,
@@ -178,38 +133,24 @@ def cmd_benchmark(args) -> int:
         parse_shots,
         run_benchmark,
     )
-    from .report import write_report
+    from .engine.outputs import check_output_file
+    from .report import table_columns, write_benchmark_json, write_benchmark_report
 
-    for target in (args.json, args.report):
+    for target, flag in ((args.json, "--json"), (args.report, "--report")):
         if target:
-            _refuse_overwrite(Path(target), args.overwrite)
+            check_output_file(target, overwrite=args.overwrite, what=flag)
     params = method_params(args)
     result = run_benchmark(args.data, kind=args.dataset, method=args.method, shots=parse_shots(args.shots),
                            seeds=args.seeds, params=params)
     table = format_table(result.summary, result.n_train)
-    extra = [c for c in table[0] if c.startswith(("image_auroc[", "au_spro"))] if table else []
     print(f"{result.method} on {result.dataset} ({result.n_train} train, {result.n_test} test, size {result.params.get('size')})")
-    print(markdown_table(table, TABLE_COLUMNS + extra))
+    print(markdown_table(table, table_columns(table)))
     if args.json:
-        Path(args.json).write_text(json.dumps(result.to_json(), indent=2, default=_json_default))
+        write_benchmark_json(args.json, result)
     if args.report and result.records:
-        last = result.runs[-1]
-        write_report(args.report, title=f"defectlens benchmark — {result.method} on {result.category}",
-                     records=result.records, threshold=result.threshold, metrics=last["metrics"], table=table,
-                     table_title="k-shot protocol (mean ± std over seeds)",
-                     notes=[f"data: {result.dataset}",
-                            f"backbone {result.params.get('backbone', '–')} at {result.params.get('size', '–')} px",
-                            f"examples and curves: the last run ({last['shots']} shots, seed {last['seed']})"])
+        write_benchmark_report(args.report, result, table)
         print(f"report: {args.report}")
     return 0
-
-
-def _json_default(value):
-    if isinstance(value, (np.floating, np.integer)):
-        return value.item()
-    if isinstance(value, float) and math.isnan(value):
-        return None
-    raise TypeError(f"cannot serialise {type(value).__name__}")
 
 
 # -- generate and demo --------------------------------------------------------------------------
@@ -239,7 +180,8 @@ def cmd_synthesize(args) -> int:
 def cmd_demo(args) -> int:
     from .demo import run_demo
 
-    return run_demo(Path(args.out), overwrite=args.overwrite)
+    failed = run_demo(Path(args.out), overwrite=args.overwrite)
+    return EXIT_INPUT_FAILED if failed else EXIT_OK
 
 
 # -- parser -------------------------------------------------------------------------------------
@@ -263,6 +205,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     parser = argparse.ArgumentParser(prog="defectlens", description="Industrial visual anomaly detection on a CPU.")
     parser.add_argument("--version", action="version", version=f"defectlens {__version__}")
+    parser.add_argument("--debug", action="store_true", help=DEBUG_HELP)
     commands = parser.add_subparsers(dest="command", required=True)
     methods = sorted(REGISTRY)
 
@@ -283,12 +226,16 @@ def build_parser() -> argparse.ArgumentParser:
     predict = commands.add_parser("predict", help="score images with a saved model")
     predict.add_argument("model")
     predict.add_argument("inputs", nargs="+", metavar="INPUT", help="image files or folders (searched recursively)")
-    predict.add_argument("--csv", help="write path,score,label(,error) rows here")
-    predict.add_argument("--maps", help="write <stem>.npy anomaly maps (float32, image height × width) here")
-    predict.add_argument("--overlays", help="write <stem>.png heatmap overlays here")
+    predict.add_argument("--csv", help="write path,score,label,error,map,overlay rows here, one as each image is scored")
+    predict.add_argument("--maps", help="write <stem>-<hash>.npy anomaly maps (float32, image height × width) here")
+    predict.add_argument("--overlays", help="write <stem>-<hash>.png heatmap overlays here")
     predict.add_argument("--report", help="write an HTML report of the predictions here")
-    predict.add_argument("--threshold", type=float, default=None, help="override the model's threshold")
+    predict.add_argument("--threshold", type=_finite_float, default=None, help="override the model's threshold")
+    predict.add_argument("--max-megapixels", type=_positive_float, default=None,
+                         help="refuse images above this many megapixels (default 150; decoding holds the whole image)")
     predict.add_argument("--overwrite", action="store_true", help="replace existing output files")
+    predict.add_argument("--resume", action="store_true",
+                         help="carry on an interrupted run: keep the scored rows of --csv and skip those inputs")
     predict.set_defaults(func=cmd_predict)
 
     bench = commands.add_parser("benchmark", help="k-shot protocol on a labelled dataset: shots × seeds, mean ± std")
@@ -334,23 +281,61 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--out", default="defectlens-demo", help="output folder (default ./defectlens-demo)")
     demo.add_argument("--overwrite", action="store_true", help="reuse an output folder that is not a previous demo's")
     demo.set_defaults(func=cmd_demo)
+    for command in commands.choices.values():
+        # Also accepted after the command name; SUPPRESS keeps a sub-command from resetting it.
+        command.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help=DEBUG_HELP)
     return parser
 
 
-def main(argv: list[str] | None = None) -> int:
-    from .data.io import ImageReadError
-    from .models import ModelFileError
+DEBUG_HELP = "show the full traceback of any error"
 
+
+def _finite_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"{text!r} is not a finite number")
+    return value
+
+
+def _positive_float(text: str) -> float:
+    value = _finite_float(text)
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a positive number")
+    return value
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run one command; returns its exit status: 0 all done, 1 some inputs failed (each has its
+    reason), 2 a usage, configuration or output problem (one line), 3 an internal error."""
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
-    except (UsageError, ValueError, FileExistsError, FileNotFoundError, ModelFileError, ImageReadError, RuntimeError,
-            NotImplementedError) as error:
-        print(f"defectlens {args.command}: error: {error}", file=sys.stderr)
-        return EXIT_USAGE
+    except DefectlensError as error:
+        if args.debug:
+            traceback.print_exc()
+        print(f"defectlens {args.command}: error: {_printable(error)}", file=sys.stderr)
+        return error.exit_code
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
-        return 130
+        return EXIT_INTERRUPTED
+    except Exception as error:  # noqa: BLE001 - the last resort that tells a bug from a user mistake
+        if args.debug:
+            traceback.print_exc()
+            hint = "the traceback is above"
+        else:
+            hint = "run again with --debug for the traceback"
+        print(f"defectlens {args.command}: internal error (a bug in defectlens, please report it): "
+              f"{type(error).__name__}: {_printable(error)}; {hint}", file=sys.stderr)
+        return EXIT_INTERNAL
+
+
+def _printable(error: BaseException) -> str:
+    from .data.io import printable
+
+    return printable(str(error))
 
 
 if __name__ == "__main__":

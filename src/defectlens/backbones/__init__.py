@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from functools import lru_cache
 
+from ..errors import UsageError
 from .base import PatchBackbone, configure_threads
 from .efficientnet_lite import VARIANTS as EFFICIENTNET_LITE_VARIANTS
 from .efficientnet_lite import EfficientNetLite
@@ -26,7 +27,7 @@ def get_backbone(name: str = DEFAULT_BACKBONE, size: int = 256) -> PatchBackbone
     """One shared instance per (name, size): loading weights once per process."""
     if name in EFFICIENTNET_LITE_VARIANTS:
         return EfficientNetLite(name, size)
-    raise ValueError(f"unknown backbone '{name}'; available: {', '.join(available_backbones())}")
+    raise UsageError(f"unknown backbone '{name}'; available: {', '.join(available_backbones())}")
 
 
 __all__ = ["DEFAULT_BACKBONE", "available_backbones", "is_backbone_name", "EfficientNetLite", "PatchBackbone", "configure_threads", "get_backbone"]

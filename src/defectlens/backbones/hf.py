@@ -10,6 +10,8 @@ import os
 from functools import lru_cache
 from pathlib import Path
 
+from ..errors import DefectlensError
+
 # Which environment variable names the default of each family, and a checkpoint to suggest.
 FAMILIES = {
     "clip": ("DEFECTLENS_CLIP_MODEL", "openai/clip-vit-base-patch16"),
@@ -19,7 +21,7 @@ FAMILIES = {
 }
 
 
-class ModelNotAvailable(RuntimeError):
+class ModelNotAvailable(DefectlensError, RuntimeError):
     """Weights a method needs are not on this machine (defectlens does not download them)."""
 
 

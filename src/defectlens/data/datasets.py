@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from defectlens.data.io import IMAGE_SUFFIXES, is_image_file
+from defectlens.errors import DatasetError
 
 KINDS = ("mvtec", "loco", "visa", "folder")
 GOOD = "good"
@@ -51,9 +52,9 @@ def load_dataset(root: str | os.PathLike, kind: str = "auto", category: str | No
     """
     root = Path(root)
     if kind not in ("auto", *KINDS):
-        raise ValueError(f"unknown dataset kind {kind!r}; expected 'auto' or one of {', '.join(KINDS)}")
+        raise DatasetError(f"unknown dataset kind {kind!r}; expected 'auto' or one of {', '.join(KINDS)}")
     if not root.exists():
-        raise ValueError(f"{root}: does not exist; expected a dataset folder")
+        raise DatasetError(f"{root}: does not exist; expected a dataset folder")
     if kind == "visa" or (kind == "auto" and _find_visa_csv(root) is not None):
         return _load_visa(root, category)
     if category is not None:
@@ -74,7 +75,7 @@ def detect_kind(root: str | os.PathLike) -> str:
     """
     root = Path(root)
     if not root.exists():
-        raise ValueError(f"{root}: does not exist; expected a dataset folder")
+        raise DatasetError(f"{root}: does not exist; expected a dataset folder")
     if root.is_dir() and ((root / "test" / "logical_anomalies").is_dir() or (root / LOCO_CONFIG).is_file()):
         return "loco"
     if (root / "train" / GOOD).is_dir():
@@ -83,7 +84,7 @@ def detect_kind(root: str | os.PathLike) -> str:
         return "visa"
     if root.is_dir():
         return "folder"
-    raise ValueError(f"{root}: is a file; expected a dataset folder or a VisA split CSV")
+    raise DatasetError(f"{root}: is a file; expected a dataset folder or a VisA split CSV")
 
 
 # ---- shared helpers -------------------------------------------------------------------------
@@ -109,14 +110,14 @@ def _subfolders(folder: Path) -> list[Path]:
 
 def _require_folder(root: Path, relative: str, expected: str) -> None:
     if not (root / relative).is_dir():
-        raise ValueError(f"{root}: no {relative} folder; expected {expected}")
+        raise DatasetError(f"{root}: no {relative} folder; expected {expected}")
 
 
 def _category_folder(root: Path, category: str) -> Path:
     folder = root / category
     if not folder.is_dir():
         available = ", ".join(path.name for path in _subfolders(root)) if root.is_dir() else "none"
-        raise ValueError(f"{root}: no category folder {category!r} (found: {available})")
+        raise DatasetError(f"{root}: no category folder {category!r} (found: {available})")
     return folder
 
 
@@ -126,7 +127,7 @@ def _reject_dataset_root(root: Path) -> None:
         return
     categories = [path.name for path in _subfolders(root) if (path / "train" / GOOD).is_dir()]
     if categories:
-        raise ValueError(
+        raise DatasetError(
             f"{root}: holds several dataset categories ({', '.join(categories)}); "
             "give the category folder itself (or category=NAME in Python)"
         )
@@ -156,7 +157,7 @@ def _mvtec_mask(root: Path, defect_type: str, image: Path) -> Path:
     for candidate in (folder / f"{image.stem}_mask.png", folder / f"{image.stem}.png"):
         if candidate.is_file():
             return candidate
-    raise ValueError(f"{image}: no ground-truth mask; expected {folder / (image.stem + '_mask.png')}")
+    raise DatasetError(f"{image}: no ground-truth mask; expected {folder / (image.stem + '_mask.png')}")
 
 
 # ---- MVTec LOCO -----------------------------------------------------------------------------
@@ -172,7 +173,7 @@ def _load_loco(root: Path) -> Dataset:
     if (root / "test").is_dir():
         for folder in _subfolders(root / "test"):
             if folder.name not in LOCO_TYPES:
-                raise ValueError(f"{folder}: unexpected test folder; expected one of {', '.join(LOCO_TYPES)}")
+                raise DatasetError(f"{folder}: unexpected test folder; expected one of {', '.join(LOCO_TYPES)}")
             for path in _images_in(folder):
                 if folder.name == GOOD:
                     test.append(Sample(path, 0, GOOD))
@@ -187,7 +188,7 @@ def _loco_masks(root: Path, defect_type: str, image: Path) -> tuple[Path, ...]:
     folder = root / "ground_truth" / defect_type / image.stem
     masks = tuple(_images_in(folder)) if folder.is_dir() else ()
     if not masks:
-        raise ValueError(f"{image}: no ground-truth masks; expected {folder}/000.png")
+        raise DatasetError(f"{image}: no ground-truth masks; expected {folder}/000.png")
     return masks
 
 
@@ -197,9 +198,9 @@ def _read_defects_config(path: Path) -> list[dict] | None:
     try:
         config = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
-        raise ValueError(f"{path}: cannot read defects config: {error}") from None
+        raise DatasetError(f"{path}: cannot read defects config: {error}") from None
     if not isinstance(config, list) or not all(isinstance(entry, dict) for entry in config):
-        raise ValueError(f"{path}: expected a JSON list of defect objects (defect_name, pixel_value, ...)")
+        raise DatasetError(f"{path}: expected a JSON list of defect objects (defect_name, pixel_value, ...)")
     return config
 
 
@@ -229,7 +230,7 @@ def _is_visa_csv(path: Path) -> bool:
 def _load_visa(root: Path, category: str | None) -> Dataset:
     csv_path = _find_visa_csv(root)
     if csv_path is None:
-        raise ValueError(
+        raise DatasetError(
             f"{root}: no VisA split CSV; expected split_csv/1cls.csv with columns object,split,label,image,mask"
         )
     if category is None and root.is_dir() and (root / "Data" / "Images").is_dir():
@@ -263,10 +264,10 @@ def _pick_visa_category(csv_path: Path, rows: list[tuple[int, dict[str, str]]], 
     objects = sorted({row["object"] for _, row in rows})
     if category is None:
         if len(objects) != 1:
-            raise ValueError(f"{csv_path}: holds several objects ({', '.join(objects)}); pass category=NAME")
+            raise DatasetError(f"{csv_path}: holds several objects ({', '.join(objects)}); pass category=NAME")
         return objects[0]
     if category not in objects:
-        raise ValueError(f"{csv_path}: no rows for category {category!r} (found: {', '.join(objects) or 'none'})")
+        raise DatasetError(f"{csv_path}: no rows for category {category!r} (found: {', '.join(objects) or 'none'})")
     return category
 
 
@@ -282,18 +283,18 @@ def _visa_sample(csv_path: Path, line: int, row: dict[str, str], base: Path) -> 
     where = f"{csv_path}, line {line}"
     label = VISA_LABELS.get(row["label"].lower())
     if label is None:
-        raise ValueError(f"{where}: label {row['label']!r}; expected normal or anomaly")
+        raise DatasetError(f"{where}: label {row['label']!r}; expected normal or anomaly")
     split = {"train": "train", "val": "validation", "validation": "validation", "test": "test"}.get(row["split"].lower())
     if split is None:
-        raise ValueError(f"{where}: split {row['split']!r}; expected train or test")
+        raise DatasetError(f"{where}: split {row['split']!r}; expected train or test")
     image = base / row["image"]
     if not image.is_file():
-        raise ValueError(f"{where}: image {image} does not exist")
+        raise DatasetError(f"{where}: image {image} does not exist")
     masks: tuple[Path, ...] = ()
     if label == 1 and row.get("mask"):
         mask = base / row["mask"]
         if not mask.is_file():
-            raise ValueError(f"{where}: mask {mask} does not exist")
+            raise DatasetError(f"{where}: mask {mask} does not exist")
         masks = (mask,)
     return split, Sample(image, label, "anomaly" if label else GOOD, masks)
 
@@ -304,10 +305,10 @@ def _visa_sample(csv_path: Path, line: int, row: dict[str, str], base: Path) -> 
 def _load_folder(root: Path) -> Dataset:
     """All images below ``root``; a good/ subfolder makes the top-level folders labels."""
     if not root.is_dir():
-        raise ValueError(f"{root}: is not a folder; expected a folder of images")
+        raise DatasetError(f"{root}: is not a folder; expected a folder of images")
     images = _images_in(root, recursive=True)
     if not images:
-        raise ValueError(f"{root}: no images found (looked for {', '.join(IMAGE_SUFFIXES)}, recursively)")
+        raise DatasetError(f"{root}: no images found (looked for {', '.join(IMAGE_SUFFIXES)}, recursively)")
     labelled = (root / GOOD).is_dir()
     test = [_folder_sample(root, path, labelled) for path in images]
     return Dataset("folder", root, root.name, [], [], test)

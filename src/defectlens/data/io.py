@@ -4,19 +4,37 @@ from __future__ import annotations
 
 import os
 import warnings
+from collections import Counter
+from collections.abc import Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
+from ..errors import DefectlensError
+
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp")
 
 # Line-scan and stitched inspection images can be very large; PIL's default bomb guard
-# (about 89 Mpx) would reject them. We allow up to 1 Gpx and downscale on decode instead.
+# (about 89 Mpx) would reject them. PIL's own guard is moved out of the way (1 Gpx) and
+# read_image applies MAX_IMAGE_PIXELS itself, with a message that says what to do.
 Image.MAX_IMAGE_PIXELS = 1_000_000_000
 
+#: Images with more pixels than this are refused before decoding. PNG, TIFF and BMP files can
+#: only be decoded whole, so this bounds the memory one input can take: about 5 bytes a pixel for
+#: 8-bit RGB (PIL holds 4, plus the reduced copy), 0.75 GB at the limit; a 1 MB PNG of one colour
+#: can hold 400 Mpx. Measured by benchmarks/huge_images.py.
+MAX_IMAGE_PIXELS = 150_000_000
 
-class ImageReadError(ValueError):
+#: Batch prediction decodes larger images reduced so that their longer side is at most this
+#: (JPEG at decode time, other formats right after): scores are unchanged in practice because
+#: every detector works at a few hundred pixels, and the anomaly map and overlay are written at
+#: this reduced size instead of full size (a 20000² float32 map alone would be 1.6 GB).
+MAX_SCORING_SIDE = 4096
+
+
+class ImageReadError(DefectlensError, ValueError):
     """An input file could not be read as an image. The message names the file and the problem."""
 
     def __init__(self, path, problem: str):
@@ -27,6 +45,68 @@ class ImageReadError(ValueError):
 
 def is_image_file(path: str | os.PathLike) -> bool:
     return Path(path).suffix.lower() in IMAGE_SUFFIXES
+
+
+def printable(text: str | os.PathLike) -> str:
+    """Text that can always be written as UTF-8: file names that are not valid UTF-8 reach Python
+    with their raw bytes as lone surrogates, which would make a CSV or print() fail halfway. Those
+    bytes become ``\\xNN`` escapes; every other character is kept as is."""
+    return os.fspath(text).encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+
+
+@dataclass
+class InputScan:
+    """The images to score from the files and folders a user named, and what was left out.
+
+    ``paths`` holds every file named directly (even a non-image, so that it gets its own error
+    row) and every file with an image suffix inside the folders, including broken links, which
+    then fail with a reason. ``skipped`` counts what the folders held that is not an image
+    input, by reason; ``duplicates`` counts files named more than once (scored once)."""
+
+    paths: list[Path] = field(default_factory=list)
+    skipped: Counter = field(default_factory=Counter)
+    duplicates: int = 0
+
+    def skipped_summary(self) -> str:
+        """One line such as "skipped 3 items in the input folders: 2 hidden files, 1 ..."; "" if none."""
+        if not self.skipped:
+            return ""
+        parts = ", ".join(f"{count} {reason}" for reason, count in self.skipped.most_common())
+        return f"skipped {sum(self.skipped.values())} items in the input folders: {parts}"
+
+
+def scan_inputs(inputs: Sequence[str | os.PathLike]) -> InputScan:
+    """Expand folders recursively (sorted, symlinked folders not followed) into image files."""
+    scan, seen = InputScan(), set()
+
+    def add(path: Path) -> None:
+        key = os.path.abspath(path)
+        if key in seen:
+            scan.duplicates += 1
+        else:
+            seen.add(key)
+            scan.paths.append(path)
+
+    def unlistable(error: OSError) -> None:
+        add(Path(error.filename))  # read_image then names the problem (e.g. permission denied)
+
+    for item in map(Path, inputs):
+        if not item.is_dir():
+            add(item)
+            continue
+        for root, folders, files in os.walk(item, onerror=unlistable):
+            folders.sort()
+            for name in [f for f in folders if f.startswith(".") or os.path.islink(os.path.join(root, f))]:
+                folders.remove(name)
+                scan.skipped["hidden folders" if name.startswith(".") else "linked folders (not followed)"] += 1
+            for name in sorted(files):
+                if name.startswith("."):
+                    scan.skipped["hidden files"] += 1
+                elif not is_image_file(name):
+                    scan.skipped[f"without an image suffix ({', '.join(IMAGE_SUFFIXES)})"] += 1
+                else:
+                    add(Path(root) / name)
+    return scan
 
 
 def _to_uint8(array: np.ndarray) -> np.ndarray:
@@ -77,33 +157,52 @@ def _pil_to_rgb_array(image: Image.Image) -> np.ndarray:
     return np.repeat(gray[..., None], 3, axis=2)
 
 
-def read_image(path: str | os.PathLike, max_side: int | None = None) -> np.ndarray:
+def read_image(path: str | os.PathLike, max_side: int | None = None, max_pixels: int | None = None) -> np.ndarray:
     """Read an image file as an H×W×3 RGB uint8 array.
 
     Handles grayscale, 16-bit, float, RGBA, palette and CMYK files and applies the EXIF
     orientation. ``max_side`` downsizes very large images while decoding (JPEG draft mode),
-    keeping memory bounded. Raises :class:`ImageReadError` naming the file and the problem.
+    keeping memory bounded. Images with more than ``max_pixels`` pixels (default
+    :data:`MAX_IMAGE_PIXELS`) are refused before decoding. Raises :class:`ImageReadError`
+    naming the file and the problem.
     """
     path = Path(path)
+    max_pixels = MAX_IMAGE_PIXELS if max_pixels is None else max_pixels
     if not path.exists():
+        if path.is_symlink():
+            raise ImageReadError(path, f"broken symbolic link (points to {os.readlink(path)}, which does not exist)")
         raise ImageReadError(path, "file does not exist")
     if path.is_dir():
         raise ImageReadError(path, "is a folder, not an image file")
+    if not path.is_file():
+        raise ImageReadError(path, "is not a regular file (a device, pipe or socket)")
     if path.stat().st_size == 0:
         raise ImageReadError(path, "file is empty (0 bytes)")
+    if not os.access(path, os.R_OK):
+        raise ImageReadError(path, "permission denied: the file is not readable")
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
             with Image.open(path) as image:
+                width, height = image.size
+                if width * height > max_pixels:
+                    raise ImageReadError(path, f"image is {width}×{height} ({width * height / 1e6:.0f} Mpx), above the "
+                                               f"{max_pixels / 1e6:g} Mpx decoding limit; tile or downscale it, or raise "
+                                               "the limit (--max-megapixels)")
                 if max_side is not None and image.format == "JPEG":
                     image.draft("RGB", (max_side, max_side))
                 image.load()
-                image = ImageOps.exif_transpose(image)
                 if max_side is not None and max(image.size) > max_side:
                     image.thumbnail((max_side, max_side), Image.Resampling.BILINEAR)
+                # After shrinking: the transpose copies the image (its EXIF tag survives thumbnail()).
+                image = ImageOps.exif_transpose(image)
                 array = _pil_to_rgb_array(image)
+    except ImageReadError:
+        raise
     except UnidentifiedImageError:
         raise ImageReadError(path, "not a recognised image format (is it really an image?)") from None
+    except PermissionError:
+        raise ImageReadError(path, "permission denied: the file is not readable") from None
     except (OSError, SyntaxError, ValueError) as error:
         problem = str(error) or type(error).__name__
         if "truncated" in problem.lower() or "image file is truncated" in problem:

@@ -24,6 +24,7 @@ from .. import __version__
 from ..data.datasets import Dataset, Sample, load_dataset
 from ..data.io import as_mask, read_image
 from ..data.kshot import shot_plan
+from ..errors import DatasetError, UsageError
 from ..metrics import evaluate
 from ..metrics.spro import DefectRegion, au_spro, defect_regions
 from ..models import DEFAULT_METHOD, REGISTRY, LearningType, ParameterError, create_detector
@@ -45,7 +46,7 @@ def parse_shots(text: str) -> list[int | str]:
         elif token.isdigit():
             shots.append(int(token))
         else:
-            raise ValueError(f"--shots: {token!r} is neither a number nor 'full'")
+            raise UsageError(f"--shots: {token!r} is neither a number nor 'full'")
     return shots
 
 
@@ -237,11 +238,11 @@ def run_benchmark(data, kind: str = "auto", method: str = DEFAULT_METHOD, shots:
     train = normal_training_samples(dataset)
     test = [s for s in dataset.test if s.label in (0, 1)]
     if not test:
-        raise ValueError(f"{dataset.root}: no labelled test images to benchmark on")
+        raise DatasetError(f"{dataset.root}: no labelled test images to benchmark on")
     probe = create_detector(method, **params)
     # Methods that learn on an auxiliary set apply zero-shot to this one.
     if 0 in shots and learning_type not in (LearningType.ZERO_SHOT, LearningType.AUXILIARY):
-        raise ValueError(f"--shots 0 means zero-shot, which '{method}' is not; it needs normal images")
+        raise UsageError(f"--shots 0 means zero-shot, which '{method}' is not; it needs normal images")
     anomalies = probe.anomalies if learning_type == LearningType.FEW_ANOMALIES else 0
     patch_path = isinstance(probe, PatchDetector)
     test_set = TestSet(samples=test, labels=np.array([s.label for s in test]), defect_types=[s.defect_type for s in test],
@@ -275,7 +276,7 @@ def run_benchmark(data, kind: str = "auto", method: str = DEFAULT_METHOD, shots:
         keep = np.array([s.path not in training.from_test for s in test])
         evaluated = test_set if keep.all() else test_set.subset(keep)
         runs.append({"shots": run_shots, "seed": seed, "fit_seconds": fit_seconds, "score_ms_per_image": score_ms,
-                     "anomalies": len(training.from_test),
+                     "from_test": sorted(str(path) for path in training.from_test),
                      **_score_run(detector, evaluated, scores[keep], None if maps is None else [m for m, k in zip(maps, keep) if k])})
         records = [ImageRecord(path=str(s.path), score=float(score), label=int(s.label), defect_type=s.defect_type,
                                anomaly_map=None if maps is None else m, mask=mask,

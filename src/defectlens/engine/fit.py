@@ -14,6 +14,7 @@ from pathlib import Path
 
 from ..data.datasets import Dataset, Sample, load_dataset
 from ..data.kshot import sample_shots
+from ..errors import DatasetError
 from ..models import DEFAULT_METHOD, REGISTRY, Detector, LearningType, ParameterError, create_detector
 
 
@@ -76,7 +77,7 @@ def anomaly_examples(dataset: Dataset, count: int, seed: int = 0) -> list[Sample
     """``count`` anomalous test images that have masks, picked with ``seed``."""
     candidates = [s for s in dataset.test if s.label == 1 and s.mask_paths]
     if len(candidates) < count:
-        raise ValueError(f"{dataset.root}: asked for {count} anomaly examples but only {len(candidates)} test images have masks")
+        raise DatasetError(f"{dataset.root}: asked for {count} anomaly examples but only {len(candidates)} test images have masks")
     return sample_shots(candidates, count, seed)
 
 
@@ -118,5 +119,5 @@ def fit_from_folder(data: str | os.PathLike, method: str = DEFAULT_METHOD, shots
         anomalies = detector.anomalies if learning_type == LearningType.FEW_ANOMALIES else 0
         training = training_set(dataset, learning_type, shots, seed, anomalies)
     if not training.images and learning_type != LearningType.ZERO_SHOT:
-        raise ValueError(f"{data}: no normal training images found (expected train/good or a folder of images)")
+        raise DatasetError(f"{data}: no normal training images found (expected train/good or a folder of images)")
     return training.fit(detector), training

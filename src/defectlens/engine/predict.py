@@ -1,17 +1,23 @@
-"""Batch prediction that survives bad files: each input gets a result or an error message."""
+"""Batch prediction that survives bad files: each input gets a result or an error message, and
+with :func:`predict_to_outputs` a CSV row, map and overlay written as soon as it is scored."""
 
 from __future__ import annotations
 
+import math
 import os
-from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 from tqdm.auto import tqdm
 
-from ..data.io import ImageReadError, is_image_file, read_image
+from ..data import io as image_io
+from ..data.io import ImageReadError, printable, read_image
+from ..errors import OutputError, UsageError
 from ..models import Detector
+from ..report import ImageRecord, heatmap_overlay, prediction_record, save_png, write_report
+from .outputs import PredictionCsv, PredictionOutputs
 
 
 @dataclass
@@ -24,23 +30,13 @@ class Result:
     part_map: np.ndarray | None = None  # detectors that segment parts (composition)
 
 
-def collect_inputs(inputs: Sequence[str | os.PathLike]) -> list[Path]:
-    """Expand folders (recursively, images only, sorted); keep files as given so that a
-    non-image file named by the user gets its own error row instead of vanishing."""
-    paths: list[Path] = []
-    for item in map(Path, inputs):
-        if item.is_dir():
-            paths.extend(sorted(p for p in item.rglob("*") if p.is_file() and is_image_file(p) and not p.name.startswith(".")))
-        else:
-            paths.append(item)
-    return paths
-
-
 def predict_paths(detector: Detector, paths: Sequence[Path], keep_images: bool = False,
-                  progress: bool = True) -> Iterator[Result]:
+                  progress: bool = True, max_pixels: int | None = None) -> Iterator[Result]:
     """Yield one Result per path, in order. Images are decoded one by one so that a corrupt
     file becomes an error row; the readable ones are scored in chunks of the detector's
-    ``predict_chunk`` (all together for transductive methods)."""
+    ``predict_chunk`` (all together for transductive methods). Images above ``max_pixels``
+    (default :data:`defectlens.data.io.MAX_IMAGE_PIXELS`) are refused; those with a side above
+    :data:`defectlens.data.io.MAX_SCORING_SIDE` are decoded reduced, so their maps are too."""
     chunk = detector.predict_chunk or max(1, len(paths))
     pending: list[Result] = []
     bar = tqdm(total=len(paths), desc="predict", unit="img", disable=not progress, leave=False)
@@ -61,10 +57,118 @@ def predict_paths(detector: Detector, paths: Sequence[Path], keep_images: bool =
 
     for path in paths:
         try:
-            pending.append(Result(path=path, image=read_image(path)))
+            image = read_image(path, max_side=image_io.MAX_SCORING_SIDE, max_pixels=max_pixels)
+            pending.append(Result(path=path, image=image))
         except ImageReadError as error:
             pending.append(Result(path=path, error=str(error)))
         if len(pending) >= chunk:
             yield from flush()
     yield from flush()
     bar.close()
+
+
+@dataclass
+class PredictSummary:
+    """What a :func:`predict_to_outputs` run did; ``rows`` as written to the CSV (resumed ones first)."""
+
+    rows: list[dict] = field(default_factory=list)
+    resumed: int = 0
+    threshold: float | None = None
+
+    @property
+    def failed(self) -> int:
+        return sum(bool(row["error"]) for row in self.rows)
+
+    @property
+    def anomalous(self) -> int:
+        return sum(row["label"] == "anomalous" for row in self.rows)
+
+
+def predict_to_outputs(detector: Detector, paths: Sequence[Path], outputs: PredictionOutputs, *,
+                       threshold: float | None = None, max_pixels: int | None = None,
+                       report_title: str = "defectlens predictions", report_notes: Sequence[str] = (),
+                       on_row: Callable[[dict], None] | None = None, progress: bool = True) -> PredictSummary:
+    """Score ``paths`` and write every output of ``outputs`` as each image finishes.
+
+    All targets are checked before the first image is decoded (see
+    :meth:`PredictionOutputs.check`). ``threshold`` overrides the model's own; it must be
+    finite. ``on_row`` sees each row dict (CSV columns) as it is written. The HTML report, which
+    needs every score, is written at the end, from maps shrunk to thumbnail size as they come."""
+    if threshold is not None and not math.isfinite(threshold):
+        raise UsageError(f"threshold must be a finite number, not {threshold}")
+    outputs.check(paths)
+    outputs.prepare()
+    summary, records = PredictSummary(), []
+    table = PredictionCsv(outputs.csv, resume=outputs.resume) if outputs.csv is not None else None
+    try:
+        todo = []
+        for path in paths:
+            earlier = table.done(path) if table is not None else None
+            if earlier is None:
+                todo.append(path)
+                continue
+            summary.rows.append(earlier)
+            summary.resumed += 1
+            if outputs.report is not None:
+                records.append(_resumed_record(earlier))
+        for result in predict_paths(detector, todo, keep_images=outputs.overlays is not None, progress=progress,
+                                    max_pixels=max_pixels):
+            # Read after each batch: zero-shot musc sets both from the batch it has just scored.
+            summary.threshold = threshold if threshold is not None else detector.threshold
+            row = _write_files(result, outputs, detector.map_range, summary.threshold)
+            if table is not None:
+                _guarded(table.path, table.write, row)
+            summary.rows.append(row)
+            if on_row is not None:
+                on_row(row)
+            if outputs.report is not None and result.error is None:
+                records.append(prediction_record(str(result.path), result.score, result.anomaly_map, result.part_map))
+    finally:
+        if table is not None:
+            table.close()
+    if summary.threshold is None:
+        summary.threshold = threshold if threshold is not None else detector.threshold
+    if outputs.report is not None:
+        notes = [*report_notes, f"{len(summary.rows)} inputs, {summary.failed} failed"]
+        _guarded(outputs.report, write_report, outputs.report, title=report_title, records=records,
+                 threshold=summary.threshold, notes=notes, map_range=detector.map_range)
+    return summary
+
+
+def _write_files(result: Result, outputs: PredictionOutputs, map_range, threshold: float | None) -> dict:
+    """Write the map and overlay of one scored image; return its CSV row."""
+    row = {"path": str(result.path), "score": "", "label": "", "error": result.error or "", "map": "", "overlay": ""}
+    if result.error is not None:
+        return row
+    row["score"] = f"{result.score:.6g}"
+    if threshold is not None:
+        row["label"] = "anomalous" if result.score > threshold else "normal"
+    if result.anomaly_map is None:
+        return row
+    anomaly_map = np.asarray(result.anomaly_map, dtype=np.float32)
+    target = outputs.map_path(result.path)
+    if target is not None:
+        _guarded(target, np.save, target, anomaly_map)
+        row["map"] = str(target)
+    target = outputs.overlay_path(result.path)
+    if target is not None:
+        low, high = map_range or (float(anomaly_map.min()), float(anomaly_map.max()) + 1e-6)
+        _guarded(target, save_png, target, heatmap_overlay(result.image, anomaly_map, low, high))
+        row["overlay"] = str(target)
+    return row
+
+
+def _resumed_record(row: dict) -> ImageRecord:
+    """An earlier run's row for the report: its score, and its map when the file is still there."""
+    anomaly_map = None
+    if row.get("map") and os.path.isfile(row["map"]):
+        anomaly_map = np.load(row["map"], mmap_mode="r")
+    return prediction_record(row["path"], float(row["score"]), anomaly_map)
+
+
+def _guarded(target: Path, write: Callable, *args, **kwargs):
+    """Run one write; a full disk or a vanished folder becomes an error naming the file."""
+    try:
+        return write(*args, **kwargs)
+    except OSError as error:
+        raise OutputError(f"cannot write {printable(target)}: {error.strerror or error}") from None

@@ -288,12 +288,7 @@ def read_model_file(path: str | os.PathLike) -> tuple[dict[str, Any], dict[str, 
         config = json.loads(metadata["defectlens"])
     except json.JSONDecodeError as error:
         raise ModelFileError(f"{path}: corrupt model config ({error})") from None
-    version = config.get("format_version")
-    if config.get("format") != FORMAT or not isinstance(version, int):
-        raise ModelFileError(f"{path}: not a defectlens model file (format {config.get('format')!r})")
-    if version > FORMAT_VERSION:
-        raise ModelFileError(
-            f"{path}: model file format version {version} is newer than this defectlens reads "
-            f"(version {FORMAT_VERSION}); upgrade defectlens to load it"
-        )
+    from .modelfile import validate_model_config  # imports this module
+
+    validate_model_config(config, path)
     return config, tensors

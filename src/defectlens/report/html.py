@@ -7,6 +7,7 @@ the report can be mailed or archived as is. Images are read from disk only for t
 from __future__ import annotations
 
 import base64
+import functools
 import io
 import math
 import os
@@ -29,8 +30,9 @@ from sklearn.metrics import (
 )
 
 from defectlens import __version__
-from defectlens.data.io import ImageReadError, as_image, read_image
-from defectlens.report.overlay import colorize, draw_mask_contour, heatmap_overlay
+from defectlens.data.io import ImageReadError, as_image, printable, read_image
+from defectlens.errors import OutputExistsError
+from defectlens.report.overlay import colorize, colorize_parts, draw_mask_contour, heatmap_overlay, resize_map
 
 TILE_PX = 300
 NORMAL_COLOUR = "#2b6cb0"
@@ -53,6 +55,29 @@ class ImageRecord:
     anomaly_map: np.ndarray | None = None  # any resolution; resized to the image
     mask: np.ndarray | None = None  # bool ground-truth mask, or None
     extra_panels: dict[str, np.ndarray] = field(default_factory=dict)  # shown next to the heatmap
+
+
+#: Longest side of the maps a prediction report keeps per image: tiles are thumbnails, and a
+#: batch of thousands of full-size maps would not fit in memory until the report is written.
+REPORT_MAP_SIDE = 512
+
+
+def prediction_record(path: str, score: float, anomaly_map: np.ndarray | None = None,
+                      part_map: np.ndarray | None = None) -> ImageRecord:
+    """An unlabelled scored image for a prediction report, its maps shrunk to at most
+    :data:`REPORT_MAP_SIDE` (area-averaged heatmap; part classes by nearest neighbour)."""
+    small = None
+    if anomaly_map is not None:
+        scale = min(1.0, REPORT_MAP_SIDE / max(np.shape(anomaly_map)))
+        small = resize_map(np.asarray(anomaly_map, np.float32),
+                           tuple(max(1, round(n * scale)) for n in np.shape(anomaly_map)))
+    panels = {}
+    if part_map is not None:
+        scale = min(1.0, REPORT_MAP_SIDE / max(part_map.shape))
+        height, width = (max(1, round(n * scale)) for n in part_map.shape)
+        panels["parts"] = colorize_parts(cv2.resize(part_map.astype(np.int32), (width, height),
+                                                    interpolation=cv2.INTER_NEAREST))
+    return ImageRecord(path=path, score=score, label=None, anomaly_map=small, extra_panels=panels)
 
 
 @dataclass
@@ -339,7 +364,7 @@ def _image_panels(record: ImageRecord, map_range: tuple[float, float] | None, ti
 
 def _tile(record: ImageRecord, threshold: float | None, map_range, tile_px: int) -> _Tile:
     verdict, verdict_class = _verdict(record, threshold)
-    return _Tile(name=Path(record.path).name, path=str(record.path), score=_fmt_score(record.score),
+    return _Tile(name=printable(Path(record.path).name), path=printable(record.path), score=_fmt_score(record.score),
                  defect_type=record.defect_type, verdict=verdict, verdict_class=verdict_class,
                  panels=_image_panels(record, map_range, tile_px))
 
@@ -409,14 +434,14 @@ def write_report(
     """
     path = Path(path)
     if path.exists() and not overwrite:
-        raise FileExistsError(f"{path} already exists (pass overwrite=True to replace it)")
+        raise OutputExistsError(f"{path} already exists (pass overwrite=True to replace it)")
     scored = [r for r in records if r.score is not None and math.isfinite(r.score)]
     scores = np.array([r.score for r in scored], dtype=np.float64)
     labels = np.array([UNKNOWN if r.label is None else int(r.label) for r in scored], dtype=np.int64)
     map_range = map_range if map_range is not None else default_map_range(scored)
     context = {
-        "title": title,
-        "notes": list(notes),
+        "title": printable(title),
+        "notes": [printable(note) for note in notes],
         "generated": datetime.now().strftime("%Y-%m-%d %H:%M"),
         "version": __version__,
         "cards": _summary(scores, labels, threshold, len(records) - len(scored)),
@@ -429,170 +454,12 @@ def write_report(
         "sections": _examples(scored, threshold, max_examples, map_range, tile_px),
     }
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(_TEMPLATE.render(**context), encoding="utf-8")
+    path.write_text(_environment().get_template("report.html.j2").render(**context), encoding="utf-8")
     return path
 
 
-_TEMPLATE = jinja2.Environment(autoescape=True, trim_blocks=True, lstrip_blocks=True).from_string("""\
-<!DOCTYPE html>
-<html lang="en">
-<head>
-<meta charset="utf-8">
-<meta name="viewport" content="width=device-width, initial-scale=1">
-<title>{{ title }}</title>
-<style>
-  :root { --ink: #1a202c; --muted: #5a6778; --line: #dde3ea; --panel: #f6f8fa;
-          --good: #276749; --good-bg: #e6f4ea; --bad: #9b2c2c; --bad-bg: #fde8e8; }
-  * { box-sizing: border-box; }
-  body { margin: 0; color: var(--ink); background: #fff;
-         font: 14px/1.5 -apple-system, "Segoe UI", Roboto, Helvetica, Arial, sans-serif; }
-  main { max-width: 1400px; margin: 0 auto; padding: 28px 32px 48px; }
-  h1 { font-size: 24px; margin: 0 0 4px; }
-  h2 { font-size: 17px; margin: 36px 0 10px; padding-bottom: 6px; border-bottom: 2px solid var(--line); }
-  h3 { font-size: 15px; margin: 24px 0 2px; }
-  .meta, .caption { color: var(--muted); }
-  .caption { margin: 4px 0 12px; font-size: 13px; }
-  ul.notes { margin: 10px 0 0; padding-left: 18px; color: var(--muted); }
-  .cards { display: flex; flex-wrap: wrap; gap: 10px; margin-top: 20px; }
-  .card { border: 1px solid var(--line); border-radius: 6px; padding: 8px 14px; min-width: 110px; background: var(--panel); }
-  .card .value { font-size: 20px; font-weight: 600; font-variant-numeric: tabular-nums; }
-  .card .name { font-size: 12px; color: var(--muted); text-transform: uppercase; letter-spacing: .04em; }
-  table { border-collapse: collapse; font-variant-numeric: tabular-nums; margin: 6px 0; }
-  th, td { padding: 5px 12px; border-bottom: 1px solid var(--line); text-align: right; }
-  th { background: var(--panel); font-weight: 600; font-size: 13px; }
-  th:first-child, td:first-child { text-align: left; }
-  tbody tr:hover { background: #fafbfc; }
-  td.bad { color: var(--bad); font-weight: 600; }
-  td.good { color: var(--good); font-weight: 600; }
-  .plots { display: flex; flex-wrap: wrap; gap: 16px; align-items: flex-start; }
-  .plots img { max-width: 100%; border: 1px solid var(--line); border-radius: 6px; }
-  .scale { display: flex; align-items: center; gap: 8px; font-size: 13px; color: var(--muted); }
-  .scale img { height: 12px; width: 220px; border-radius: 2px; }
-  .tiles { display: flex; flex-wrap: wrap; gap: 14px; }
-  .tile { border: 1px solid var(--line); border-radius: 6px; padding: 10px; background: #fff; }
-  .panels { display: flex; gap: 8px; }
-  figure { margin: 0; }
-  figure img { display: block; border-radius: 3px; }
-  figcaption { font-size: 11px; color: var(--muted); margin-top: 2px; }
-  .unreadable { width: 200px; min-height: 120px; padding: 10px; font-size: 12px; color: var(--bad);
-                background: var(--bad-bg); border-radius: 3px; overflow-wrap: anywhere; }
-  .tile-meta { margin-top: 8px; font-size: 13px; display: flex; flex-wrap: wrap; gap: 4px 12px; align-items: center; }
-  .tile-meta .file { font-family: ui-monospace, Menlo, Consolas, monospace; font-size: 12px; overflow-wrap: anywhere; max-width: 100%; }
-  .badge { border-radius: 10px; padding: 1px 8px; font-size: 12px; font-weight: 600; background: var(--panel); color: var(--muted); }
-  .badge.good { background: var(--good-bg); color: var(--good); }
-  .badge.bad { background: var(--bad-bg); color: var(--bad); }
-  footer { margin-top: 40px; font-size: 12px; color: var(--muted); }
-  @media print { main { padding: 0; } .tile, .plots img { break-inside: avoid; } }
-</style>
-</head>
-<body>
-<main>
-<header>
-  <h1>{{ title }}</h1>
-  <div class="meta">Generated {{ generated }} · defectlens {{ version }}</div>
-  {% if notes %}
-  <ul class="notes">
-    {% for note in notes %}<li>{{ note }}</li>{% endfor %}
-  </ul>
-  {% endif %}
-  <div class="cards">
-    {% for name, value in cards %}
-    <div class="card"><div class="value">{{ value }}</div><div class="name">{{ name }}</div></div>
-    {% endfor %}
-  </div>
-</header>
-
-{% macro data_table(table) %}
-<table>
-  <thead><tr>{% for column in table.columns %}<th>{{ column }}</th>{% endfor %}</tr></thead>
-  <tbody>
-  {% for row in table.rows %}
-    <tr>{% for cell in row %}<td>{{ cell }}</td>{% endfor %}</tr>
-  {% endfor %}
-  </tbody>
-</table>
-{% endmacro %}
-
-{% if metric_table %}
-<h2>Detection quality</h2>
-{{ data_table(metric_table) }}
-{% endif %}
-
-{% if extra_table %}
-<h2>{{ table_title }}</h2>
-{{ data_table(extra_table) }}
-{% endif %}
-
-{% if plots %}
-<h2>{{ "Decision at the threshold" if confusion else "Score distribution" }}</h2>
-<div class="plots">
-  <img src="data:image/png;base64,{{ plots.histogram }}" alt="score histogram">
-  {% if confusion %}
-  <table>
-    <thead><tr><th></th><th>flagged</th><th>passed</th></tr></thead>
-    <tbody>
-    {% if confusion.detected + confusion.missed %}
-      <tr><td>anomalous</td><td class="good">{{ confusion.detected }} detected</td><td class="bad">{{ confusion.missed }} missed</td></tr>
-    {% endif %}
-    {% if confusion.false_alarms + confusion.passed %}
-      <tr><td>normal</td><td class="bad">{{ confusion.false_alarms }} false alarms</td><td class="good">{{ confusion.passed }} passed</td></tr>
-    {% endif %}
-    {% if confusion.unknown_flagged + confusion.unknown_passed %}
-      <tr><td>unlabelled</td><td>{{ confusion.unknown_flagged }}</td><td>{{ confusion.unknown_passed }}</td></tr>
-    {% endif %}
-    </tbody>
-  </table>
-  {% endif %}
-</div>
-<p class="caption">{{ plots.histogram_caption }}</p>
-{% if plots.curves %}
-<h2>ROC and precision–recall</h2>
-<div class="plots">
-  {% for png in plots.curves %}<img src="data:image/png;base64,{{ png }}" alt="curve">{% endfor %}
-</div>
-<p class="caption">From the images with a known label. The dot marks the operating point at the threshold.</p>
-{% endif %}
-{% endif %}
-
-{% if sections %}
-<h2>Examples</h2>
-{% if colour_scale %}
-<div class="scale">heatmap colour scale
-  <span>{{ colour_scale.low }}</span>
-  <img src="data:image/png;base64,{{ colour_scale.png }}" alt="colour scale">
-  <span>{{ colour_scale.high }}</span>
-  <span>· same scale on every image · green line = ground-truth defect</span>
-</div>
-{% endif %}
-{% for section in sections %}
-<h3>{{ section.title }}</h3>
-<p class="caption">{{ section.caption }}</p>
-<div class="tiles">
-  {% for tile in section.tiles %}
-  <div class="tile">
-    <div class="panels">
-      {% for panel in tile.panels %}
-      <figure>
-        {% if panel.png %}<img src="data:image/png;base64,{{ panel.png }}" alt="{{ panel.caption }}">
-        {% else %}<div class="unreadable">{{ panel.text }}</div>{% endif %}
-        <figcaption>{{ panel.caption }}</figcaption>
-      </figure>
-      {% endfor %}
-    </div>
-    <div class="tile-meta">
-      <span class="badge {{ tile.verdict_class }}">{{ tile.verdict }}</span>
-      <span>score <b>{{ tile.score }}</b></span>
-      {% if tile.defect_type %}<span>{{ tile.defect_type }}</span>{% endif %}
-      <span class="file" title="{{ tile.path }}">{{ tile.name }}</span>
-    </div>
-  </div>
-  {% endfor %}
-</div>
-{% endfor %}
-{% endif %}
-
-<footer>Self-contained report: all images are embedded in this file.</footer>
-</main>
-</body>
-</html>
-""")
+@functools.cache
+def _environment() -> jinja2.Environment:
+    # The template ships as package data (templates/*.j2, see pyproject.toml).
+    return jinja2.Environment(loader=jinja2.PackageLoader("defectlens.report", "templates"), autoescape=True,
+                              trim_blocks=True, lstrip_blocks=True)

@@ -17,6 +17,7 @@ from dataclasses import dataclass
 import cv2
 import numpy as np
 
+from ..errors import DatasetError, UsageError
 from .base import (
     Box,
     SyntheticAnomaly,
@@ -179,10 +180,10 @@ class AnoGenSynthesizer:
                  context: float = 0.5, min_overlap: float = 0.5, blend: str = "poisson", feather: int = 3,
                  min_pixels: int = 4):
         if blend not in BLENDS:
-            raise ValueError(f"unknown blend {blend!r}; expected one of {', '.join(BLENDS)}")
+            raise UsageError(f"unknown blend {blend!r}; expected one of {', '.join(BLENDS)}")
         self.examples = extract_defects(anomaly_images, anomaly_masks, context=context, min_pixels=min_pixels)
         if not self.examples:
-            raise ValueError(f"no defect region of at least {min_pixels} pixels in the {len(anomaly_masks)} anomaly masks given")
+            raise DatasetError(f"no defect region of at least {min_pixels} pixels in the {len(anomaly_masks)} anomaly masks given")
         self.scale = scale
         self.min_overlap = float(min_overlap)
         self.blend = blend
@@ -193,7 +194,7 @@ class AnoGenSynthesizer:
         image = check_image(image)
         h, w = image.shape[:2]
         if h < 8 or w < 8:
-            raise ValueError(f"image of {w}×{h} px is too small to place a defect in")
+            raise DatasetError(f"image of {w}×{h} px is too small to place a defect in")
         foreground = foreground_mask(image) if foreground is None else np.asarray(foreground, bool)
         example = self.examples[rng.integers(len(self.examples))]
         patch, mask = example.patch, example.mask

@@ -9,6 +9,7 @@ from __future__ import annotations
 import cv2
 import numpy as np
 
+from ..errors import UsageError
 from .base import SyntheticAnomaly, check_image, mask_box
 
 VARIANTS = ("patch", "scar", "both")
@@ -39,7 +40,7 @@ class CutPasteSynthesizer:
                  aspect: tuple[float, float] = (0.3, 3.3), scar_width: tuple[float, float] = (2, 16),
                  scar_length: tuple[float, float] = (10, 25), jitter: float = 0.1):
         if variant not in VARIANTS:
-            raise ValueError(f"unknown CutPaste variant {variant!r}; expected one of {', '.join(VARIANTS)}")
+            raise UsageError(f"unknown CutPaste variant {variant!r}; expected one of {', '.join(VARIANTS)}")
         self.variant = variant
         self.area, self.aspect = area, aspect
         self.scar_width, self.scar_length = scar_width, scar_length

@@ -26,6 +26,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+from ..errors import DatasetError
 from .anogen import _as_mask, defect_size, extract_defects, place_box
 from .base import Box, SyntheticAnomaly, box_mask, check_image, foreground_mask
 
@@ -180,7 +181,7 @@ def defect_crops(images: Sequence, masks: Sequence, size: int, context: float = 
             soft = cv2.resize(mask[y0:y1, x0:x1].astype(np.float32), (size, size), interpolation=cv2.INTER_AREA)
             crop_masks.append(torch.from_numpy(soft)[None])
     if not crops:
-        raise ValueError("the anomaly masks hold no defect pixels")
+        raise DatasetError("the anomaly masks hold no defect pixels")
     return torch.stack(crops), torch.stack(crop_masks)
 
 
@@ -333,7 +334,7 @@ class DiffusionSynthesizer:
         self.parts = parts if parts is not None else load_parts(sd_model, device)
         self.examples = extract_defects(anomaly_images, anomaly_masks, context=0.5)
         if not self.examples:
-            raise ValueError("the anomaly masks hold no defect region to learn from")
+            raise DatasetError("the anomaly masks hold no defect region to learn from")
         if isinstance(embedding, str):
             embedding = load_embedding(embedding)
         if embedding is None:

@@ -12,6 +12,7 @@ import cv2
 import numpy as np
 from tqdm import tqdm
 
+from ..errors import DatasetError, OutputError, OutputExistsError, UsageError
 from . import KINDS, synthesizer_class
 
 MANIFEST = "synthesis.json"
@@ -22,12 +23,12 @@ def _check_params(kind: str, params: dict) -> None:
     accepted = [name for name in inspect.signature(synthesizer_class(kind).__init__).parameters if name != "self"]
     unknown = sorted(set(params) - set(accepted))
     if unknown:
-        raise ValueError(f"{kind} has no parameter {', '.join(unknown)}; it takes: {', '.join(accepted)}")
+        raise UsageError(f"{kind} has no parameter {', '.join(unknown)}; it takes: {', '.join(accepted)}")
 
 
 def _write_png(path: Path, pixels: np.ndarray) -> None:
     if not cv2.imwrite(str(path), np.ascontiguousarray(pixels[..., ::-1] if pixels.ndim == 3 else pixels)):
-        raise OSError(f"could not write {path}")
+        raise OutputError(f"could not write {path}")
 
 
 def _earlier_output(out: Path, overwrite: bool) -> list[Path]:
@@ -35,7 +36,7 @@ def _earlier_output(out: Path, overwrite: bool) -> list[Path]:
     ours = [out / "images", out / "masks", out / MANIFEST, out / "defect_embedding.safetensors"]
     existing = [path for path in ours if path.exists()]
     if existing and not overwrite:
-        raise FileExistsError(f"{existing[0]} already exists; pass --overwrite (overwrite=True) to replace earlier output")
+        raise OutputExistsError(f"{existing[0]} already exists; pass --overwrite (overwrite=True) to replace earlier output")
     return existing
 
 
@@ -56,23 +57,23 @@ def synthesize_folder(data: str | os.PathLike, out: str | os.PathLike, kind: str
     from defectlens.data.io import is_image_file, read_image, read_mask
 
     if kind not in KINDS:
-        raise ValueError(f"unknown synthesis kind {kind!r}; expected one of {', '.join(KINDS)}")
+        raise UsageError(f"unknown synthesis kind {kind!r}; expected one of {', '.join(KINDS)}")
     if count < 1:
-        raise ValueError(f"count must be at least 1, got {count}")
+        raise UsageError(f"count must be at least 1, got {count}")
     kwargs = dict(params or {})
     _check_params(kind, kwargs)
     dataset = load_dataset(data)
     normals = [s.path for s in dataset.train if s.label == 0] or [s.path for s in dataset.test if s.label in (0, -1)]
     if not normals:
-        raise ValueError(f"{data}: no normal images to put anomalies into")
+        raise DatasetError(f"{data}: no normal images to put anomalies into")
     rng = np.random.default_rng(seed)
     held_out: list[str] = []
     if kind in LEARNS_FROM_ANOMALIES:
         candidates = [s for s in dataset.test if s.label == 1 and s.mask_paths]
         if not candidates:
-            raise ValueError(f"{data}: no anomalous test images with masks; {kind} learns from a few of them")
+            raise DatasetError(f"{data}: no anomalous test images with masks; {kind} learns from a few of them")
         if anomalies < 1:
-            raise ValueError(f"{kind} needs at least 1 anomaly example, got {anomalies}")
+            raise UsageError(f"{kind} needs at least 1 anomaly example, got {anomalies}")
         chosen = [candidates[i] for i in sorted(rng.choice(len(candidates), min(anomalies, len(candidates)), replace=False))]
         images = [read_image(s.path) for s in chosen]
         masks = [np.any([read_mask(p, image.shape[:2]) for p in s.mask_paths], axis=0) for s, image in zip(chosen, images)]
@@ -80,10 +81,10 @@ def synthesize_folder(data: str | os.PathLike, out: str | os.PathLike, kind: str
         held_out = [str(s.path) for s in chosen]
     if textures is not None:
         if kind != "perlin":
-            raise ValueError("textures are for the perlin kind only")
+            raise UsageError("textures are for the perlin kind only")
         files = sorted(p for p in Path(textures).rglob("*") if p.is_file() and is_image_file(p))
         if not files:
-            raise ValueError(f"{textures}: no texture images found")
+            raise DatasetError(f"{textures}: no texture images found")
         kwargs["textures"] = [read_image(p, max_side=512) for p in files]
     out = Path(out)
     earlier = _earlier_output(out, overwrite)

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import numpy as np
 
+from ...errors import UsageError
 from .defects import STRUCTURAL_DEFECTS
 from .loco import LOCO_CATEGORY, LOCO_STRUCTURAL_DEFECTS, LOGICAL_DEFECTS, loco_index, loco_split, render_loco
 from .mvtec import DEFAULT_MVTEC_CATEGORIES, MVTEC_CATEGORIES, render_mvtec
@@ -26,12 +27,12 @@ def render_pair(category: str, defect: str, seed: int = 0, index: int = 0, size:
     if category == LOCO_CATEGORY:
         kinds = LOGICAL_DEFECTS + LOCO_STRUCTURAL_DEFECTS
         if defect not in kinds:
-            raise ValueError(f"unknown {category} defect {defect!r}; expected one of {', '.join(kinds)}")
+            raise UsageError(f"unknown {category} defect {defect!r}; expected one of {', '.join(kinds)}")
         rendering = render_loco(loco_split(defect), loco_index(defect, index), seed, size, defect)
     else:
         _check_categories([category], MVTEC_CATEGORIES)
         if defect not in STRUCTURAL_DEFECTS:
-            raise ValueError(f"unknown defect {defect!r}; expected one of {', '.join(STRUCTURAL_DEFECTS)}")
+            raise UsageError(f"unknown defect {defect!r}; expected one of {', '.join(STRUCTURAL_DEFECTS)}")
         rendering = render_mvtec(category, f"test/{defect}", index, seed, size, defect)
     clean = expose(rendering.clean, rendering.light, rendering.noise)
     defective = expose(rendering.defective, rendering.light, rendering.noise)
@@ -53,10 +54,10 @@ def generate(out: str | Path, kind: str = "mvtec", seed: int = 0, size: int = 25
     category folder is refused with FileExistsError unless ``overwrite`` (then it is replaced).
     """
     if kind not in ("mvtec", "loco"):
-        raise ValueError(f"unknown kind {kind!r}; expected 'mvtec' or 'loco'")
+        raise UsageError(f"unknown kind {kind!r}; expected 'mvtec' or 'loco'")
     _check_size(size)
     if seed < 0 or min(n_train, n_test_good, n_test_defect_per_type) < 0:
-        raise ValueError("seed and image counts must be non-negative")
+        raise UsageError("seed and image counts must be non-negative")
     known = MVTEC_CATEGORIES if kind == "mvtec" else (LOCO_CATEGORY,)
     if categories is None:
         cats = list(DEFAULT_MVTEC_CATEGORIES if kind == "mvtec" else known)
@@ -70,11 +71,11 @@ def generate(out: str | Path, kind: str = "mvtec", seed: int = 0, size: int = 25
 
 def _check_size(size: int) -> None:
     if not isinstance(size, (int, np.integer)) or size < 64:
-        raise ValueError(f"size must be an integer of at least 64 pixels, got {size!r}")
+        raise UsageError(f"size must be an integer of at least 64 pixels, got {size!r}")
 
 
 def _check_categories(categories: Sequence[str], known: Sequence[str]) -> None:
     unknown = [c for c in categories if c not in known]
     if unknown or not categories:
-        raise ValueError(f"unknown categories {unknown}; expected some of {', '.join(known)}")
+        raise UsageError(f"unknown categories {unknown}; expected some of {', '.join(known)}")
 

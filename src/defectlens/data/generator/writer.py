@@ -14,10 +14,12 @@ from pathlib import Path
 import cv2
 import numpy as np
 
+from ...errors import OutputError, OutputExistsError
 from .defects import STRUCTURAL_DEFECTS
 from .loco import LOCO_CONFIG, LOCO_STRUCTURAL_DEFECTS, LOGICAL_DEFECTS, loco_index, loco_split, render_loco
 from .mvtec import DESCRIPTIONS, render_mvtec
 from .render import expose
+
 
 # Sensor noise leaves little for LZ matching: Huffman-only coding is as small and faster.
 _PNG_OPTIONS = [cv2.IMWRITE_PNG_COMPRESSION, 3, cv2.IMWRITE_PNG_STRATEGY, cv2.IMWRITE_PNG_STRATEGY_HUFFMAN_ONLY]
@@ -30,13 +32,13 @@ def write_dataset(out: Path, kind: str, categories: Sequence[str], seed: int, si
     folders = [out / c for c in categories]
     readme = out / "README.txt"
     if readme.exists() and not overwrite and not _ours(readme):
-        raise FileExistsError(f"{readme} exists and was not written by the generator; pass overwrite=True (--overwrite on the command line) to replace it")
+        raise OutputExistsError(f"{readme} exists and was not written by the generator; pass overwrite=True (--overwrite on the command line) to replace it")
     for folder in folders:
         if folder.is_dir() and any(folder.iterdir()):
             if not overwrite:
-                raise FileExistsError(f"{folder} already exists and is not empty; pass overwrite=True (--overwrite on the command line) to replace it")
+                raise OutputExistsError(f"{folder} already exists and is not empty; pass overwrite=True (--overwrite on the command line) to replace it")
         elif folder.exists() and not folder.is_dir():
-            raise FileExistsError(f"{folder} exists and is not a folder")
+            raise OutputError(f"{folder} exists and is not a folder")
     for folder in folders:
         if folder.is_dir():
             shutil.rmtree(folder)
@@ -61,7 +63,7 @@ def _write_png(path: Path, image: np.ndarray) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     pixels = image[..., ::-1] if image.ndim == 3 else image  # cv2 writes BGR
     if not cv2.imwrite(str(path), np.ascontiguousarray(pixels), _PNG_OPTIONS):
-        raise OSError(f"could not write {path}")
+        raise OutputError(f"could not write {path}")
 
 
 def _run(jobs: Sequence[Callable[[], None]]) -> None:

@@ -29,7 +29,7 @@ def pca_foreground(features: torch.Tensor, axis: torch.Tensor, mean: torch.Tenso
 @register
 class PatchKNN(PatchDetector):
     name = "patchknn"
-    parameter_constraints = {"foreground": Boolean(), "top_fraction": Real(0.0, 1.0, open_low=True),
+    parameter_constraints = {"foreground": Boolean(), "top_fraction": Real(0.0, 1.0),
                              "bank_size": Optional(Integer(1, 10**7))}
 
     def __init__(self, foreground: bool = False, top_fraction: float = 0.01, bank_size: int | None = 16384,

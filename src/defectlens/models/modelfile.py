@@ -1,0 +1,65 @@
+"""Checks on a model file's JSON config, field by field, before anything is built from it.
+
+A model file may come from another version, another tool or a careless edit: each wrong field
+gets a one-line :class:`ModelFileError` naming the file, the field and what was found, instead
+of a traceback from deep inside a detector.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from typing import Any
+
+from .base import FORMAT, FORMAT_VERSION, ModelFileError
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def _shown(value: Any) -> str:
+    text = repr(value)
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
+def validate_model_config(config: Any, path: str | os.PathLike) -> None:
+    """Raise :class:`ModelFileError` unless ``config`` is a well-formed model config:
+    ``format`` the defectlens format name, ``format_version`` an integer this version reads,
+    ``method`` a non-empty string, ``params`` an object with string keys, ``threshold`` a finite
+    number or null, ``map_range`` two finite numbers (low <= high) or null, ``extra`` an object.
+    ``threshold``, ``map_range`` and ``extra`` may be absent (no threshold, no range, nothing)."""
+
+    def wrong(field: str, expected: str, value: Any) -> ModelFileError:
+        return ModelFileError(f"{os.fspath(path)}: model file field '{field}' must be {expected}, not {_shown(value)}")
+
+    if not isinstance(config, dict):
+        raise ModelFileError(f"{os.fspath(path)}: model config must be a JSON object, not {type(config).__name__}")
+    if config.get("format") != FORMAT:
+        raise ModelFileError(f"{os.fspath(path)}: not a defectlens model file (format {config.get('format')!r}, "
+                             f"expected {FORMAT!r})")
+    version = config.get("format_version")
+    if not isinstance(version, int) or isinstance(version, bool) or version < 1:
+        raise wrong("format_version", "a positive integer", version)
+    if version > FORMAT_VERSION:
+        raise ModelFileError(f"{os.fspath(path)}: model file format version {version} is newer than this defectlens "
+                             f"reads (version {FORMAT_VERSION}); upgrade defectlens to load it")
+    method = config.get("method")
+    if not isinstance(method, str) or not method:
+        raise wrong("method", "a method name", method)
+    params = config.get("params")
+    if not isinstance(params, dict):
+        raise wrong("params", "an object of parameter names to values", params)
+    threshold = config.get("threshold")
+    if threshold is not None and not (_is_number(threshold) and math.isfinite(threshold)):
+        raise wrong("threshold", "a finite number or null", threshold)
+    map_range = config.get("map_range")
+    if map_range is not None:
+        if not (isinstance(map_range, list) and len(map_range) == 2
+                and all(_is_number(v) and math.isfinite(v) for v in map_range)):
+            raise wrong("map_range", "two finite numbers [low, high] or null", map_range)
+        if not map_range[0] <= map_range[1]:
+            raise wrong("map_range", "[low, high] with low <= high", map_range)
+    extra = config.get("extra", {})
+    if not isinstance(extra, dict):
+        raise wrong("extra", "an object", extra)
