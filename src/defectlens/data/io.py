@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import os
 import warnings
 from pathlib import Path
@@ -85,10 +86,31 @@ def read_image(path: str | os.PathLike, max_side: int | None = None) -> np.ndarr
         raise ImageReadError(path, "is a folder, not an image file")
     if path.stat().st_size == 0:
         raise ImageReadError(path, "file is empty (0 bytes)")
+    return _decode(path, path, max_side, max_pixels=None)
+
+
+def decode_image(data: bytes, name: str = "upload", max_side: int | None = None,
+                 max_pixels: int | None = None) -> np.ndarray:
+    """Decode an image held in memory (an upload) as an H×W×3 RGB uint8 array, with the same
+    guards and conversions as :func:`read_image`.
+
+    ``max_pixels`` rejects images whose header declares more pixels before any pixel is
+    decoded, so an untrusted upload cannot make the caller allocate gigabytes. ``name`` is used
+    in error messages. Raises :class:`ImageReadError`.
+    """
+    if not data:
+        raise ImageReadError(name, "file is empty (0 bytes)")
+    return _decode(io.BytesIO(data), name, max_side, max_pixels)
+
+
+def _decode(source, name, max_side: int | None, max_pixels: int | None) -> np.ndarray:
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
-            with Image.open(path) as image:
+            with Image.open(source) as image:
+                if max_pixels is not None and image.width * image.height > max_pixels:
+                    raise ImageReadError(name, f"image is {image.width}×{image.height} = {image.width * image.height} "
+                                               f"pixels, over the limit of {max_pixels}")
                 if max_side is not None and image.format == "JPEG":
                     image.draft("RGB", (max_side, max_side))
                 image.load()
@@ -96,17 +118,19 @@ def read_image(path: str | os.PathLike, max_side: int | None = None) -> np.ndarr
                 if max_side is not None and max(image.size) > max_side:
                     image.thumbnail((max_side, max_side), Image.Resampling.BILINEAR)
                 array = _pil_to_rgb_array(image)
+    except ImageReadError:
+        raise
     except UnidentifiedImageError:
-        raise ImageReadError(path, "not a recognised image format (is it really an image?)") from None
+        raise ImageReadError(name, "not a recognised image format (is it really an image?)") from None
     except (OSError, SyntaxError, ValueError) as error:
         problem = str(error) or type(error).__name__
         if "truncated" in problem.lower() or "image file is truncated" in problem:
             problem = f"image data is truncated or corrupt ({problem})"
-        raise ImageReadError(path, f"cannot decode image: {problem}") from None
+        raise ImageReadError(name, f"cannot decode image: {problem}") from None
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as error:
-        raise ImageReadError(path, f"image is too large to decode safely: {error}") from None
+        raise ImageReadError(name, f"image is too large to decode safely: {error}") from None
     if array.size == 0:
-        raise ImageReadError(path, "image has zero width or height")
+        raise ImageReadError(name, "image has zero width or height")
     return np.ascontiguousarray(array)
 
 
