@@ -1,0 +1,54 @@
+"""A bounded pool for predictions: a fixed number of threads and a fixed number of waiting requests.
+
+A request beyond that gets :class:`Overloaded` at once (the API answers 503 with Retry-After)
+instead of joining a backlog that would only grow while the line keeps posting.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import math
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+
+class Overloaded(Exception):
+    def __init__(self, retry_after: int):
+        self.retry_after = retry_after
+        super().__init__(f"all workers are busy and the queue is full; retry in {retry_after} s")
+
+
+class InferencePool:
+    def __init__(self, workers: int, queue: int):
+        if workers < 1 or queue < 0:
+            raise ValueError(f"need at least one worker and a queue of zero or more, got {workers} and {queue}")
+        self.workers = workers
+        self.capacity = workers + queue
+        #: Jobs running or waiting. Only the event loop's thread changes it, so it needs no lock.
+        self.pending = 0
+        self._seconds_per_job = 0.1
+        self._executor = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="defectlens-predict")
+
+    @property
+    def full(self) -> bool:
+        return self.pending >= self.capacity
+
+    def retry_after(self) -> int:
+        """Seconds until the queue has likely drained by one worker's share."""
+        return max(1, math.ceil(self.pending / self.workers * self._seconds_per_job))
+
+    async def run(self, function, *args):
+        if self.full:
+            raise Overloaded(self.retry_after())
+        self.pending += 1
+        started = time.perf_counter()
+        try:
+            return await asyncio.get_running_loop().run_in_executor(self._executor, function, *args)
+        finally:
+            self.pending -= 1
+            # A running mean of job time (waiting included is fine: it is what a retry will see).
+            self._seconds_per_job = 0.9 * self._seconds_per_job + 0.1 * (time.perf_counter() - started)
+
+    def shutdown(self) -> None:
+        """Finish the jobs already accepted, then stop the threads."""
+        self._executor.shutdown(wait=True)
