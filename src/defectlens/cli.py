@@ -256,6 +256,7 @@ def cmd_serve(args) -> int:
         for name, count in export_good(config, args.export_good).items():
             print(f"{name}: {count} operator-confirmed good images in {Path(args.export_good) / name / 'train' / 'good'}")
         return 0
+    config.check_exposure()  # before loading anything: the refusal is the first thing the user hears
     for name, path in config.models.items():
         if not path.is_file():
             raise UsageError(f"model {name}: {path} does not exist")
