@@ -393,3 +393,36 @@ def test_newer_schema_is_refused(tmp_path):
     store.close()
     with pytest.raises(SchemaError, match="newer"):
         InspectionStore(url)
+
+
+@pytest.mark.skipif(not __import__("os").environ.get("DEFECTLENS_TEST_POSTGRES_URL"),
+                    reason="set DEFECTLENS_TEST_POSTGRES_URL=postgresql+psycopg://... (an empty database) to run")
+def test_store_on_postgresql():
+    import os
+
+    from sqlalchemy import text
+
+    from defectlens.serve.migrations import LATEST
+    from defectlens.serve.store import InspectionFilter, InspectionStore, utcnow
+
+    url = os.environ["DEFECTLENS_TEST_POSTGRES_URL"]
+    store = InspectionStore(url)
+    try:
+        with store.engine.begin() as connection:
+            connection.execute(text("DELETE FROM feedback"))
+            connection.execute(text("DELETE FROM inspections"))
+        row = {"created_at": utcnow(), "model": "m", "source_name": "a.png", "image_key": "0" * 64 + ".png",
+               "width": 4, "height": 3, "score": 2.5, "threshold": 2.0, "label": "anomalous", "inference_ms": 1.0}
+        ids = store.add([row, {**row, "score": 1.0, "label": "normal", "image_key": "1" * 64 + ".png"}])
+        assert store.set_verdict(ids[1], "normal", "ana", None)["verdict"] == "normal"
+        assert [r["id"] for r in store.list(InspectionFilter(model="m"))] == ids[::-1]
+        assert store.count(InspectionFilter(label="anomalous")) == 1
+        assert store.verdict_scores("m", "normal") == [1.0]
+        assert [r["image_key"] for r in store.confirmed_good("m")] == ["1" * 64 + ".png"]
+    finally:
+        store.close()
+    reopened = InspectionStore(url)  # migrations already applied: nothing to do, same data
+    with reopened.engine.connect() as connection:
+        assert connection.execute(text("SELECT max(version) FROM defectlens_schema")).scalar() == LATEST
+    assert reopened.count() == 2
+    reopened.close()
