@@ -204,6 +204,12 @@ def test_wrong_field(service):
     assert response.status_code == 422 and "'image'" in error["message"] and "'file'" in error["message"]
 
 
+def test_image_field_holding_text(service):
+    client, _, _ = service
+    response = client.post("/v1/models/tiny/inspect", data={"image": "part.png"}, files=[("other", ("x", b"x"))])
+    assert response.status_code == 422 and "file upload" in error_of(response)["message"]
+
+
 def test_not_multipart(service):
     client, _, _ = service
     response = client.post("/v1/models/tiny/inspect", content=png_bytes(good_image()), headers={"Content-Type": "image/png"})
@@ -370,6 +376,15 @@ def test_model_names_are_validated():
     for bad in (["../x=m.dlmodel"], ["a/b=m.dlmodel"], ["..=m"], ["x=a", "x=b"], []):
         with pytest.raises(ConfigError):
             parse_model_specs(bad)
+
+
+def test_transductive_methods_are_not_served():
+    from defectlens.models import create_detector
+    from defectlens.serve.inspection import check_servable
+
+    with pytest.raises(ConfigError, match="against each other"):
+        check_servable(create_detector("musc"), "m.dlmodel")
+    check_servable(create_detector("patchcore"), "p.dlmodel")
 
 
 def test_cli_refuses_exposure_without_token(tmp_path, capsys, monkeypatch):

@@ -119,6 +119,11 @@ def create_app(config: ServeConfig, models: dict[str, LoadedModel] | None = None
             problems.append(f"{where}: {item.get('msg')}")
         return _error(422, "invalid_request", "; ".join(problems) or "invalid request")
 
+    @app.exception_handler(Exception)
+    async def _unexpected(_request, error: Exception):
+        # Logged by the server with its traceback; the client gets the same JSON shape as any error.
+        return _error(500, "internal_error", f"the service failed on this request ({type(error).__name__}); see its log")
+
     def model_named(name: str) -> LoadedModel:
         if not valid_model_name(name) or name not in models:
             raise ApiError(404, "unknown_model", f"no model named {name!r}; this service serves: {', '.join(sorted(models))}")
@@ -175,6 +180,8 @@ def create_app(config: ServeConfig, models: dict[str, LoadedModel] | None = None
                            f"send the image as multipart/form-data in a field named '{IMAGE_FIELD}'")
         form = await request.form(max_files=config.max_batch, max_fields=config.max_batch + 8)
         files = [value for key, value in form.multi_items() if key == IMAGE_FIELD and isinstance(value, UploadFile)]
+        if not files and IMAGE_FIELD in form:
+            raise ApiError(422, "no_image", f"field '{IMAGE_FIELD}' holds text; send the image as a file upload")
         if not files:
             fields = ", ".join(sorted({f"'{key}'" for key in form.keys()})) or "none"
             raise ApiError(422, "no_image", f"no file in a multipart field named '{IMAGE_FIELD}' (fields sent: {fields})")

@@ -18,11 +18,20 @@ from ..data.io import ImageReadError, decode_image
 from ..models import Detector
 from ..report import heatmap_overlay
 from .blobs import BlobStore
+from .config import ConfigError
 from .store import InspectionStore, utcnow
 
 #: File signatures of the formats kept as uploaded; anything else PIL reads is stored re-encoded as PNG.
 _SIGNATURES = ((b"\x89PNG\r\n\x1a\n", "png"), (b"\xff\xd8\xff", "jpg"), (b"BM", "bmp"),
                (b"II*\x00", "tif"), (b"MM\x00*", "tif"))
+
+
+def check_servable(detector: Detector, path) -> None:
+    """Transductive methods score the images of one batch against each other: an image's score
+    would depend on what else a camera happened to send with it."""
+    if detector.predict_chunk is None:
+        raise ConfigError(f"{path}: {detector.name} scores a batch of images against each other, so one inspected "
+                          "image has no score of its own; serve a method fitted on good images (e.g. patchcore)")
 
 
 @dataclass
@@ -34,9 +43,10 @@ class LoadedModel:
     @classmethod
     def load(cls, name: str, path: Path) -> LoadedModel:
         detector = Detector.load(path)
+        check_servable(detector, path)
         # One prediction now builds lazily created state (backbones) before requests arrive, so
         # the first camera does not wait for it and concurrent workers never race to build it.
-        detector.predict([np.full((64, 64, 3), 128, np.uint8)])
+        detector.predict([np.random.default_rng(0).integers(0, 256, (64, 64, 3), dtype=np.uint8)])
         return cls(name, Path(path), detector)
 
     def describe(self) -> dict:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import math
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 
@@ -24,8 +25,10 @@ class InferencePool:
             raise ValueError(f"need at least one worker and a queue of zero or more, got {workers} and {queue}")
         self.workers = workers
         self.capacity = workers + queue
-        #: Jobs running or waiting. Only the event loop's thread changes it, so it needs no lock.
+        #: Jobs running or waiting. A job leaves it when its thread finishes it, not when its request
+        #: gives up waiting (a client that disconnects does not free a worker).
         self.pending = 0
+        self._lock = threading.Lock()
         self._seconds_per_job = 0.1
         self._executor = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="defectlens-predict")
 
@@ -38,15 +41,19 @@ class InferencePool:
         return max(1, math.ceil(self.pending / self.workers * self._seconds_per_job))
 
     async def run(self, function, *args):
-        if self.full:
-            raise Overloaded(self.retry_after())
-        self.pending += 1
+        with self._lock:
+            if self.pending >= self.capacity:
+                raise Overloaded(self.retry_after())
+            self.pending += 1
         started = time.perf_counter()
-        try:
-            return await asyncio.get_running_loop().run_in_executor(self._executor, function, *args)
-        finally:
+        future = self._executor.submit(function, *args)
+        future.add_done_callback(lambda _: self._finished(started))
+        return await asyncio.wrap_future(future)
+
+    def _finished(self, started: float) -> None:
+        with self._lock:
             self.pending -= 1
-            # A running mean of job time (waiting included is fine: it is what a retry will see).
+            # A running mean of job time, waiting included: it is what a retry will see.
             self._seconds_per_job = 0.9 * self._seconds_per_job + 0.1 * (time.perf_counter() - started)
 
     def shutdown(self) -> None:
