@@ -288,6 +288,43 @@ def test_requests_beyond_the_queue_get_503_with_retry_after(service):
     assert 'defectlens_rejected_requests_total{reason="overloaded"}' in client.get("/metrics").text
 
 
+def test_graceful_stop_answers_requests_in_flight(service, tmp_path):
+    from defectlens.serve import create_app
+
+    _, app, _ = service
+    tiny = app.state.models["tiny"]
+    held = LoadedModel("held", tiny.path, GatedDetector(tiny.detector))
+    config = ServeConfig(models={"held": tiny.path}, data_dir=tmp_path, workers=1, queue=4)
+    second = create_app(config, {"held": held})
+    results = []
+    server = ServerThread(second, free_port()).__enter__()
+
+    def post():
+        with httpx.Client(base_url=server.url, timeout=30) as own:
+            results.append(inspect(own, png_bytes(good_image()), name="held"))
+
+    clients = [threading.Thread(target=post) for _ in range(3)]
+    for client in clients:
+        client.start()
+    assert held.detector.entered.wait(30)
+    deadline = time.monotonic() + 30
+    while second.state.pool.pending < 3 and time.monotonic() < deadline:
+        time.sleep(0.01)
+    server.server.should_exit = True  # what SIGTERM does
+    time.sleep(0.3)
+    held.detector.gate.set()
+    for client in clients:
+        client.join(30)
+    server.thread.join(30)
+    assert not server.thread.is_alive()
+    assert [r.status_code for r in results] == [200, 200, 200]
+    from defectlens.serve.store import InspectionStore
+
+    store = InspectionStore(config.database_url)
+    assert store.count() == 3
+    store.close()
+
+
 # -- history, verdicts, threshold view, export ----------------------------------------------------------
 def test_history_filters_and_pages(service):
     client, _, _ = service
