@@ -194,30 +194,36 @@ function showDrift(drift) {
 }
 
 function draw() {
-  const canvas = $("histogram"), ctx = canvas.getContext("2d"), view = state.view;
-  ctx.clearRect(0, 0, canvas.width, canvas.height);
+  const canvas = $("histogram"), view = state.view;
+  // Draw at the canvas's on-screen size and the screen's pixel density, so text stays sharp.
+  const ratio = window.devicePixelRatio || 1, width = canvas.clientWidth, height = canvas.clientHeight;
+  canvas.width = Math.round(width * ratio); canvas.height = Math.round(height * ratio);
+  const ctx = canvas.getContext("2d"); ctx.setTransform(ratio, 0, 0, ratio, 0, 0);
+  ctx.clearRect(0, 0, width, height);
   if (!view || !view.histogram.edges.length) return;
   const { edges, normal, recent } = view.histogram;
   const low = edges[0], high = edges[edges.length - 1], pad = 18;
-  const x = (value) => ((value - low) / (high - low)) * canvas.width;
+  const x = (value) => ((value - low) / (high - low)) * width;
   // Each set is scaled to its own peak: their shapes are compared, not their counts.
   const bars = (counts, colour) => {
     const peak = Math.max(1, ...counts); ctx.fillStyle = colour;
     counts.forEach((count, i) => {
-      const h = (count / peak) * (canvas.height - pad);
-      ctx.fillRect(x(edges[i]) + 1, canvas.height - pad - h, x(edges[i + 1]) - x(edges[i]) - 2, h);
+      const h = (count / peak) * (height - pad);
+      ctx.fillRect(x(edges[i]) + 1, height - pad - h, x(edges[i + 1]) - x(edges[i]) - 2, h);
     });
   };
   bars(normal, "rgba(29, 95, 214, .55)"); bars(recent, "rgba(232, 120, 20, .55)");
   ctx.fillStyle = "#667085"; ctx.font = "11px system-ui";
-  ctx.fillText(fmt(low, 3), 2, canvas.height - 4); ctx.fillText(fmt(high, 3), canvas.width - 40, canvas.height - 4);
+  ctx.textAlign = "left"; ctx.fillText(fmt(low, 3), 2, height - 4);
+  ctx.textAlign = "right"; ctx.fillText(fmt(high, 3), width - 2, height - 4);
   const line = (value, colour, dash) => {
     ctx.strokeStyle = colour; ctx.lineWidth = 2; ctx.setLineDash(dash); ctx.beginPath();
-    ctx.moveTo(x(value), 0); ctx.lineTo(x(value), canvas.height - pad); ctx.stroke(); ctx.setLineDash([]);
+    ctx.moveTo(x(value), 0); ctx.lineTo(x(value), height - pad); ctx.stroke(); ctx.setLineDash([]);
   };
   if (view.model_threshold !== null) line(view.model_threshold, "#444", [5, 4]);
   line(Number($("threshold-slider").value), "#c0262d", []);
 }
+window.addEventListener("resize", draw);
 
 // -- start ----------------------------------------------------------------------------------------------
 for (const id of ["filter-model", "filter-label", "filter-verdict", "filter-since", "filter-until"]) {
