@@ -106,6 +106,11 @@ def create_app(config: ServeConfig, models: dict[str, LoadedModel] | None = None
         metrics.rejected.labels("too_large").inc()
         return _error(413, "too_large", str(error))
 
+    @app.exception_handler(Overloaded)
+    async def _overloaded(_request, error: Overloaded):
+        metrics.rejected.labels("overloaded").inc()
+        return _error(503, "overloaded", str(error), {"Retry-After": str(error.retry_after)})
+
     @app.exception_handler(StarletteHTTPException)
     async def _http_error(_request, error: StarletteHTTPException):
         codes = {400: "bad_request", 404: "not_found", 405: "method_not_allowed"}
@@ -173,7 +178,6 @@ def create_app(config: ServeConfig, models: dict[str, LoadedModel] | None = None
         a label from the model's threshold, and its heatmap; all are stored before the answer."""
         model = model_named(name)
         if pool.full:  # refuse before reading the body, the cheapest moment
-            metrics.rejected.labels("overloaded").inc()
             raise Overloaded(pool.retry_after())
         if not request.headers.get("content-type", "").startswith("multipart/form-data"):
             raise ApiError(415, "not_multipart",
@@ -192,24 +196,18 @@ def create_app(config: ServeConfig, models: dict[str, LoadedModel] | None = None
             problems = "; ".join(f"{r.name}: {r.error}" for r in results)
             metrics.rejected.labels("bad_image").inc()
             raise ApiError(422, "bad_image", problems)
-        ids = await run_in_threadpool(persist, store, blobs, model, results)
-        rows = await run_in_threadpool(store.get_many, [i for i in ids if i is not None])
+        rows = await run_in_threadpool(persist, store, blobs, model, results)
         items = []
-        for result, inspection_id in zip(results, ids):
-            if inspection_id is None:
+        for result, row in zip(results, rows):
+            if row is None:
                 items.append({"source_name": result.name, "error": result.error})
                 continue
             metrics.inspected(name, result.label, result.seconds)
-            item = public_record(rows[inspection_id])
+            item = public_record(row)
             if raw_map and result.anomaly_map is not None:
                 item["map"] = result.anomaly_map.tolist()
             items.append(item)
         return {"model": name, "threshold": model.detector.threshold, "items": items}
-
-    @app.exception_handler(Overloaded)
-    async def _overloaded(_request, error: Overloaded):
-        metrics.rejected.labels("overloaded").inc()
-        return _error(503, "overloaded", str(error), {"Retry-After": str(error.retry_after)})
 
     # -- history ---------------------------------------------------------------------------------
     @app.get("/v1/inspections")

@@ -143,8 +143,9 @@ def _npy(anomaly_map: np.ndarray) -> bytes:
     return buffer.getvalue()
 
 
-def persist(store: InspectionStore, blobs: BlobStore, model: LoadedModel, results: list[Result]) -> list[int | None]:
-    """Write files, then commit all rows of the request in one transaction; ids in upload order."""
+def persist(store: InspectionStore, blobs: BlobStore, model: LoadedModel, results: list[Result]) -> list[dict | None]:
+    """Write files, then commit all rows of the request in one transaction. Returns the stored rows
+    in upload order (None for an upload that failed)."""
     records, positions = [], []
     now = utcnow()
     for position, result in enumerate(results):
@@ -160,7 +161,7 @@ def persist(store: InspectionStore, blobs: BlobStore, model: LoadedModel, result
             "overlay_key": None if result.overlay_png is None else blobs.put(result.overlay_png, "png"),
         })
         positions.append(position)
-    ids: list[int | None] = [None] * len(results)
-    for position, inspection_id in zip(positions, store.add(records) if records else []):
-        ids[position] = inspection_id
-    return ids
+    rows: list[dict | None] = [None] * len(results)
+    for position, record, inspection_id in zip(positions, records, store.add(records) if records else []):
+        rows[position] = {**record, "id": inspection_id, "verdict": None, "verdict_by": None, "verdict_at": None}
+    return rows

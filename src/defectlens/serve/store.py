@@ -121,11 +121,6 @@ class InspectionStore:
             row = connection.execute(select(self.inspections).where(self.inspections.c.id == inspection_id)).first()
         return None if row is None else dict(row._mapping)
 
-    def get_many(self, ids: list[int]) -> dict[int, dict]:
-        with self.engine.connect() as connection:
-            rows = connection.execute(select(self.inspections).where(self.inspections.c.id.in_(ids)))
-            return {row.id: dict(row._mapping) for row in rows}
-
     def recent_scores(self, model: str, limit: int) -> list[tuple[float, str | None]]:
         """(score, verdict) of the model's latest ``limit`` inspections."""
         c = self.inspections.c
