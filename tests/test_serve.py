@@ -325,6 +325,35 @@ def test_graceful_stop_answers_requests_in_flight(service, tmp_path):
     store.close()
 
 
+def test_pool_bounds_jobs_and_estimates_the_wait():
+    import asyncio
+
+    from defectlens.serve.pool import InferencePool, Overloaded
+
+    pool = InferencePool(workers=1, queue=2)
+    release = threading.Event()
+
+    async def scenario():
+        assert await pool.run(time.sleep, 0.2) is None  # teaches the pool a job takes ~0.2 s
+        jobs = [asyncio.ensure_future(pool.run(release.wait, 30)) for _ in range(3)]
+        await asyncio.sleep(0.1)
+        assert pool.pending == 3 and pool.full
+        with pytest.raises(Overloaded) as refused:
+            await pool.run(time.sleep, 0)
+        # Three jobs of ~0.2 s ahead (the running mean starts at 0.1 s): about a second, never 0.
+        assert refused.value.retry_after == 1
+        jobs[0].cancel()  # a client that gives up does not free the worker its job holds
+        await asyncio.sleep(0.05)
+        assert pool.pending == 3
+        release.set()
+        await asyncio.gather(*jobs[1:])
+        await asyncio.sleep(0.05)
+        assert pool.pending == 0
+
+    asyncio.run(scenario())
+    pool.shutdown()
+
+
 # -- history, verdicts, threshold view, export ----------------------------------------------------------
 def test_history_filters_and_pages(service):
     client, _, _ = service

@@ -37,7 +37,7 @@ class InferencePool:
         return self.pending >= self.capacity
 
     def retry_after(self) -> int:
-        """Seconds until the queue has likely drained by one worker's share."""
+        """Seconds the jobs now running or waiting will take to finish."""
         return max(1, math.ceil(self.pending / self.workers * self._seconds_per_job))
 
     async def run(self, function, *args):
@@ -45,16 +45,23 @@ class InferencePool:
             if self.pending >= self.capacity:
                 raise Overloaded(self.retry_after())
             self.pending += 1
-        started = time.perf_counter()
-        future = self._executor.submit(function, *args)
-        future.add_done_callback(lambda _: self._finished(started))
+        future = self._executor.submit(self._timed, function, *args)
+        future.add_done_callback(self._finished)
         return await asyncio.wrap_future(future)
 
-    def _finished(self, started: float) -> None:
+    def _timed(self, function, *args):
+        started = time.perf_counter()
+        try:
+            return function(*args)
+        finally:
+            # A running mean of the time a job holds a worker (its wait in the queue excluded).
+            seconds = time.perf_counter() - started
+            with self._lock:
+                self._seconds_per_job = 0.9 * self._seconds_per_job + 0.1 * seconds
+
+    def _finished(self, _future) -> None:
         with self._lock:
             self.pending -= 1
-            # A running mean of job time, waiting included: it is what a retry will see.
-            self._seconds_per_job = 0.9 * self._seconds_per_job + 0.1 * (time.perf_counter() - started)
 
     def shutdown(self) -> None:
         """Finish the jobs already accepted, then stop the threads."""

@@ -3,7 +3,7 @@
 "use strict";
 
 const $ = (id) => document.getElementById(id);
-const state = { models: [], newestId: 0, oldestId: null, selected: null, view: null, viewModel: null };
+const state = { models: [], newestId: 0, oldestId: null, selected: null, view: null, viewModel: null, polling: null };
 const POLL_MS = 2000;
 
 async function api(path, options = {}) {
@@ -240,7 +240,7 @@ async function start() {
   $("filter-model").replaceChildren(el("option", { value: "" }, "all"), ...models.map((m) => el("option", { value: m.name }, m.name)));
   await loadFeed();
   await loadThresholdView();
-  setInterval(pollFeed, POLL_MS);
+  state.polling ??= setInterval(pollFeed, POLL_MS);  // once, even when a new sign-in starts again
   pollFeed();
 }
 
