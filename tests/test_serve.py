@@ -183,6 +183,7 @@ def test_too_large_upload(service):
     client, _, _ = service
     response = inspect(client, b"\x89PNG" + bytes(3_000_000))
     assert response.status_code == 413 and error_of(response)["code"] == "too_large"
+    assert 'defectlens_rejected_requests_total{reason="too_large"}' in client.get("/metrics").text
 
 
 def test_too_large_chunked_upload_without_length(service):

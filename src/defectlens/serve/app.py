@@ -295,7 +295,7 @@ def create_app(config: ServeConfig, models: dict[str, LoadedModel] | None = None
 
     # The last added runs first: count every request, answer CORS preflights (only when origins are
     # configured), refuse unauthenticated requests, then oversized bodies.
-    app.add_middleware(BodyLimit, limit=config.max_upload_bytes)
+    app.add_middleware(BodyLimit, limit=config.max_upload_bytes, metrics=metrics)
     app.add_middleware(TokenAuth, tokens=tuple(config.tokens))
     if config.cors_origins:
         app.add_middleware(CORSMiddleware, allow_origins=list(config.cors_origins), allow_methods=["GET", "POST"],

@@ -71,14 +71,15 @@ class TokenAuth:
 
 
 class BodyLimit:
-    def __init__(self, app, limit: int):
-        self.app, self.limit = app, limit
+    def __init__(self, app, limit: int, metrics):
+        self.app, self.limit, self.metrics = app, limit, metrics
 
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
         declared = _headers(scope).get("content-length")
         if declared is not None and declared.isdigit() and int(declared) > self.limit:
+            self.metrics.rejected.labels("too_large").inc()
             return await send_error(send, 413, "too_large",
                                     f"request body is {declared} bytes, over the limit of {self.limit} bytes")
         received = 0
