@@ -184,6 +184,33 @@ def cmd_demo(args) -> int:
     return EXIT_INPUT_FAILED if failed else EXIT_OK
 
 
+# -- serve --------------------------------------------------------------------------------------
+def cmd_serve(args) -> int:
+    import os
+
+    try:
+        from .serve.config import ServeConfig, parse_model_specs
+        from .serve.runner import export_good, run
+    except ImportError as error:
+        raise UsageError(f"serving needs the 'serve' extra ({error}): pip install \"defectlens[serve]\"") from None
+    tokens = tuple(args.token or ()) + ((os.environ["DEFECTLENS_TOKEN"],) if os.environ.get("DEFECTLENS_TOKEN") else ())
+    config = ServeConfig(models=parse_model_specs(args.models), data_dir=Path(args.data), db_url=args.db,
+                         host=args.host, port=args.port, tokens=tokens, insecure=args.insecure, workers=args.workers,
+                         queue=args.queue, max_upload_bytes=int(args.max_upload_mb * 1024 * 1024),
+                         max_pixels=int(args.max_pixels), max_batch=args.max_batch,
+                         cors_origins=tuple(args.cors_origin or ()))
+    if args.export_good:
+        for name, count in export_good(config, args.export_good).items():
+            print(f"{name}: {count} operator-confirmed good images in {Path(args.export_good) / name / 'train' / 'good'}")
+        return 0
+    config.check_exposure()  # before loading anything: the refusal is the first thing the user hears
+    for name, path in config.models.items():
+        if not path.is_file():
+            raise UsageError(f"model {name}: {path} does not exist")
+    run(config, max_connections=args.max_connections)
+    return 0
+
+
 # -- parser -------------------------------------------------------------------------------------
 def _count(text: str) -> int:
     """argparse type: a whole number >= 0."""
@@ -281,6 +308,27 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--out", default="defectlens-demo", help="output folder (default ./defectlens-demo)")
     demo.add_argument("--overwrite", action="store_true", help="reuse an output folder that is not a previous demo's")
     demo.set_defaults(func=cmd_demo)
+    serve = commands.add_parser("serve", help="inspection service: REST API, history database, live dashboard")
+    serve.add_argument("models", nargs="+", metavar="MODEL", help="model files, each PATH or NAME=PATH (name: the file stem)")
+    serve.add_argument("--host", default="127.0.0.1", help="address to listen on (default loopback only)")
+    serve.add_argument("--port", type=int, default=8000)
+    serve.add_argument("--data", default="defectlens-serve",
+                       help="folder for stored images and maps, and the SQLite database unless --db (default ./defectlens-serve)")
+    serve.add_argument("--db", default=None, help="SQLAlchemy database URL, e.g. postgresql+psycopg://user:pw@host/db")
+    serve.add_argument("--token", action="append",
+                       help="API token (repeatable; DEFECTLENS_TOKEN is also read, and keeps the token out of `ps`)")
+    serve.add_argument("--insecure", action="store_true", help="allow listening beyond loopback without a token")
+    serve.add_argument("--workers", type=int, default=1, help="prediction threads (default 1)")
+    serve.add_argument("--queue", type=int, default=32, help="requests that may wait for a worker; more get 503 (default 32)")
+    serve.add_argument("--max-connections", type=int, default=256, help="open connections before uvicorn answers 503 (default 256)")
+    serve.add_argument("--max-upload-mb", type=float, default=32.0, help="request body limit (default 32 MiB)")
+    serve.add_argument("--max-pixels", type=float, default=40e6, help="pixels per image (default 40e6)")
+    serve.add_argument("--max-batch", type=int, default=16, help="images per request (default 16)")
+    serve.add_argument("--cors-origin", action="append", help="allow browser calls from this origin (default: none)")
+    serve.add_argument("--export-good", metavar="DIR",
+                       help="do not serve: write each model's operator-confirmed good images to DIR/MODEL/train/good and exit")
+    serve.set_defaults(func=cmd_serve)
+
     for command in commands.choices.values():
         # Also accepted after the command name; SUPPRESS keeps a sub-command from resetting it.
         command.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help=DEBUG_HELP)

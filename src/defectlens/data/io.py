@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import os
 import warnings
 from collections import Counter
@@ -180,13 +181,32 @@ def read_image(path: str | os.PathLike, max_side: int | None = None, max_pixels:
         raise ImageReadError(path, "file is empty (0 bytes)")
     if not os.access(path, os.R_OK):
         raise ImageReadError(path, "permission denied: the file is not readable")
+    return _decode(path, path, max_side, max_pixels)
+
+
+def decode_image(data: bytes, name: str = "upload", max_side: int | None = None,
+                 max_pixels: int | None = None) -> np.ndarray:
+    """Decode an image held in memory (an upload) as an H×W×3 RGB uint8 array, with the same
+    guards and conversions as :func:`read_image`.
+
+    Images whose header declares more than ``max_pixels`` pixels (default
+    :data:`MAX_IMAGE_PIXELS`) are refused before any pixel is decoded, so an untrusted upload
+    cannot make the caller allocate gigabytes. ``name`` is used in error messages. Raises
+    :class:`ImageReadError`.
+    """
+    if not data:
+        raise ImageReadError(name, "file is empty (0 bytes)")
+    return _decode(io.BytesIO(data), name, max_side, MAX_IMAGE_PIXELS if max_pixels is None else max_pixels)
+
+
+def _decode(source, name, max_side: int | None, max_pixels: int) -> np.ndarray:
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
-            with Image.open(path) as image:
+            with Image.open(source) as image:
                 width, height = image.size
                 if width * height > max_pixels:
-                    raise ImageReadError(path, f"image is {width}×{height} ({width * height / 1e6:.0f} Mpx), above the "
+                    raise ImageReadError(name, f"image is {width}×{height} ({width * height / 1e6:.0f} Mpx), above the "
                                                f"{max_pixels / 1e6:g} Mpx decoding limit; tile or downscale it, or raise "
                                                "the limit (--max-megapixels)")
                 if max_side is not None and image.format == "JPEG":
@@ -200,18 +220,18 @@ def read_image(path: str | os.PathLike, max_side: int | None = None, max_pixels:
     except ImageReadError:
         raise
     except UnidentifiedImageError:
-        raise ImageReadError(path, "not a recognised image format (is it really an image?)") from None
+        raise ImageReadError(name, "not a recognised image format (is it really an image?)") from None
     except PermissionError:
-        raise ImageReadError(path, "permission denied: the file is not readable") from None
+        raise ImageReadError(name, "permission denied: the file is not readable") from None
     except (OSError, SyntaxError, ValueError) as error:
         problem = str(error) or type(error).__name__
         if "truncated" in problem.lower() or "image file is truncated" in problem:
             problem = f"image data is truncated or corrupt ({problem})"
-        raise ImageReadError(path, f"cannot decode image: {problem}") from None
+        raise ImageReadError(name, f"cannot decode image: {problem}") from None
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as error:
-        raise ImageReadError(path, f"image is too large to decode safely: {error}") from None
+        raise ImageReadError(name, f"image is too large to decode safely: {error}") from None
     if array.size == 0:
-        raise ImageReadError(path, "image has zero width or height")
+        raise ImageReadError(name, "image has zero width or height")
     return np.ascontiguousarray(array)
 
 

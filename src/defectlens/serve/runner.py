@@ -1,0 +1,44 @@
+"""Start the service (uvicorn) or export from its history; what `defectlens serve` calls."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+from .blobs import BlobStore
+from .config import ServeConfig
+from .export import export_folder
+from .inspection import LoadedModel
+from .store import InspectionStore
+
+log = logging.getLogger("defectlens.serve")
+
+
+def run(config: ServeConfig, max_connections: int = 256, log_level: str = "info") -> None:
+    """Load every model, open the database, and serve until SIGINT/SIGTERM. On a stop signal the
+    server stops accepting, waits up to ``config.graceful_timeout`` s for in-flight requests, then
+    finishes queued predictions and closes the database."""
+    import uvicorn
+
+    from .app import create_app
+
+    config.check_exposure()
+    models = {}
+    for name, path in config.models.items():
+        models[name] = LoadedModel.load(name, path)
+        print(f"loaded {name}: {models[name].detector.name} from {path}", flush=True)
+    app = create_app(config, models)
+    print(f"history in {config.database_url if config.db_url else Path(config.data_dir).resolve()}; "
+          f"dashboard at http://{config.host}:{config.port}/", flush=True)
+    uvicorn.run(app, host=config.host, port=config.port, log_level=log_level, server_header=False,
+                timeout_graceful_shutdown=config.graceful_timeout, limit_concurrency=max_connections)
+
+
+def export_good(config: ServeConfig, folder: str | Path) -> dict[str, int]:
+    """Write each model's operator-confirmed good images to ``folder/<model>/train/good/``."""
+    store = InspectionStore(config.database_url)
+    blobs = BlobStore(Path(config.data_dir) / "blobs")
+    try:
+        return {name: export_folder(store, blobs, name, Path(folder) / name) for name in config.models}
+    finally:
+        store.close()
