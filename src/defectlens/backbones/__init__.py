@@ -5,18 +5,28 @@ from __future__ import annotations
 from functools import lru_cache
 
 from .base import PatchBackbone, configure_threads
+from .dinov2 import DINOv2, is_dinov2_name, resolved_name
 from .efficientnet_lite import VARIANTS as EFFICIENTNET_LITE_VARIANTS
 from .efficientnet_lite import EfficientNetLite
 
 DEFAULT_BACKBONE = "efficientnet-lite0"
 
 
-@lru_cache(maxsize=4)
-def get_backbone(name: str = DEFAULT_BACKBONE, size: int = 256) -> PatchBackbone:
-    """One shared instance per (name, size): loading weights once per process."""
+def get_backbone(name: str = DEFAULT_BACKBONE, size: int | tuple[int, int] = 256) -> PatchBackbone:
+    """The backbone called ``name`` at input ``size``: an EfficientNet-Lite variant, or
+    ``dinov2[:MODEL][@LAYERS]`` (see backbones.dinov2). One shared instance per (name, size)."""
+    if is_dinov2_name(name):
+        return _build(resolved_name(name), size)
     if name in EFFICIENTNET_LITE_VARIANTS:
-        return EfficientNetLite(name, size)
-    raise ValueError(f"unknown backbone '{name}'; available: {', '.join(sorted(EFFICIENTNET_LITE_VARIANTS))}")
+        return _build(name, size)
+    raise ValueError(f"unknown backbone '{name}'; available: {', '.join(sorted(EFFICIENTNET_LITE_VARIANTS))}, "
+                     f"dinov2[:MODEL][@LAYERS]")
 
 
-__all__ = ["DEFAULT_BACKBONE", "EfficientNetLite", "PatchBackbone", "configure_threads", "get_backbone"]
+@lru_cache(maxsize=4)
+def _build(name: str, size: int | tuple[int, int]) -> PatchBackbone:
+    """Loading weights once per process."""
+    return DINOv2(name, size) if is_dinov2_name(name) else EfficientNetLite(name, size)
+
+
+__all__ = ["DEFAULT_BACKBONE", "DINOv2", "EfficientNetLite", "PatchBackbone", "configure_threads", "get_backbone"]
