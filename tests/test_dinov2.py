@@ -112,5 +112,5 @@ def test_missing_weights_give_one_line_saying_how_to_provide_them(tmp_path, monk
     assert "--backbone dinov2:PATH" in str(error.value) and "\n" not in str(error.value)
     vit = _save(tmp_path / "vit", transformers.ViTModel,
                 transformers.ViTConfig(**{k: v for k, v in TINY.items() if k != "mlp_ratio"}))
-    with pytest.raises(ModelNotAvailable, match="its config is a 'vit' model"):
+    with pytest.raises(ModelNotAvailable, match="holds a 'vit' model, not DINOv2"):
         get_backbone(f"dinov2:{vit}", 64)

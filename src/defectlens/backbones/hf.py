@@ -33,6 +33,15 @@ def _how_to(family: str) -> str:
             f"or set {variable}=PATH")
 
 
+def _unavailable(family: str, label: str, source: str, error: Exception) -> ModelNotAvailable:
+    """The one-line error for weights that did not load from ``source``."""
+    if Path(source).exists():
+        problem = f"{label} folder '{source}' could not be loaded ({str(error).splitlines()[0]})"
+    else:  # transformers' own message here is about hub ids or the network, which misleads offline
+        problem = f"{label} model '{source}' is neither a folder on this machine nor in the Hugging Face cache"
+    return ModelNotAvailable(f"{problem}; {_how_to(family)}")
+
+
 def resolve_model(family: str, model: str | os.PathLike | None) -> str:
     """The folder or hub id to load: the argument, else the family's environment variable."""
     variable = FAMILIES[family][0]
@@ -59,11 +68,7 @@ def load_clip(model: str | None = None):
         clip = transformers.CLIPModel.from_pretrained(source, local_files_only=True)
         tokenizer = transformers.AutoTokenizer.from_pretrained(source, local_files_only=True)
     except (OSError, ValueError) as error:
-        if Path(source).exists():
-            problem = f"CLIP folder '{source}' could not be loaded ({str(error).splitlines()[0]})"
-        else:  # transformers' own message here is about hub ids or the network, which misleads offline
-            problem = f"CLIP model '{source}' is neither a folder on this machine nor in the Hugging Face cache"
-        raise ModelNotAvailable(f"{problem}; {_how_to('clip')}") from None
+        raise _unavailable("clip", "CLIP", source, error) from None
     return clip.eval(), tokenizer
 
 
@@ -75,11 +80,7 @@ def load_sam(model: str | None = None):
     try:
         sam = transformers.SamModel.from_pretrained(source, local_files_only=True)
     except (OSError, ValueError) as error:
-        if Path(source).exists():
-            problem = f"SAM folder '{source}' could not be loaded ({str(error).splitlines()[0]})"
-        else:
-            problem = f"SAM model '{source}' is neither a folder on this machine nor in the Hugging Face cache"
-        raise ModelNotAvailable(f"{problem}; {_how_to('sam')}") from None
+        raise _unavailable("sam", "SAM", source, error) from None
     return sam.eval()
 
 
@@ -91,13 +92,13 @@ def load_dinov2(model: str | None = None):
     transformers = _require_transformers()
     try:
         config = transformers.AutoConfig.from_pretrained(source, local_files_only=True)
-        if config.model_type not in DINOV2_CLASSES:
-            raise ValueError(f"its config is a '{config.model_type}' model, not one of {', '.join(DINOV2_CLASSES)}")
+    except (OSError, ValueError) as error:
+        raise _unavailable("dinov2", "DINOv2", source, error) from None
+    if config.model_type not in DINOV2_CLASSES:
+        raise ModelNotAvailable(f"'{source}' holds a '{config.model_type}' model, not DINOv2 "
+                                f"({' or '.join(DINOV2_CLASSES)}); {_how_to('dinov2')}")
+    try:
         network = getattr(transformers, DINOV2_CLASSES[config.model_type]).from_pretrained(source, local_files_only=True)
     except (OSError, ValueError, AttributeError) as error:
-        if Path(source).exists():
-            problem = f"DINOv2 folder '{source}' could not be loaded ({str(error).splitlines()[0]})"
-        else:
-            problem = f"DINOv2 model '{source}' is neither a folder on this machine nor in the Hugging Face cache"
-        raise ModelNotAvailable(f"{problem}; {_how_to('dinov2')}") from None
+        raise _unavailable("dinov2", "DINOv2", source, error) from None
     return network.eval()
