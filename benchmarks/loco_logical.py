@@ -105,8 +105,8 @@ def write_markdown(store: dict, args_line: str) -> None:
         ("Data: `defectlens generate DIR --kind loco --seed S` (category assembly: 40 train, 20 good, 8 of each of five "
         "logical and three structural anomaly types in test). Image AUROC of logical and of structural anomalies, each "
         "against all good test images; AUC-sPRO (FPR ≤ 0.05, normalised; saturation areas from defects_config.json, "
-        "FPR on good images only) of the anomaly maps. Mean ± std over all runs: every generator seed × shot seed "
-        "(shot picks shared by all methods). Times are wall-clock on a shared machine: noisy; `fit s` excludes the "
+        "FPR over the defect-free pixels of all test images, as the official LOCO evaluation) of the anomaly maps. "
+        "Mean ± std over all runs: every generator seed × shot seed (shot picks shared by all methods). Times are wall-clock on a shared machine: noisy; `fit s` excludes the "
         "backbone only for patchknn (features computed once per sweep), composition and gcad fit end to end.\n"),
         ("| method | shots | runs | logical AUROC | structural AUROC | all AUROC | sPRO@0.05 logical | "
          "sPRO@0.05 structural | FPR / TPR at threshold | fit s | ms/image |"),

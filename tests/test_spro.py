@@ -60,14 +60,32 @@ def test_hand_computed_curve_and_areas():
     assert au_spro(regions, maps, 1.0) == pytest.approx(0.75)
 
 
-def test_pixels_outside_regions_of_anomalous_images_are_ignored():
-    regions, maps = _hand_case()
-    bigger = np.zeros((2, 3))
-    bigger[:, :2] = maps[1]
-    bigger[:, 2] = 100.0  # a hot spot outside the annotated region
-    mask = np.zeros((2, 3), bool)
-    mask[:, :2] = True
-    assert au_spro([[], [DefectRegion(mask, 3.0)]], [maps[0], bigger], 0.3) == au_spro(regions, maps, 0.3)
+def test_false_positives_outside_the_regions_of_anomalous_images_count():
+    """The official rule: a hot spot outside the masks of an anomalous image is a false positive.
+
+    Defect-free pixels: the good image's 0.1 and 0.2, and the anomalous image's 0.9 and 0.3
+    (4 in all). Lowering the threshold: 0.9 is a false positive (FPR 1/4, sPRO 0), then the
+    region's 0.6 and 0.4 bring sPRO to 1/2 and 1 at FPR 1/4. Counting the good image only, the
+    region would saturate before any false positive, for an area of 1 at every limit.
+    """
+    good = np.array([[0.1, 0.2]])
+    bad = np.array([[0.6, 0.4, 0.9, 0.3]])
+    regions = [[], [DefectRegion(np.array([[True, True, False, False]]), 2.0)]]
+    fpr, spro = spro_curve(regions, [good, bad])
+    assert sorted(set(zip(np.round(fpr, 9), np.round(spro, 9)))) == [(0, 0), (0.25, 0), (0.25, 0.5), (0.25, 1), (1, 1)]
+    assert au_spro(regions, [good, bad], 0.05) == 0.0
+    assert au_spro(regions, [good, bad], 0.3) == pytest.approx(0.05 / 0.3)
+    assert au_spro(regions, [good, bad], 1.0) == pytest.approx(0.75)
+
+
+def test_a_pixel_in_any_region_of_its_image_is_never_a_false_positive():
+    """Two overlapping regions: a pixel of one that the other does not cover is still a defect."""
+    good = np.array([[0.0, 0.0]])
+    bad = np.array([[0.9, 0.8, 0.1]])
+    first, second = np.array([[True, False, False]]), np.array([[True, True, False]])
+    regions = [[], [DefectRegion(first, 1.0), DefectRegion(second, 2.0)]]
+    # 0.9 saturates the first region and half the second, 0.8 the rest, all at FPR 0.
+    assert au_spro(regions, [good, bad], 0.05) == pytest.approx(1.0)
 
 
 def test_regions_count_equally_whatever_their_size():
@@ -79,33 +97,57 @@ def test_regions_count_equally_whatever_their_size():
     assert au_spro(regions, [good, first, second], 0.3) == pytest.approx(0.5)
 
 
-def test_matches_the_definition_on_random_maps_with_ties():
+def _official_au_spro(regions_per_image, maps, fpr_limit):
+    """The official evaluation's rule, written independently with plain loops: binarise every map
+    at each threshold (score > t, every distinct score and one below all), per region the
+    saturated overlap, per image the flagged pixels outside all of its regions, FPR over all
+    defect-free pixels; then the trapezoid up to ``fpr_limit``, interpolated there."""
+    values = sorted({float(v) for m in maps for v in m.ravel()})
+    thresholds = [values[0] - 1.0] + values
+    points = []
+    for t in thresholds:
+        overlaps, false_positives, negatives = [], 0, 0
+        for regions, score_map in zip(regions_per_image, maps):
+            height, width = score_map.shape
+            for region in regions:
+                hits = sum(1 for y in range(height) for x in range(width)
+                           if region.mask[y, x] and score_map[y, x] > t)
+                overlaps.append(min(1.0, hits / region.saturation))
+            for y in range(height):
+                for x in range(width):
+                    if not any(region.mask[y, x] for region in regions):
+                        negatives += 1
+                        false_positives += score_map[y, x] > t
+        points.append((false_positives / negatives, sum(overlaps) / len(overlaps)))
+    points.sort()
+    area = 0.0
+    for (x0, y0), (x1, y1) in zip(points, points[1:]):
+        if x0 >= fpr_limit:
+            break
+        if x1 > fpr_limit:
+            y1 = y0 + (y1 - y0) * (fpr_limit - x0) / (x1 - x0)
+            x1 = fpr_limit
+        area += (x1 - x0) * (y0 + y1) / 2
+    return area / fpr_limit
+
+
+def test_parity_with_the_official_rule_on_random_maps_with_ties():
     rng = np.random.default_rng(0)
-    maps = [rng.integers(0, 12, (6, 7)).astype(float) for _ in range(5)]
-    regions = [[], [],
-               [DefectRegion(rng.random((6, 7)) < 0.3, 2.5), DefectRegion(rng.random((6, 7)) < 0.2, 30.0)],
-               [DefectRegion(rng.random((6, 7)) < 0.4, 1.0)],
-               [DefectRegion(rng.random((6, 7)) < 0.5, 4.0)]]
-    normal = np.concatenate([maps[0].ravel(), maps[1].ravel()])
-    all_regions = [(r, m) for rs, m in zip(regions, maps) for r in rs]
-
-    def point(t):
-        spro = np.mean([min(1.0, (m[r.mask] >= t).sum() / r.saturation) for r, m in all_regions])
-        return (normal >= t).mean(), spro
-
-    thresholds = np.unique(np.concatenate([m.ravel() for m in maps]))[::-1]
-    fpr, spro = np.array([(0.0, 0.0)] + [point(t) for t in thresholds]).T
-    for limit in (0.05, 0.3, 1.0):
-        inside = fpr <= limit
-        x = np.append(fpr[inside], limit)
-        y = np.append(spro[inside], np.interp(limit, fpr, spro))
-        assert au_spro(regions, maps, limit) == pytest.approx(np.trapezoid(y, x) / limit)
+    for trial in range(3):
+        maps = [rng.integers(0, 12, (5, 6)).astype(float) for _ in range(5)]
+        regions = [[], [],
+                   [DefectRegion(rng.random((5, 6)) < 0.3, 2.5), DefectRegion(rng.random((5, 6)) < 0.2, 30.0)],
+                   [DefectRegion(rng.random((5, 6)) < 0.4, 1.0)],
+                   [DefectRegion(rng.random((5, 6)) < 0.5, 4.0)]]
+        regions = [[r for r in rs if r.mask.any()] for rs in regions]
+        for limit in (0.05, 0.3, 1.0):
+            assert au_spro(regions, maps, limit) == pytest.approx(_official_au_spro(regions, maps, limit)), (trial, limit)
 
 
 def test_undefined_cases_give_nan_and_bad_inputs_raise():
     regions, maps = _hand_case()
     assert math.isnan(au_spro([[], []], maps))  # no region
-    assert math.isnan(au_spro([regions[1]], [maps[1]]))  # no anomaly-free image
+    assert math.isnan(au_spro([regions[1]], [maps[1]]))  # every pixel is a defect
     with pytest.raises(ValueError):
         au_spro(regions, maps, fpr_limit=0.0)
     with pytest.raises(ValueError):

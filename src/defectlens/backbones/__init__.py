@@ -6,6 +6,7 @@ from functools import lru_cache
 
 from ..errors import UsageError
 from .base import PatchBackbone, configure_threads
+from .dinov2 import DINOv2, is_dinov2_name, resolved_name
 from .efficientnet_lite import VARIANTS as EFFICIENTNET_LITE_VARIANTS
 from .efficientnet_lite import EfficientNetLite
 
@@ -13,21 +14,30 @@ DEFAULT_BACKBONE = "efficientnet-lite0"
 
 
 def available_backbones() -> list[str]:
-    """Names ``get_backbone`` accepts."""
-    return sorted(EFFICIENTNET_LITE_VARIANTS)
+    """Names ``get_backbone`` accepts (DINOv2 as its pattern)."""
+    return [*sorted(EFFICIENTNET_LITE_VARIANTS), "dinov2[:MODEL][@LAYERS]"]
 
 
 def is_backbone_name(name) -> bool:
     """Whether ``get_backbone`` knows ``name`` (without loading anything)."""
-    return isinstance(name, str) and name in EFFICIENTNET_LITE_VARIANTS
+    return isinstance(name, str) and (name in EFFICIENTNET_LITE_VARIANTS or is_dinov2_name(name))
 
 
-@lru_cache(maxsize=4)
-def get_backbone(name: str = DEFAULT_BACKBONE, size: int = 256) -> PatchBackbone:
-    """One shared instance per (name, size): loading weights once per process."""
+def get_backbone(name: str = DEFAULT_BACKBONE, size: int | tuple[int, int] = 256) -> PatchBackbone:
+    """The backbone called ``name`` at input ``size``: an EfficientNet-Lite variant, or
+    ``dinov2[:MODEL][@LAYERS]`` (see backbones.dinov2). One shared instance per (name, size)."""
+    if is_dinov2_name(name):
+        return _build(resolved_name(name), size)
     if name in EFFICIENTNET_LITE_VARIANTS:
-        return EfficientNetLite(name, size)
+        return _build(name, size)
     raise UsageError(f"unknown backbone '{name}'; available: {', '.join(available_backbones())}")
 
 
-__all__ = ["DEFAULT_BACKBONE", "available_backbones", "is_backbone_name", "EfficientNetLite", "PatchBackbone", "configure_threads", "get_backbone"]
+@lru_cache(maxsize=4)
+def _build(name: str, size: int | tuple[int, int]) -> PatchBackbone:
+    """Loading weights once per process."""
+    return DINOv2(name, size) if is_dinov2_name(name) else EfficientNetLite(name, size)
+
+
+__all__ = ["DEFAULT_BACKBONE", "DINOv2", "EfficientNetLite", "PatchBackbone", "available_backbones", "configure_threads",
+           "get_backbone", "is_backbone_name"]

@@ -1,16 +1,21 @@
-"""sPRO, the saturated per-region overlap of MVTec LOCO AD (Bergmann et al., IJCV 2022).
+"""sPRO, the saturated per-region overlap of MVTec LOCO AD (Bergmann et al., IJCV 2022), as the
+dataset's official evaluation computes it.
 
 Every annotated defect region (in LOCO, one mask file of an image; an image may have several)
 has a saturation area s, in pixels: flagging s of its pixels earns full credit, so a missing part
 marked by its whole compartment counts as found once a fair share of it lights up. At a threshold
 t a region's saturated overlap is min(1, pixels >= t in the region / s), and sPRO(t) is the mean
-over all regions. The false-positive rate counts the pixels of anomaly-free images only: in an
-image with a logical defect, pixels outside its masks are not reliably "normal". AUC-sPRO is the
-area under sPRO over FPR from 0 to a limit (0.05 and 0.3 in the LOCO paper), divided by the limit.
+over all regions. A false positive is a flagged pixel that lies outside every region of its
+image, in every evaluated image, good or anomalous; the false-positive rate divides their count
+by the number of such defect-free pixels over all images (the official script's
+``get_fp_areas_for_thresholds`` and ``get_fp_rates``). AUC-sPRO is the area under sPRO over FPR
+from 0 to a limit (0.05 and 0.3 in the LOCO paper), divided by the limit.
 
-The curve is exact, through every distinct score (see metrics.pixel): sorted by score, a region's
-j-th pixel raises its overlap by (min(j, s) - min(j-1, s)) / s, so sPRO is a weighted count of
-defect pixels at or above the threshold, and tied pixels get the same total whatever their order.
+The curve is exact, through every distinct score (see metrics.pixel), where the official script
+samples a fixed number of thresholds; its curve converges to this one as the sample grows.
+Sorted by score, a region's j-th pixel raises its overlap by (min(j, s) - min(j-1, s)) / s, so
+sPRO is a weighted count of defect pixels at or above the threshold, and tied pixels get the
+same total whatever their order.
 """
 
 from __future__ import annotations
@@ -61,21 +66,24 @@ def defect_regions(mask_values: np.ndarray, defects_config: list[dict], scale: f
 
 
 def spro_curve(regions_per_image: list[list[DefectRegion]], maps) -> tuple[np.ndarray, np.ndarray] | None:
-    """(FPR, sPRO) through every distinct threshold, from the highest down; images with no
-    regions are the anomaly-free ones. None when there is no region or no anomaly-free pixel."""
+    """(FPR, sPRO) through every distinct threshold, from the highest down. Images with no
+    regions are anomaly-free; the pixels outside all regions of every image are the negatives.
+    None when there is no region or no defect-free pixel."""
     regions_per_image, maps = list(regions_per_image), list(maps)
     if len(regions_per_image) != len(maps):
         raise ValueError(f"{len(regions_per_image)} region lists but {len(maps)} maps")
-    scores, weights, normal_pairs, count = [], [], [], 0
+    scores, weights, negatives, count = [], [], [], 0
     for index, (regions, score_map) in enumerate(zip(regions_per_image, maps)):
         score_map = _scores(score_map)
         if score_map.ndim != 2:
             raise ValueError(f"map {index} has shape {score_map.shape}, expected H×W")
-        if not regions:
-            normal_pairs.append((None, score_map))
+        defective = np.zeros(score_map.shape, dtype=bool)
         for region in regions:
             if region.mask.shape != score_map.shape:
                 raise ValueError(f"a region of image {index} is {region.mask.shape} but its map is {score_map.shape}")
+            # A region that earns no credit (no saturation area) still keeps its pixels out of
+            # the false positives, as in the official union over all of an image's channels.
+            defective |= region.mask
             if region.saturation <= 0 or not region.mask.any():
                 continue
             ranked = np.sort(score_map[region.mask])[::-1]
@@ -84,14 +92,15 @@ def spro_curve(regions_per_image: list[list[DefectRegion]], maps) -> tuple[np.nd
             scores.append(ranked)
             weights.append(gain / region.saturation)
             count += 1
+        negatives.append((defective if defective.any() else None, score_map))
     if not count:
         return None
-    return weighted_curve(np.concatenate(scores), np.concatenate(weights), normal_pairs, total_weight=count)
+    return weighted_curve(np.concatenate(scores), np.concatenate(weights), negatives, total_weight=count)
 
 
 def au_spro(regions_per_image: list[list[DefectRegion]], maps, fpr_limit: float = 0.05) -> float:
     """Area under sPRO over FPR in [0, ``fpr_limit``], divided by ``fpr_limit``: 1 for a map that
-    saturates every region before any anomaly-free pixel is flagged; nan when undefined."""
+    saturates every region before any defect-free pixel is flagged; nan when undefined."""
     if not 0.0 < fpr_limit <= 1.0:
         raise ValueError(f"fpr_limit must be in (0, 1], not {fpr_limit}")
     curve = spro_curve(regions_per_image, maps)
