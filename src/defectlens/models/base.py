@@ -151,6 +151,10 @@ class BackboneDetector(Detector):
             self._backbone = get_backbone(self.params["backbone"], self.params["size"])
         return self._backbone
 
+    @backbone.setter
+    def backbone(self, backbone) -> None:
+        self._backbone = backbone
+
 
 def read_model_file(path: str | os.PathLike) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
     path = Path(path)
