@@ -104,6 +104,10 @@ def cmd_predict(args) -> int:
     from .report import ImageRecord, colorize_parts, heatmap_overlay, save_png, write_report
 
     detector = Detector.load(args.model)
+    if args.runtime != "torch":
+        from .runtime import load_runtime
+
+        detector = load_runtime(detector, args.runtime, export_dir=args.export_dir)
     paths = collect_inputs(args.inputs)
     if not paths:
         raise UsageError("no input images found in " + ", ".join(args.inputs))
@@ -158,6 +162,17 @@ def cmd_predict(args) -> int:
     print(f"{len(rows)} images: {anomalous} anomalous, {len(rows) - anomalous - failed} normal"
           f"{'' if threshold is not None else ' (no threshold: labels left empty)'}, {failed} failed", file=sys.stderr)
     return EXIT_INPUT_FAILED if failed else 0
+
+
+def cmd_export(args) -> int:
+    from .models import Detector
+    from .runtime import export_model, read_spec
+
+    out = export_model(Detector.load(args.model), args.output, args.format, overwrite=args.overwrite)
+    spec = read_spec(out)
+    print(f"wrote {out}: {spec['backbone']} at {spec['input_hw'][0]}×{spec['input_hw'][1]} px, {args.format}, "
+          f"largest feature difference from PyTorch {spec['max_feature_difference']:.2g}")
+    return 0
 
 
 # -- benchmark ----------------------------------------------------------------------------------
@@ -268,7 +283,17 @@ def build_parser() -> argparse.ArgumentParser:
     predict.add_argument("--report", help="write an HTML report of the predictions here")
     predict.add_argument("--threshold", type=float, default=None, help="override the model's threshold")
     predict.add_argument("--overwrite", action="store_true", help="replace existing output files")
+    predict.add_argument("--runtime", default="auto", choices=["auto", "torch", "onnx", "openvino"],
+                         help="where the backbone runs; auto (default): the fastest installed, exported once into the cache")
+    predict.add_argument("--export-dir", default=None, help="an export folder from `defectlens export` to run on")
     predict.set_defaults(func=cmd_predict)
+
+    export = commands.add_parser("export", help="export a model's backbone feature graph to ONNX or OpenVINO (checked against PyTorch)")
+    export.add_argument("model")
+    export.add_argument("-o", "--output", required=True, help="export folder to write")
+    export.add_argument("--format", default="onnx", choices=["onnx", "openvino"])
+    export.add_argument("--overwrite", action="store_true", help="replace an existing export folder")
+    export.set_defaults(func=cmd_export)
 
     bench = commands.add_parser("benchmark", help="k-shot protocol on a labelled dataset: shots × seeds, mean ± std")
     bench.add_argument("data")
