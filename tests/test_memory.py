@@ -6,6 +6,8 @@ import torch
 
 from defectlens.models.memory import NearestNeighbours, _k_center, _KCenter, greedy_coreset
 
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 
 def plain_k_center(points: torch.Tensor, size: int, first: int) -> list[int]:
     """The textbook loop: one pass over all points per pick (the reference the fast path must match)."""
@@ -22,28 +24,28 @@ def plain_k_center(points: torch.Tensor, size: int, first: int) -> list[int]:
 def test_k_center_on_a_line_picks_the_farthest_point_each_time():
     # 0, 1, ..., 10 from 4: farthest is 10 (6 away), then 0 (4 away from 4), then 7 (3 away from 4 and 10).
     points = torch.arange(11, dtype=torch.float64)[:, None]
-    assert _KCenter(points, candidates=4).run(first=4, size=4).tolist() == [4, 10, 0, 7]
+    assert _KCenter(points, candidates=4, whole=0).run(first=4, size=4).tolist() == [4, 10, 0, 7]
 
 
 def test_every_pick_is_the_farthest_point_from_the_previous_picks():
     generator = torch.Generator().manual_seed(1)
     points = torch.cat([torch.randn(1500, 6, generator=generator, dtype=torch.float64) * scale
                         for scale in (0.1, 1.0, 5.0)])
-    picked = _KCenter(points, candidates=64).run(first=0, size=120)
+    picked = _KCenter(points, candidates=64, whole=0).run(first=0, size=120)
     distance = torch.cdist(points, points[picked])
     for step in range(1, len(picked)):
         to_previous = distance[:, :step].amin(dim=1)
         assert float(to_previous[picked[step]]) == pytest.approx(float(to_previous.max()), rel=1e-12)
 
 
-@pytest.mark.parametrize("candidates", [32, 256, 10_000])
+@pytest.mark.parametrize("candidates", [32, 256, 10_000])  # many short rounds, some, one
 def test_batched_rounds_give_exactly_the_plain_loops_picks(candidates):
     """Few candidates (many short rounds), some, and all points in one round: the same sequence."""
     generator = torch.Generator().manual_seed(2)
     centres = torch.randn(40, 16, generator=generator, dtype=torch.float64) * 4
     points = centres[torch.randint(40, (3000,), generator=generator)] + torch.randn(3000, 16, generator=generator, dtype=torch.float64)
     expected = plain_k_center(points, 200, first=7)
-    assert _KCenter(points, candidates=candidates, chunk_elements=4096).run(first=7, size=200).tolist() == expected
+    assert _KCenter(points, candidates=candidates, whole=0, chunk_elements=4096).run(first=7, size=200).tolist() == expected
 
 
 def test_k_center_stops_when_points_run_out_and_keeps_small_sets_whole():

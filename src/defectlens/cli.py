@@ -104,7 +104,7 @@ def cmd_predict(args) -> int:
     from .report import ImageRecord, colorize_parts, heatmap_overlay, save_png, write_report
 
     detector = Detector.load(args.model)
-    if args.runtime != "torch":
+    if args.runtime != "torch" and not args.dask:
         from .runtime import load_runtime
 
         detector = load_runtime(detector, args.runtime, export_dir=args.export_dir)
@@ -119,7 +119,13 @@ def cmd_predict(args) -> int:
             Path(folder).mkdir(parents=True, exist_ok=True)
 
     rows, records, failed, used_stems = [], [], 0, set()
-    for result in predict_paths(detector, paths, keep_images=bool(args.overlays)):
+    if args.dask:
+        from .engine.dask import predict_paths_dask
+
+        results = predict_paths_dask(args.model, paths, args.dask, runtime=args.runtime, keep_images=bool(args.overlays))
+    else:
+        results = predict_paths(detector, paths, keep_images=bool(args.overlays))
+    for result in results:
         # Read after each batch: zero-shot musc sets both from the batch it has just scored.
         map_range = detector.map_range
         threshold = args.threshold if args.threshold is not None else detector.threshold
@@ -286,6 +292,8 @@ def build_parser() -> argparse.ArgumentParser:
     predict.add_argument("--runtime", default="auto", choices=["auto", "torch", "onnx", "openvino"],
                          help="where the backbone runs; auto (default): the fastest installed, exported once into the cache")
     predict.add_argument("--export-dir", default=None, help="an export folder from `defectlens export` to run on")
+    predict.add_argument("--dask", metavar="SCHEDULER", default=None,
+                         help="score on a Dask cluster: local, local:N (N worker processes) or a scheduler address (see docs/scale.md)")
     predict.set_defaults(func=cmd_predict)
 
     export = commands.add_parser("export", help="export a model's backbone feature graph to ONNX or OpenVINO (checked against PyTorch)")

@@ -82,13 +82,15 @@ class _KCenter:
     in cache, so this is cheap); every other point is at most ``outside`` away, so a pick whose
     distance is still >= ``outside`` is exactly the one the plain loop would make next. The round
     stops at the first pick below it, then all distances are brought up to date at once.
+    Up to ``whole`` points (8 MB at 128 dims: they stay in cache) all are candidates, which is
+    the plain loop itself: rounds only pay off when a pass over the points is a trip to memory.
     """
 
-    def __init__(self, points: torch.Tensor, candidates: int = 2048, chunk_elements: int = 1 << 20):
+    def __init__(self, points: torch.Tensor, candidates: int = 2048, whole: int = 16384, chunk_elements: int = 1 << 20):
         self.points = points
         self.norms = (points * points).sum(dim=1)
-        self.candidates = candidates
-        self.rows_per_chunk = max(1, chunk_elements // candidates)
+        self.candidates = points.shape[0] if points.shape[0] <= whole else candidates
+        self.rows_per_chunk = max(1, chunk_elements // self.candidates)
         self.nearest = torch.full((points.shape[0],), float("inf"), dtype=points.dtype)
 
     def _update(self, centres: list[int]) -> None:
