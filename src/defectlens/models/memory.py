@@ -66,10 +66,10 @@ class NearestNeighbours:
         return 1.0 - similarity_or_sq, indices
 
 
-def _squared_distances(points: torch.Tensor, point_norms: torch.Tensor, centres: torch.Tensor,
-                       centre_norms: torch.Tensor) -> torch.Tensor:
-    """(n, m) squared Euclidean distances by |x|^2 - 2 x.c + |c|^2: one matrix product (BLAS, all threads)."""
-    return torch.addmm(point_norms[:, None] + centre_norms[None, :], points, centres.T, beta=1.0, alpha=-2.0)
+def _centre_terms(points: torch.Tensor, centres: torch.Tensor, centre_norms: torch.Tensor) -> torch.Tensor:
+    """(n, m) -2 x.c + |c|^2 by one matrix product (BLAS, all threads): squared distances less
+    each row's |x|^2, which is added to the row's minimum afterwards instead of to every entry."""
+    return torch.addmm(centre_norms[None, :], points, centres.T, beta=1.0, alpha=-2.0)
 
 
 class _KCenter:
@@ -99,8 +99,8 @@ class _KCenter:
         centre_points, centre_norms = self.points[index], self.norms[index]
         for start in range(0, self.points.shape[0], self.rows_per_chunk):
             rows = slice(start, start + self.rows_per_chunk)
-            squared = _squared_distances(self.points[rows], self.norms[rows], centre_points, centre_norms)
-            torch.minimum(self.nearest[rows], squared.amin(dim=1), out=self.nearest[rows])
+            nearest = _centre_terms(self.points[rows], centre_points, centre_norms).amin(dim=1).add_(self.norms[rows])
+            torch.minimum(self.nearest[rows], nearest, out=self.nearest[rows])
 
     def run(self, first: int, size: int, progress: bool = False) -> torch.Tensor:
         count = self.points.shape[0]
