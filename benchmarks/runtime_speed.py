@@ -98,16 +98,16 @@ def main() -> None:
             detector = create_detector("patchcore", size=size).fit(train)
             for runtime in runtimes:
                 if runtime == "torch":
-                    backbone, forward = torch_backbone, lambda b: torch_backbone.forward(torch_backbone.to_tensor(b))
+                    backbone = torch_backbone
+                    forward = lambda batch: torch_backbone.forward(torch_backbone.to_tensor(batch))  # noqa: E731
                 else:
                     backbone = open_exported(export_backbone("efficientnet-lite0", size, Path(scratch) / f"{runtime}-{size}", runtime))
-                    forward = backbone.forward
-                batch = 8
+                    forward = lambda batch, backbone=backbone: backbone.forward(torch.from_numpy(batch))  # noqa: E731
 
-                def bare(forward=forward):
+                def bare(forward=forward, batch=8):
                     with torch.inference_mode():
                         for start in range(0, len(resized), batch):
-                            forward(torch.from_numpy(resized[start : start + batch]) if runtime != "torch" else resized[start : start + batch])
+                            forward(resized[start : start + batch])
 
                 bare_ms = median_time(bare, args.repeats) / len(test) * 1000
                 detector.backbone = backbone
