@@ -119,3 +119,12 @@ def write_tiny_clip(folder, text_width: int = 32):
 def tiny_prompt_clip(tmp_path_factory):
     """A tiny CLIP whose tokenizer knows a few whole words (short FAPrompt prompts)."""
     return str(write_tiny_clip(tmp_path_factory.mktemp("clip") / "tiny-clip"))
+
+
+@pytest.fixture(scope="session", autouse=True)
+def export_cache(tmp_path_factory):
+    """`predict --runtime auto` exports backbones on first use into DEFECTLENS_CACHE: keep the
+    tests' exports in a temporary folder instead of the user's ~/.cache."""
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("DEFECTLENS_CACHE", str(tmp_path_factory.mktemp("cache")))
+        yield

@@ -8,6 +8,7 @@ import math
 import sys
 import time
 import traceback
+from functools import partial
 from pathlib import Path
 
 from . import __version__
@@ -93,6 +94,10 @@ def cmd_predict(args) -> int:
     outputs = PredictionOutputs(csv=args.csv, maps=args.maps, overlays=args.overlays, report=args.report,
                                 overwrite=args.overwrite, resume=args.resume)
     detector = Detector.load(args.model)
+    if args.runtime != "torch" and not args.dask:
+        from .runtime import load_runtime
+
+        detector = load_runtime(detector, args.runtime, export_dir=args.export_dir)
     scan = scan_inputs(args.inputs)
     if scan.skipped:
         print(scan.skipped_summary(), file=sys.stderr)
@@ -100,6 +105,11 @@ def cmd_predict(args) -> int:
         print(f"{scan.duplicates} inputs named more than once, scored once", file=sys.stderr)
     if not scan.paths:
         raise UsageError("no input images found in " + ", ".join(map(printable, args.inputs)))
+    score_paths = None
+    if args.dask:
+        from .engine.dask import predict_paths_dask
+
+        score_paths = partial(predict_paths_dask, args.model, scheduler=args.dask, runtime=args.runtime)
 
     def show(row: dict) -> None:
         if row["error"]:
@@ -111,7 +121,7 @@ def cmd_predict(args) -> int:
     try:
         summary = predict_to_outputs(detector, scan.paths, outputs, threshold=args.threshold, max_pixels=max_pixels,
                                      report_title=f"defectlens predictions — {detector.name}",
-                                     report_notes=[f"model: {args.model}"], on_row=show)
+                                     report_notes=[f"model: {args.model}"], on_row=show, score_paths=score_paths)
     except KeyboardInterrupt:
         if args.csv:
             print(f"interrupted: the rows written so far are in {printable(args.csv)}; run the same command with "
@@ -123,6 +133,17 @@ def cmd_predict(args) -> int:
           f"{'' if summary.threshold is not None else ' (no threshold: labels left empty)'}, {failed} failed",
           file=sys.stderr)
     return EXIT_INPUT_FAILED if failed else EXIT_OK
+
+
+def cmd_export(args) -> int:
+    from .models import Detector
+    from .runtime import export_model, read_spec
+
+    out = export_model(Detector.load(args.model), args.output, args.format, overwrite=args.overwrite)
+    spec = read_spec(out)
+    print(f"wrote {out}: {spec['backbone']} at {spec['input_hw'][0]}×{spec['input_hw'][1]} px, {args.format}, "
+          f"largest feature difference from PyTorch {spec['max_feature_difference']:.2g}")
+    return 0
 
 
 # -- benchmark ----------------------------------------------------------------------------------
@@ -264,7 +285,19 @@ def build_parser() -> argparse.ArgumentParser:
     predict.add_argument("--overwrite", action="store_true", help="replace existing output files")
     predict.add_argument("--resume", action="store_true",
                          help="carry on an interrupted run: keep the scored rows of --csv and skip those inputs")
+    predict.add_argument("--runtime", default="auto", choices=["auto", "torch", "onnx", "openvino"],
+                         help="where the backbone runs; auto (default): the fastest installed, exported once into the cache")
+    predict.add_argument("--export-dir", default=None, help="an export folder from `defectlens export` to run on")
+    predict.add_argument("--dask", metavar="SCHEDULER", default=None,
+                         help="score on a Dask cluster: local, local:N (N worker processes) or a scheduler address (see docs/scale.md)")
     predict.set_defaults(func=cmd_predict)
+
+    export = commands.add_parser("export", help="export a model's backbone feature graph to ONNX or OpenVINO (checked against PyTorch)")
+    export.add_argument("model")
+    export.add_argument("-o", "--output", required=True, help="export folder to write")
+    export.add_argument("--format", default="onnx", choices=["onnx", "openvino"])
+    export.add_argument("--overwrite", action="store_true", help="replace an existing export folder")
+    export.set_defaults(func=cmd_export)
 
     bench = commands.add_parser("benchmark", help="k-shot protocol on a labelled dataset: shots × seeds, mean ± std")
     bench.add_argument("data")

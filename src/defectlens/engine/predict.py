@@ -3,10 +3,12 @@ with :func:`predict_to_outputs` a CSV row, map and overlay written as soon as it
 
 from __future__ import annotations
 
+
 import math
 import os
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -87,12 +89,15 @@ class PredictSummary:
 def predict_to_outputs(detector: Detector, paths: Sequence[Path], outputs: PredictionOutputs, *,
                        threshold: float | None = None, max_pixels: int | None = None,
                        report_title: str = "defectlens predictions", report_notes: Sequence[str] = (),
-                       on_row: Callable[[dict], None] | None = None, progress: bool = True) -> PredictSummary:
+                       on_row: Callable[[dict], None] | None = None, progress: bool = True,
+                       score_paths: Callable[..., Iterator[Result]] | None = None) -> PredictSummary:
     """Score ``paths`` and write every output of ``outputs`` as each image finishes.
 
     All targets are checked before the first image is decoded (see
     :meth:`PredictionOutputs.check`). ``threshold`` overrides the model's own; it must be
-    finite. ``on_row`` sees each row dict (CSV columns) as it is written. The HTML report, which
+    finite. ``on_row`` sees each row dict (CSV columns) as it is written. ``score_paths`` scores
+    elsewhere (a Dask cluster, engine/dask.py): called like :func:`predict_paths` without the
+    detector, it must yield the same Results in input order. The HTML report, which
     needs every score, is written at the end, from maps shrunk to thumbnail size as they come."""
     if threshold is not None and not math.isfinite(threshold):
         raise UsageError(f"threshold must be a finite number, not {threshold}")
@@ -111,8 +116,8 @@ def predict_to_outputs(detector: Detector, paths: Sequence[Path], outputs: Predi
             summary.resumed += 1
             if outputs.report is not None:
                 records.append(_resumed_record(earlier))
-        for result in predict_paths(detector, todo, keep_images=outputs.overlays is not None, progress=progress,
-                                    max_pixels=max_pixels):
+        score = score_paths or partial(predict_paths, detector)
+        for result in score(todo, keep_images=outputs.overlays is not None, progress=progress, max_pixels=max_pixels):
             # Read after each batch: zero-shot musc sets both from the batch it has just scored.
             summary.threshold = threshold if threshold is not None else detector.threshold
             row = _write_files(result, outputs, detector.map_range, summary.threshold)

@@ -9,17 +9,46 @@ from tqdm.auto import tqdm
 
 from ..backbones.base import configure_threads
 
+# Above this many bank rows an approximate index pays off: a flat search costs rows × dim per
+# query patch, IVF about (rows / lists) × probes × dim, HNSW about log(rows) × neighbours × dim.
+APPROXIMATE_FROM_ROWS = 65536
+
 
 class NearestNeighbours:
-    """Exact k-nearest-neighbour search over a fixed bank (faiss flat index, L2 or cosine)."""
+    """k-nearest-neighbour search over a fixed bank with faiss, L2 or cosine.
 
-    def __init__(self, bank: np.ndarray, metric: str = "l2"):
+    ``index``: "flat" (exact), "ivf" (inverted lists over a k-means partition of the bank,
+    ``probes`` lists visited per query), "hnsw" (graph search) or "auto": flat below
+    ``APPROXIMATE_FROM_ROWS`` rows, IVF above. The approximate indexes return distances to
+    true bank rows, so a distance is never smaller than the exact one, only sometimes larger.
+    """
+
+    def __init__(self, bank: np.ndarray, metric: str = "l2", index: str = "flat", probes: int = 16, seed: int = 0):
         if metric not in ("l2", "cosine"):
             raise ValueError(f"metric must be 'l2' or 'cosine', not {metric!r}")
+        if index not in ("flat", "ivf", "hnsw", "auto"):
+            raise ValueError(f"index must be 'flat', 'ivf', 'hnsw' or 'auto', not {index!r}")
         faiss.omp_set_num_threads(configure_threads())
         self.metric = metric
         self.bank = self._prepare(bank)
-        self.index = faiss.IndexFlatL2(self.bank.shape[1]) if metric == "l2" else faiss.IndexFlatIP(self.bank.shape[1])
+        rows, dim = self.bank.shape
+        if index == "auto":
+            index = "ivf" if rows >= APPROXIMATE_FROM_ROWS else "flat"
+        self.kind = index
+        faiss_metric = faiss.METRIC_L2 if metric == "l2" else faiss.METRIC_INNER_PRODUCT
+        if index == "flat":
+            self.index = faiss.IndexFlatL2(dim) if metric == "l2" else faiss.IndexFlatIP(dim)
+        elif index == "hnsw":
+            self.index = faiss.IndexHNSWFlat(dim, 32, faiss_metric)
+            self.index.hnsw.efSearch = 64
+        else:
+            # About sqrt(rows) lists (faiss's rule of thumb), each trained from at most 256 rows of the bank.
+            lists = max(1, min(int(4 * rows**0.5), rows // 39))
+            quantizer = faiss.IndexFlatL2(dim) if metric == "l2" else faiss.IndexFlatIP(dim)
+            self.index = faiss.IndexIVFFlat(quantizer, dim, lists, faiss_metric)
+            self.index.cp.seed = seed
+            self.index.train(self.bank)
+            self.index.nprobe = min(probes, lists)
         self.index.add(self.bank)
 
     def _prepare(self, vectors: np.ndarray) -> np.ndarray:
@@ -37,22 +66,76 @@ class NearestNeighbours:
         return 1.0 - similarity_or_sq, indices
 
 
+def _centre_terms(points: torch.Tensor, centres: torch.Tensor, centre_norms: torch.Tensor) -> torch.Tensor:
+    """(n, m) -2 x.c + |c|^2 by one matrix product (BLAS, all threads): squared distances less
+    each row's |x|^2, which is added to the row's minimum afterwards instead of to every entry."""
+    return torch.addmm(centre_norms[None, :], points, centres.T, beta=1.0, alpha=-2.0)
+
+
+class _KCenter:
+    """Greedy k-center (farthest-point) picks, exactly those of the one-pass-per-pick loop, with
+    the passes over all points batched into one matrix product per round (BLAS, all threads,
+    in chunks of bounded memory).
+
+    Every point keeps its squared distance to the nearest centre picked so far. A round takes
+    the ``candidates`` points farthest from the centres and picks greedily among them (they stay
+    in cache, so this is cheap); every other point is at most ``outside`` away, so a pick whose
+    distance is still >= ``outside`` is exactly the one the plain loop would make next. The round
+    stops at the first pick below it, then all distances are brought up to date at once.
+    Up to ``whole`` points (8 MB at 128 dims: they stay in cache) all are candidates, which is
+    the plain loop itself: rounds only pay off when a pass over the points is a trip to memory.
+    """
+
+    def __init__(self, points: torch.Tensor, candidates: int = 2048, whole: int = 16384, chunk_elements: int = 1 << 20):
+        self.points = points
+        self.norms = (points * points).sum(dim=1)
+        self.candidates = points.shape[0] if points.shape[0] <= whole else candidates
+        self.rows_per_chunk = max(1, chunk_elements // self.candidates)
+        self.nearest = torch.full((points.shape[0],), float("inf"), dtype=points.dtype)
+
+    def _update(self, centres: list[int]) -> None:
+        """Lower every point's distance to its nearest centre by the new ``centres``."""
+        index = torch.tensor(centres)
+        centre_points, centre_norms = self.points[index], self.norms[index]
+        for start in range(0, self.points.shape[0], self.rows_per_chunk):
+            rows = slice(start, start + self.rows_per_chunk)
+            nearest = _centre_terms(self.points[rows], centre_points, centre_norms).amin(dim=1).add_(self.norms[rows])
+            torch.minimum(self.nearest[rows], nearest, out=self.nearest[rows])
+
+    def run(self, first: int, size: int, progress: bool = False) -> torch.Tensor:
+        count = self.points.shape[0]
+        picked = [first]
+        self._update(picked)
+        width = min(self.candidates, count)
+        bar = tqdm(total=size, initial=1, desc="coreset", disable=not progress, leave=False, mininterval=1.0)
+        while len(picked) < size:
+            values, top = torch.topk(self.nearest, min(width + 1, count))
+            if float(values[0]) <= 0.0:
+                break  # every point coincides with a centre: fewer distinct points than ``size``
+            outside = float(values[width]) if width < count else 0.0
+            pool, pool_norms, distance = self.points[top[:width]], self.norms[top[:width]], values[:width].clone()
+            new: list[int] = []
+            while len(picked) + len(new) < size:
+                best = int(torch.argmax(distance))
+                if new and (float(distance[best]) < outside or float(distance[best]) <= 0.0):
+                    break
+                new.append(int(top[best]))
+                torch.minimum(distance, pool_norms - 2.0 * (pool @ pool[best]) + pool_norms[best], out=distance)
+            self._update(new)
+            picked.extend(new)
+            bar.update(len(new))
+        bar.close()
+        return torch.tensor(picked)
+
+
 def _k_center(points: torch.Tensor, size: int, generator: torch.Generator, progress: bool = False) -> torch.Tensor:
-    """Greedy k-center on (already projected) points: each pick is the point farthest from the
-    points picked so far. Squared distances via |x|^2 - 2 x.c + |c|^2, one product per pick."""
+    """Indices of ``size`` greedy k-center picks on (already projected) points, starting from a
+    random one: each pick is the point farthest from the points picked so far."""
     count = points.shape[0]
     if size >= count:
         return torch.arange(count)
-    squared_norms = (points * points).sum(dim=1)
-    picked = torch.empty(size, dtype=torch.long)
-    picked[0] = int(torch.randint(count, (1,), generator=generator))
-    min_distance = torch.full((count,), float("inf"))
-    for step in tqdm(range(size), desc="coreset", disable=not progress, leave=False, mininterval=1.0):
-        if step:
-            picked[step] = int(torch.argmax(min_distance))
-        centre = picked[step]
-        torch.minimum(min_distance, squared_norms - 2.0 * (points @ points[centre]) + squared_norms[centre], out=min_distance)
-    return picked
+    first = int(torch.randint(count, (1,), generator=generator))
+    return _KCenter(points).run(first, size, progress)
 
 
 def greedy_coreset(features: torch.Tensor, size: int, projection_dim: int = 128, seed: int = 0, progress: bool = False,
@@ -60,20 +143,22 @@ def greedy_coreset(features: torch.Tensor, size: int, projection_dim: int = 128,
     """Indices of a greedy k-center coreset (PatchCore) of ``size`` rows of ``features``.
 
     Distances are computed on a random projection, which preserves them approximately
-    (Johnson-Lindenstrauss). Each pick is one pass over all points, which is memory-bound on
-    a CPU, so with many points (``groups`` > 1 consecutive blocks, one per image) we first keep
-    the k-center of each image (about ``pool_factor`` × ``size`` points in all), then run the
-    global k-center on that pool: a patch far from every other patch is also far from those of
-    its own image, so the points that matter survive the first stage.
+    (Johnson-Lindenstrauss). With many points (``groups`` > 1 consecutive blocks, one per image)
+    we first keep the k-center of each image (about ``pool_factor`` × ``size`` points in all),
+    then run the global k-center on that pool: a patch far from every other patch is also far
+    from those of its own image, so the points that matter survive the first stage.
+    ``groups=1`` is the paper's exact greedy over all points.
     """
     count = features.shape[0]
     if size >= count:
         return torch.arange(count)
     generator = torch.Generator().manual_seed(seed)
-    points = features.float()
-    if points.shape[1] > projection_dim:
-        projection = torch.randn(points.shape[1], projection_dim, generator=generator) / projection_dim**0.5
-        points = points @ projection
+    if features.shape[1] > projection_dim:
+        projection = torch.randn(features.shape[1], projection_dim, generator=generator) / projection_dim**0.5
+        # Projected block by block: a float copy of all the features is never made at once.
+        points = torch.cat([block.float() @ projection for block in torch.split(features, 65536)])
+    else:
+        points = features.float()
     if groups > 1 and count > pool_factor * size:
         keep = -(-pool_factor * size // groups)
         pool = torch.cat([block[_k_center(points[block], keep, generator)]

@@ -1,0 +1,11 @@
+"""Exported runtimes: the backbone feature graph on ONNX Runtime or OpenVINO, checked against
+PyTorch, behind the same backbone interface (scoring stays in faiss and torch)."""
+
+from .backbones import ExportedBackbone, OnnxRuntimeBackbone, OpenVinoBackbone, open_exported
+from .export import (EXPORTABLE_METHODS, FEATURE_TOLERANCE, FORMATS, NotExportableError, check_exportable,
+                     export_backbone, export_model, read_spec)
+from .load import RUNTIMES, installed, load_runtime
+
+__all__ = ["EXPORTABLE_METHODS", "FEATURE_TOLERANCE", "FORMATS", "RUNTIMES", "ExportedBackbone", "NotExportableError",
+           "OnnxRuntimeBackbone", "OpenVinoBackbone", "check_exportable", "export_backbone", "export_model", "installed",
+           "load_runtime", "open_exported", "read_spec"]

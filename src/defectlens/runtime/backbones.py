@@ -1,0 +1,96 @@
+"""Backbones that run an exported feature graph with ONNX Runtime or OpenVINO.
+
+They keep the interface of the PyTorch backbone (``embed``, ``input_hw``, ``levels``,
+``feature_dim``), so a detector scores the same way on them; only the forward pass changes.
+Their ``forward`` takes resized uint8 (N, H, W, 3) batches: normalisation is in the graph.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from ..backbones.base import PatchBackbone, configure_threads
+from .export import GRAPH_FILES, read_spec
+
+
+class ExportedBackbone(PatchBackbone):
+    runtime = "exported"
+    # Larger batches than PyTorch's: these runtimes gain from them and features are small.
+    batch_size = 8
+
+    def __init__(self, export_dir: str | os.PathLike, spec: dict):
+        super().__init__(tuple(spec["input_hw"]))
+        self.export_dir = Path(export_dir)
+        self.name = spec["backbone"]
+        self.stride = spec["stride"]
+        self.mean, self.std = tuple(spec["mean"]), tuple(spec["std"])
+        self._levels = tuple(tuple(level) for level in spec["levels"])
+        self._dim = spec["feature_dim"]
+        self.threads = configure_threads()
+
+    @property
+    def feature_dim(self) -> int:
+        return self._dim
+
+    @property
+    def levels(self) -> tuple[tuple[int, int], ...]:
+        return self._levels
+
+    def to_tensor(self, resized: np.ndarray) -> torch.Tensor:
+        return torch.from_numpy(resized)
+
+    def forward(self, batch: torch.Tensor) -> torch.Tensor:
+        return torch.from_numpy(self._run(np.ascontiguousarray(batch.numpy(), dtype=np.uint8)))
+
+    def _run(self, images: np.ndarray) -> np.ndarray:
+        raise NotImplementedError
+
+
+class OnnxRuntimeBackbone(ExportedBackbone):
+    runtime = "onnx"
+
+    def __init__(self, export_dir: str | os.PathLike, spec: dict):
+        super().__init__(export_dir, spec)
+        import onnxruntime
+
+        options = onnxruntime.SessionOptions()
+        options.intra_op_num_threads = self.threads
+        options.inter_op_num_threads = 1
+        options.graph_optimization_level = onnxruntime.GraphOptimizationLevel.ORT_ENABLE_ALL
+        self.session = onnxruntime.InferenceSession(str(self.export_dir / GRAPH_FILES["onnx"]), options,
+                                                    providers=["CPUExecutionProvider"])
+
+    def _run(self, images: np.ndarray) -> np.ndarray:
+        return self.session.run(None, {"images": images})[0]
+
+
+class OpenVinoBackbone(ExportedBackbone):
+    runtime = "openvino"
+
+    def __init__(self, export_dir: str | os.PathLike, spec: dict):
+        super().__init__(export_dir, spec)
+        import openvino as ov
+
+        core = ov.Core()
+        model = core.read_model(str(self.export_dir / GRAPH_FILES["openvino"]))
+        # f32 inference: OpenVINO would use bf16 on CPUs that have it, which breaks parity with PyTorch.
+        self.compiled = core.compile_model(model, "CPU", {"INFERENCE_NUM_THREADS": self.threads, "INFERENCE_PRECISION_HINT": "f32",
+                                                          "PERFORMANCE_HINT": "LATENCY"})
+        self.request = self.compiled.create_infer_request()
+
+    def _run(self, images: np.ndarray) -> np.ndarray:
+        # The request reuses its output buffer: copy before the next batch overwrites it.
+        return np.array(self.request.infer({0: images})[self.compiled.output(0)], copy=True)
+
+
+RUNTIME_BACKBONES = {"onnx": OnnxRuntimeBackbone, "openvino": OpenVinoBackbone}
+
+
+def open_exported(export_dir: str | os.PathLike) -> ExportedBackbone:
+    """The runtime backbone for an export folder, in the runtime of its format."""
+    spec = read_spec(export_dir)
+    return RUNTIME_BACKBONES[spec["format"]](export_dir, spec)
