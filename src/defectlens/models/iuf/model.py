@@ -83,7 +83,7 @@ class IUF(BackboneDetector):
     # -- learning ---------------------------------------------------------------------------
     def fit_images(self, images: list, masks: list, labels: list[int]) -> None:
         self._reset()
-        self._add_object(images, self.product)
+        self._add_object(self.features(images, progress="features"), self.product)
 
     def partial_fit(self, images, product: str) -> IUF:
         """Teach the network one more object from its normal ``images``."""
@@ -97,7 +97,14 @@ class IUF(BackboneDetector):
         images = list(images)
         if not images:
             raise UsageError(f"{self.name}: product '{product}' needs at least one normal image")
-        self._add_object(images, product)
+        self.partial_fit_features(self.features(images, progress=f"features {product}"), product)
+        return self
+
+    def partial_fit_features(self, features: torch.Tensor, product: str) -> IUF:
+        """``partial_fit`` on precomputed (already pooled) features; benchmarks embed once."""
+        if not self._fitted:
+            self._reset()
+        self._add_object(features, product)
         self._fitted = True
         return self
 
@@ -105,8 +112,7 @@ class IUF(BackboneDetector):
         torch.manual_seed(self.seed)
         return IUFNetwork(channels, self.dims, self.heads, self.layers, objects, self.object_attention, grid)
 
-    def _add_object(self, images: list, product: str) -> None:
-        features = self.features(images, progress=f"features {product}")
+    def _add_object(self, features: torch.Tensor, product: str) -> None:
         train, held = held_out_split(features.shape[0], self.seed)
         first = self.network is None
         if first:

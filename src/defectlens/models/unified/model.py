@@ -78,7 +78,7 @@ class UnifiedBank(BackboneDetector):
     # -- learning ---------------------------------------------------------------------------
     def fit_images(self, images: list, masks: list, labels: list[int]) -> None:
         self._reset()
-        self._add_product(images, self.product)
+        self._add_product(self.backbone_network.embed(images, progress="features", total=len(images)), self.product)
 
     def partial_fit(self, images, product: str) -> UnifiedBank:
         """Add ``product`` learned from its normal ``images``; the products already known are
@@ -94,7 +94,15 @@ class UnifiedBank(BackboneDetector):
         images = list(images)
         if not images:
             raise UsageError(f"{self.name}: product '{product}' needs at least one normal image")
-        self._add_product(images, product)
+        self.partial_fit_features(self.backbone_network.embed(images, progress=f"features {product}", total=len(images)),
+                                  product)
+        return self
+
+    def partial_fit_features(self, features: torch.Tensor, product: str) -> UnifiedBank:
+        """``partial_fit`` on precomputed backbone features (benchmarks embed once)."""
+        if not self._fitted:
+            self._reset()
+        self._add_product(features, product)
         self._fitted = True
         return self
 
@@ -104,8 +112,7 @@ class UnifiedBank(BackboneDetector):
         detector.backbone_network = self.backbone_network
         return detector
 
-    def _add_product(self, images: list, product: str) -> None:
-        features = self.backbone_network.embed(images, progress=f"features {product}", total=len(images))
+    def _add_product(self, features: torch.Tensor, product: str) -> None:
         detector = self._new_detector()
         scores, maps = [], []
         for held_out in refit_folds(features.shape[0], self.seed):
@@ -154,24 +161,28 @@ class UnifiedBank(BackboneDetector):
         known = np.array([limit is None or d <= limit for d, limit in zip(distances[:, 0], limits)])
         return index, distances[:, 0], known
 
-    def predict_images(self, images: list) -> Prediction:
-        images = [as_image(image) for image in images]
-        features = self.backbone_network.embed(images)
+    def score_features(self, features: torch.Tensor) -> tuple[np.ndarray, np.ndarray, list[str | None]]:
+        """Standardised image scores, standardised (N, h, w) patch maps and the product of each
+        image (None: unknown product, scored at least ``threshold + 1``)."""
         index, _, known = self.route(features)
-        scores = np.zeros(len(images))
-        maps: list = [None] * len(images)
+        scores = np.zeros(len(features))
+        maps = np.zeros((len(features), *features.shape[2:]), dtype=np.float32)
         for product in np.unique(index):
             rows = np.flatnonzero(index == product)
-            detector, stats = self._detectors[product], self._stats[product]
-            product_scores, patch_maps = detector.score_feature_batch(features[rows])
+            stats = self._stats[product]
+            product_scores, patch_maps = self._detectors[product].score_feature_batch(features[rows])
             scores[rows] = (product_scores - stats["mean"]) / stats["std"]
-            for row, patch_map in zip(rows, patch_maps):
-                raw = detector.upsample_map(patch_map.numpy(), images[row].shape[:2])
-                maps[row] = ((raw - stats["mean"]) / stats["std"]).astype(np.float32)
-        unknown_floor = self._unknown_floor()
-        scores[~known] = np.maximum(scores[~known], unknown_floor)
-        prediction = Prediction(scores=scores, maps=maps)
-        prediction.products = [self.products[i] if ok else None for i, ok in zip(index, known)]
+            maps[rows] = (patch_maps.numpy() - stats["mean"]) / stats["std"]
+        scores[~known] = np.maximum(scores[~known], self._unknown_floor())
+        return scores, maps, [self.products[i] if ok else None for i, ok in zip(index, known)]
+
+    def predict_images(self, images: list) -> Prediction:
+        images = [as_image(image) for image in images]
+        scores, maps, products = self.score_features(self.backbone_network.embed(images))
+        # upsampling and blurring are linear: standardising before them equals standardising after
+        prediction = Prediction(scores=scores, maps=[self._detectors[0].upsample_map(m, image.shape[:2])
+                                                     for m, image in zip(maps, images)])
+        prediction.products = products
         return prediction
 
     def _unknown_floor(self) -> float:
