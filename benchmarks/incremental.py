@@ -1,0 +1,81 @@
+"""Unified incremental protocol (issue 12): the generator's 13 categories plus BSData ball_screw
+and DeepPCB pcb (15 objects), schedule 10-1x5 by default, every method of
+engine/incremental.py; writes benchmarks/results/incremental.md and .json.
+
+Sized for a shared 2-core machine: 128 px inputs, at most --max-train normal training images and
+--max-test test images (half normal, half anomalous) per object, --iuf-steps optimiser steps per
+IUF object. The objects' order is the generator's categories (alphabetical) then the real sets.
+
+    PYTHONPATH=src python benchmarks/incremental.py [--schedule 10-1x5] [--size 128]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import time
+from pathlib import Path
+
+import torch
+
+from defectlens.backbones import get_backbone
+from defectlens.data.generator import generate
+from defectlens.engine.incremental import METHODS, default_params, load_objects, markdown, run_incremental
+
+HERE = Path(__file__).resolve().parent
+SHARED = HERE.parents[1] / "shared" / "datasets"
+REAL = [SHARED / "bsdata" / "ball_screw", SHARED / "deeppcb" / "pcb"]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--schedule", default="10-1x5")
+    parser.add_argument("--size", type=int, default=128)
+    parser.add_argument("--max-train", type=int, default=20)
+    parser.add_argument("--max-test", type=int, default=16)
+    parser.add_argument("--bank-size", type=int, default=1024)
+    parser.add_argument("--iuf-steps", type=int, default=200)
+    parser.add_argument("--methods", default=",".join(METHODS))
+    parser.add_argument("--data", default="/tmp/defectlens-incremental", help="where the generated categories go")
+    parser.add_argument("--out", default=str(HERE / "results" / "incremental"))
+    args = parser.parse_args()
+
+    generated = Path(args.data) / f"generated-{args.size}"
+    if not generated.is_dir():
+        generate(generated, kind="mvtec", seed=0, size=args.size, n_train=args.max_train, n_test_good=args.max_test // 2,
+                 n_test_defect_per_type=2, categories="all")
+    roots = [generated] + [root for root in REAL if root.is_dir()]
+    backbone = get_backbone(size=args.size)
+    started = time.perf_counter()
+    objects = load_objects(roots, backbone, max_train=args.max_train, max_test=args.max_test)
+    embed_seconds = time.perf_counter() - started
+    params = default_params(args.size, bank_size=args.bank_size, iuf_steps=args.iuf_steps)
+    result = run_incremental(objects, args.schedule, backbone, params, methods=tuple(args.methods.split(",")))
+    result.settings.update(size=args.size, max_train=args.max_train, max_test=args.max_test, embed_seconds=embed_seconds,
+                           threads=torch.get_num_threads(), machine=platform.processor() or platform.machine(),
+                           train_images={o.name: len(o.train) for o in objects},
+                           test_images={o.name: len(o.labels) for o in objects})
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.with_suffix(".json").write_text(json.dumps(result.to_json(), indent=1))
+    routing = result.routing
+    notes = [f"Objects: {len(objects)} ({', '.join(o.name for o in objects)}); steps: {len(result.steps)}; "
+             f"{args.size} px; ≤ {args.max_train} training and ≤ {args.max_test} test images per object "
+             f"(half normal, half anomalous); IUF {args.iuf_steps} steps per object; bank size {args.bank_size}; "
+             f"pixel AUROC at {128}×{128}. Timings on a 2-core machine shared with other jobs: upper bounds.", ""]
+    if routing:
+        notes += [f"Unified bank routing: {100 * routing['accuracy']:.2f} % of {routing['images']} test images of known "
+                  f"products go to their product; {routing['ms_per_image']:.3f} ms per image beyond the backbone; "
+                  f"normal images called unknown {100 * routing['normal_called_unknown']:.1f} %, anomalous "
+                  f"{100 * routing['anomalous_called_unknown']:.1f} %."]
+        if "unknown_after_step_1" in routing:
+            unknown = routing["unknown_after_step_1"]
+            notes += [f"Unknown products: after step 1, {100 * unknown['flagged_unknown']:.1f} % of the "
+                      f"{unknown['images']} test images of the not-yet-learned objects are flagged unknown.", ""]
+    out.with_suffix(".md").write_text(markdown(result).replace("\n\n", "\n\n" + "\n".join(notes) + "\n\n", 1))
+    print(out.with_suffix(".md").read_text())
+
+
+if __name__ == "__main__":
+    main()
