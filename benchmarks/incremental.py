@@ -21,11 +21,21 @@ import torch
 
 from defectlens.backbones import get_backbone
 from defectlens.data.generator import generate
-from defectlens.engine.incremental import METHODS, default_params, load_objects, markdown, run_incremental
+from defectlens.engine.incremental import EVAL_SIDE, METHODS, IncrementalResult, ObjectData, default_params, load_objects, markdown, run_incremental
 
 HERE = Path(__file__).resolve().parent
 SHARED = HERE.parents[1] / "shared" / "datasets"
 REAL = [SHARED / "bsdata" / "ball_screw", SHARED / "deeppcb" / "pcb"]
+
+
+def to_tensors(item: ObjectData) -> dict:
+    return {"name": item.name, "train": item.train, "test": item.test, "labels": torch.from_numpy(item.labels),
+            "masks": [None if m is None else torch.from_numpy(m) for m in item.masks]}
+
+
+def from_tensors(item: dict) -> ObjectData:
+    return ObjectData(item["name"], item["train"], item["test"], item["labels"].numpy(),
+                      [None if m is None else m.numpy() for m in item["masks"]])
 
 
 def main() -> None:
@@ -39,7 +49,13 @@ def main() -> None:
     parser.add_argument("--methods", default=",".join(METHODS))
     parser.add_argument("--data", default="/tmp/defectlens-incremental", help="where the generated categories go")
     parser.add_argument("--out", default=str(HERE / "results" / "incremental"))
+    parser.add_argument("--suffix", default="", help="appended to --out (e.g. -iuf for a run of some methods)")
+    parser.add_argument("--combine", nargs="+", metavar="JSON",
+                        help="merge the results of runs of different methods (same objects and schedule) into --out")
     args = parser.parse_args()
+    if args.combine:
+        combine(args.combine, Path(args.out))
+        return
 
     generated = Path(args.data) / f"generated-{args.size}"
     if not generated.is_dir():
@@ -47,8 +63,13 @@ def main() -> None:
                  n_test_defect_per_type=2, categories="all")
     roots = [generated] + [root for root in REAL if root.is_dir()]
     backbone = get_backbone(size=args.size)
+    cache = Path(args.data) / f"features-{args.size}-{args.max_train}-{args.max_test}.pt"
     started = time.perf_counter()
-    objects = load_objects(roots, backbone, max_train=args.max_train, max_test=args.max_test)
+    if cache.is_file():  # our own cache of plain tensors, read with weights_only (no code runs)
+        objects = [from_tensors(item) for item in torch.load(cache, weights_only=True)]
+    else:
+        objects = load_objects(roots, backbone, max_train=args.max_train, max_test=args.max_test)
+        torch.save([to_tensors(o) for o in objects], cache)
     embed_seconds = time.perf_counter() - started
     params = default_params(args.size, bank_size=args.bank_size, iuf_steps=args.iuf_steps)
     result = run_incremental(objects, args.schedule, backbone, params, methods=tuple(args.methods.split(",")))
@@ -56,14 +77,39 @@ def main() -> None:
                            threads=torch.get_num_threads(), machine=platform.processor() or platform.machine(),
                            train_images={o.name: len(o.train) for o in objects},
                            test_images={o.name: len(o.labels) for o in objects})
-    out = Path(args.out)
+    out = Path(args.out + args.suffix)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.with_suffix(".json").write_text(json.dumps(result.to_json(), indent=1))
+    write_markdown(result, out)
+
+
+def combine(paths: list[str], out: Path) -> None:
+    runs = [json.loads(Path(p).read_text()) for p in paths]
+    first = runs[0]
+    for run in runs[1:]:
+        if run["steps"] != first["steps"] or run["schedule"] != first["schedule"]:
+            raise SystemExit("runs to combine must share the schedule and the objects")
+    result = IncrementalResult(first["schedule"], first["steps"], first["settings"], {}, {})
+    for run in runs:
+        result.methods.update(run["methods"])
+        result.routing.update(run["routing"])
+        result.settings.setdefault("runs", []).append({"methods": list(run["methods"]), "params": run["settings"]["params"]})
+        if any(method.startswith("iuf") for method in run["methods"]):
+            result.settings["params"] = {**result.settings["params"], "iuf": run["settings"]["params"]["iuf"]}
+    out.with_suffix(".json").write_text(json.dumps(result.to_json(), indent=1))
+    write_markdown(result, out)
+
+
+def write_markdown(result: IncrementalResult, out: Path) -> None:
+    settings = result.settings
+    objects = settings["objects"]
     routing = result.routing
-    notes = [f"Objects: {len(objects)} ({', '.join(o.name for o in objects)}); steps: {len(result.steps)}; "
-             f"{args.size} px; ≤ {args.max_train} training and ≤ {args.max_test} test images per object "
-             f"(half normal, half anomalous); IUF {args.iuf_steps} steps per object; bank size {args.bank_size}; "
-             f"pixel AUROC at {128}×{128}. Timings on a 2-core machine shared with other jobs: upper bounds.", ""]
+    params = settings["params"]
+    notes = [f"Objects: {len(objects)} ({', '.join(objects)}); steps: {len(result.steps)}; "
+             f"{settings['size']} px; ≤ {settings['max_train']} training and ≤ {settings['max_test']} test images per "
+             f"object (half normal, half anomalous); IUF {params['iuf']['steps']} steps per object; bank size "
+             f"{params['patchcore']['bank_size']}; pixel AUROC at {EVAL_SIDE}×{EVAL_SIDE}. Timings on a 2-core machine "
+             f"shared with other jobs (load ~35): upper bounds.", ""]
     if routing:
         notes += [f"Unified bank routing: {100 * routing['accuracy']:.2f} % of {routing['images']} test images of known "
                   f"products go to their product; {routing['ms_per_image']:.3f} ms per image beyond the backbone; "
