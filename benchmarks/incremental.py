@@ -50,6 +50,9 @@ def main() -> None:
     parser.add_argument("--data", default="/tmp/defectlens-incremental", help="where the generated categories go")
     parser.add_argument("--out", default=str(HERE / "results" / "incremental"))
     parser.add_argument("--suffix", default="", help="appended to --out (e.g. -iuf for a run of some methods)")
+    parser.add_argument("--iuf-param", action="append", default=[], metavar="KEY=VALUE",
+                        help="an IUF parameter for this run (JSON value), repeatable; the method is then listed as "
+                             "iuf[KEY=VALUE,...]")
     parser.add_argument("--combine", nargs="+", metavar="JSON",
                         help="merge the results of runs of different methods (same objects and schedule) into --out")
     args = parser.parse_args()
@@ -72,7 +75,11 @@ def main() -> None:
         torch.save([to_tensors(o) for o in objects], cache)
     embed_seconds = time.perf_counter() - started
     params = default_params(args.size, bank_size=args.bank_size, iuf_steps=args.iuf_steps)
+    overrides = {key: json.loads(value) for key, _, value in (pair.partition("=") for pair in args.iuf_param)}
+    params["iuf"].update(overrides)
     result = run_incremental(objects, args.schedule, backbone, params, methods=tuple(args.methods.split(",")))
+    if overrides and "iuf" in result.methods:
+        result.methods["iuf[" + ",".join(args.iuf_param) + "]"] = result.methods.pop("iuf")
     result.settings.update(size=args.size, max_train=args.max_train, max_test=args.max_test, embed_seconds=embed_seconds,
                            threads=torch.get_num_threads(), machine=platform.processor() or platform.machine(),
                            train_images={o.name: len(o.train) for o in objects},
