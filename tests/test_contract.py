@@ -32,6 +32,8 @@ TINY = {
     "destseg": {"size": SIDE, "crop": 32, "batch_size": 2, "steps": 2, "width": 4, "seg_width": 8},
     "winclip": {"size": 48},
     "faprompt": {"size": 32, "top_patches": 4, "prompts": 3, "steps": 2, "batch_size": 4},
+    "unified": {"size": SIDE, "bank_size": 64},
+    "iuf": {"size": SIDE, "dims": 8, "heads": 2, "layers": 1, "steps": 3, "batch_size": 4, "kept": 4},
 }
 METHODS = sorted(REGISTRY)
 #: Enough normal images for every calibration rule to hold some out (held_out_split needs 13).

@@ -60,11 +60,14 @@ def method_params(args) -> dict:
 # -- fit ----------------------------------------------------------------------------------------
 def cmd_fit(args) -> int:
     from .engine.fit import fit_from_folder
-    from .models import LearningType
+    from .models import DEFAULT_METHOD, REGISTRY, LearningType
 
     from .engine.outputs import check_output_file
 
     output = check_output_file(args.output, overwrite=args.overwrite, what="model file")
+    if args.update or hasattr(REGISTRY[args.method or DEFAULT_METHOD], "partial_fit"):
+        return fit_products_command(args, output)
+    args.method = args.method or DEFAULT_METHOD
     params = method_params(args)
     started = time.perf_counter()
     detector, training = fit_from_folder(args.data, method=args.method, shots=args.shots, seed=args.seed, params=params)
@@ -81,6 +84,42 @@ def cmd_fit(args) -> int:
     zero = " (zero-shot)" if not training.images and detector.learning_type == LearningType.ZERO_SHOT else ""
     print(f"fitted {detector.name} on {kind} images{zero} in {time.perf_counter() - started:.1f} s; "
           f"threshold {threshold}; saved {output}")
+    return 0
+
+
+def fit_products_command(args, output) -> int:
+    """fit for models that learn products one at a time (unified, iuf): each category of DATA is
+    one product; with --update, the products are added to a copy of an existing model."""
+    from .engine.incremental import fit_products
+    from .models import DEFAULT_METHOD, Detector, create_detector
+
+    started = time.perf_counter()
+    if args.update:
+        given = [flag for flag, value in (("--method", args.method), ("--size", args.size), ("--backbone", args.backbone),
+                                          ("--param", args.param), ("--shots", args.shots)) if value is not None]
+        if given:
+            raise UsageError(f"--update keeps the model's own method and parameters; drop {', '.join(given)}")
+        detector = Detector.load(args.update)
+        if not hasattr(detector, "partial_fit"):
+            raise UsageError(f"{args.update}: a '{detector.name}' model cannot learn new products; "
+                             f"fit one with --method unified or --method iuf")
+    else:
+        if args.shots is not None:
+            raise UsageError(f"--shots: {args.method} learns every normal image of each product")
+        args.method = args.method or DEFAULT_METHOD
+        detector = create_detector(args.method, **{"seed": args.seed, **method_params(args)})
+    known = list(getattr(detector, "products", []))
+    try:
+        fit_products(detector, args.data, on_product=lambda name, count: print(f"learned product {name} ({count} normal images)"))
+    except KeyboardInterrupt:
+        if len(getattr(detector, "products", [])) <= len(known) or not detector._fitted:
+            raise
+        print("interrupted: saving the products learned so far", file=sys.stderr)
+    detector.save(output)
+    added = [p for p in detector.products if p not in known]
+    threshold = "none (too few held-out normal images)" if detector.threshold is None else f"{detector.threshold:.4g}"
+    print(f"{detector.name} model with products {', '.join(detector.products)} (added {', '.join(added)}) "
+          f"in {time.perf_counter() - started:.1f} s; threshold {threshold}; saved {output}")
     return 0
 
 
@@ -160,6 +199,8 @@ def cmd_benchmark(args) -> int:
     for target, flag in ((args.json, "--json"), (args.report, "--report")):
         if target:
             check_output_file(target, overwrite=args.overwrite, what=flag)
+    if args.incremental:
+        return incremental_benchmark_command(args)
     params = method_params(args)
     result = run_benchmark(args.data, kind=args.dataset, method=args.method, shots=parse_shots(args.shots),
                            seeds=args.seeds, params=params)
@@ -171,6 +212,24 @@ def cmd_benchmark(args) -> int:
     if args.report and result.records:
         write_benchmark_report(args.report, result, table)
         print(f"report: {args.report}")
+    return 0
+
+
+def incremental_benchmark_command(args) -> int:
+    """benchmark --incremental SCHEDULE DATA: the unified incremental protocol (engine/incremental.py)."""
+    from .backbones import DEFAULT_BACKBONE, get_backbone
+    from .engine.incremental import default_params, load_objects, markdown, parse_schedule, run_incremental
+
+    if args.report or args.param:
+        raise UsageError("--incremental writes a table and --json; --report and --param are not supported with it")
+    parse_schedule(args.incremental)
+    size = args.size or 128
+    backbone = get_backbone(args.backbone or DEFAULT_BACKBONE, size)
+    objects = load_objects([args.data], backbone, max_train=args.max_images, max_test=args.max_images)
+    result = run_incremental(objects, args.incremental, backbone, default_params(size))
+    print(markdown(result))
+    if args.json:
+        Path(args.json).write_text(json.dumps(result.to_json(), indent=1, allow_nan=True))
     return 0
 
 
@@ -260,7 +319,10 @@ def build_parser() -> argparse.ArgumentParser:
     fit = commands.add_parser("fit", help="learn normal appearance from good images and save a model file")
     fit.add_argument("data", help="an MVTec-style category folder (its train/good is used) or a folder of normal images")
     fit.add_argument("-o", "--output", required=True, help="model file to write")
-    fit.add_argument("--method", default=DEFAULT_METHOD, choices=methods, help=f"default: {DEFAULT_METHOD}")
+    fit.add_argument("--method", default=None, choices=methods,
+                     help=f"default: {DEFAULT_METHOD}; unified and iuf learn each category of DATA as a product")
+    fit.add_argument("--update", metavar="MODEL",
+                     help="add the products (categories) of DATA to this unified/iuf model; -o names the new file")
     fit.add_argument("--shots", type=_count, default=None, help="use only K normal images (picked with --seed); 0 = zero-shot methods")
     fit.add_argument("--seed", type=int, default=0)
     fit.add_argument("--size", type=int, default=None,
@@ -308,6 +370,10 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--size", type=int, default=None, help="input size in pixels (default: the method's own)")
     bench.add_argument("--backbone", default=None)
     bench.add_argument("--param", action="append", metavar="KEY=VALUE", help="a method parameter, repeatable")
+    bench.add_argument("--incremental", metavar="SCHEDULE",
+                       help="unified incremental protocol over DATA's categories, e.g. 10-1x5, 3x5, 10-5 (ACC/FM per method)")
+    bench.add_argument("--max-images", type=_positive, default=None,
+                       help="--incremental: at most this many training and test images per category")
     bench.add_argument("--json", help="write all runs and the summary as JSON")
     bench.add_argument("--report", help="write an HTML report")
     bench.add_argument("--overwrite", action="store_true")

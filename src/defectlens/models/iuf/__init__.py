@@ -1,0 +1,3 @@
+from .model import IUF
+
+__all__ = ["IUF"]

@@ -1,0 +1,3 @@
+from .model import UnifiedBank
+
+__all__ = ["UnifiedBank"]
