@@ -319,7 +319,8 @@ def render(runs: dict) -> str:
         "k-shot cells are mean ± std over seeds (each seed a different draw of the k normal images). "
         "FPR / TPR: share of good / (certainly) defective test images above the detector's own threshold, which it "
         "set from normal training images only. `fit s` and `ms/img` exclude the backbone for the patch detectors "
-        "(features are computed once per run); `wall s` is the whole run including features and metrics.",
+        "(backbone features of each image are computed once per set and shared by every run; see speed.md for "
+        "end-to-end prediction times).",
         "",
     ]
     for regime in sorted(table, key=_regime_order):
@@ -345,9 +346,9 @@ def render(runs: dict) -> str:
                              f"`{row['oracle']}` {row['oracle_value']:.3f} | {default} |")
             lines.append(f"\nMean of the left-out AUROCs: **{np.mean([r['chosen_value'] for r in loso]):.3f}**.")
         lines.append("")
+    lines += _threshold_section(table, sets)
     lines += ["## Per set", ""]
-    columns = ("image_auroc", "image_aupr", "f1_max", "pixel_auroc", "au_pro", "fpr", "tpr",
-               "fit_seconds", "ms_per_image", "wall_seconds")
+    columns = ("image_auroc", "image_aupr", "f1_max", "pixel_auroc", "au_pro", "fpr", "tpr", "fit_seconds", "ms_per_image")
     for name in sets:
         lines += [f"### {name}", "", "| regime | configuration | " + " | ".join(
             {"fit_seconds": "fit s", "ms_per_image": "ms/img", "wall_seconds": "wall s"}.get(c, c) for c in columns) + " |",
@@ -368,6 +369,24 @@ def render(runs: dict) -> str:
                             _cell(cells[name].get(f"auroc[{t}]")) for t in DEFECT_TYPES.values()) + " |")
         lines.append("")
     return "\n".join(lines)
+
+
+def _threshold_section(table: dict, sets: list[str]) -> list[str]:
+    """FPR / TPR at each detector's own normal-only threshold, full-shot, per set."""
+    configs = table.get("full-shot", {})
+    if not configs:
+        return []
+    lines = ["## The normal-only threshold, full-shot: FPR / TPR per set", "",
+             "Each detector's own threshold (set from its normal training images alone): share of good test images "
+             "flagged (FPR) / share of (certainly) defective ones flagged (TPR).", "",
+             "| configuration | " + " | ".join(sets) + " |", "|---|" + "---|" * len(sets)]
+    for config, cells in sorted(configs.items()):
+        row = []
+        for name in sets:
+            fpr, tpr = (cells.get(name, {}).get(metric) for metric in ("fpr", "tpr"))
+            row.append("–" if fpr is None or tpr is None else f"{fpr[0]:.3f} / {tpr[0]:.3f}")
+        lines.append(f"| `{config}` | " + " | ".join(row) + " |")
+    return lines + [""]
 
 
 # ---- command line --------------------------------------------------------------------------------
