@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 
 from defectlens.engine.fit import fit_from_folder
-from defectlens.models import Detector, create_detector
+from defectlens.models import create_detector
 from defectlens.models.destseg.model import cosine_distance, cosine_features
 from defectlens.models.trained import AnomalySampler
 

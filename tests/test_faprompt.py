@@ -7,7 +7,6 @@ import json
 import numpy as np
 import pytest
 import torch
-import transformers
 from safetensors import safe_open
 
 from conftest import write_tiny_clip

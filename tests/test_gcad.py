@@ -2,7 +2,7 @@ import numpy as np
 import pytest
 import torch
 
-from defectlens.models import Detector, create_detector
+from defectlens.models import create_detector
 from defectlens.models.gcad.networks import AutoEncoder, Student
 
 # Tiny networks: every test here trains in seconds on 2 cores.

@@ -28,6 +28,8 @@ the image does not, so a misplaced part shows at both places and a missing one w
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import cv2
 import numpy as np
 import torch

@@ -22,18 +22,18 @@ from tqdm.auto import tqdm
 
 from ...backbones import DEFAULT_BACKBONE
 from ...data.io import as_image
-from ...errors import UsageError
 from ..base import BackboneDetector, Prediction, register
 from ..calibration import calibrate, held_out_split
 from ..maps import upsample_map
 from ..params import BACKBONE, BATCH_SIZE, BLUR_SIGMA, INPUT_SIZE, SEED, Boolean, Integer, Optional, Real, Text
+from ..products import LearnsProducts
 from .networks import IUFNetwork, ProjectedUpdates, compression_loss, default_k
 
 MAP_QUANTILES = np.linspace(0.0, 1.0, 101)
 
 
 @register
-class IUF(BackboneDetector):
+class IUF(LearnsProducts, BackboneDetector):
     """``dims``/``heads``/``layers``: the reconstruction transformer; ``pool``: backbone cells
     averaged into one token per side (2: a 256 px input gives 16×16 tokens); ``steps`` and
     ``batch_size``/``learning_rate``: training per added object; ``class_weight`` (λ1) and
@@ -76,43 +76,20 @@ class IUF(BackboneDetector):
         self.interrupted = False
 
     # -- features ---------------------------------------------------------------------------
-    def features(self, images: list, progress: str | None = None) -> torch.Tensor:
+    def product_features(self, images: list, progress: str | None = None) -> torch.Tensor:
         features = self.backbone_network.embed(images, progress=progress, total=len(images))
         return F.avg_pool2d(features, self.pool) if self.pool > 1 else features
 
     # -- learning ---------------------------------------------------------------------------
     def fit_images(self, images: list, masks: list, labels: list[int]) -> None:
         self._reset()
-        self._add_object(self.features(images, progress="features"), self.product)
-
-    def partial_fit(self, images, product: str) -> IUF:
-        """Teach the network one more object from its normal ``images``."""
-        if not isinstance(product, str) or not product.strip():
-            raise UsageError(f"{self.name}: a product needs a non-empty name, not {product!r}")
-        if product in self.products:
-            raise UsageError(f"{self.name}: the model already knows product '{product}' (known: {', '.join(self.products)})")
-        if not self._fitted:
-            self._reset()
-        self.validate_params()
-        images = list(images)
-        if not images:
-            raise UsageError(f"{self.name}: product '{product}' needs at least one normal image")
-        self.partial_fit_features(self.features(images, progress=f"features {product}"), product)
-        return self
-
-    def partial_fit_features(self, features: torch.Tensor, product: str) -> IUF:
-        """``partial_fit`` on precomputed (already pooled) features; benchmarks embed once."""
-        if not self._fitted:
-            self._reset()
-        self._add_object(features, product)
-        self._fitted = True
-        return self
+        self.add_product(self.product_features(images, progress="features"), self.product)
 
     def _new_network(self, channels: int, grid: tuple[int, int], objects: int = 1) -> IUFNetwork:
         torch.manual_seed(self.seed)
         return IUFNetwork(channels, self.dims, self.heads, self.layers, objects, self.object_attention, grid)
 
-    def _add_object(self, features: torch.Tensor, product: str) -> None:
+    def add_product(self, features: torch.Tensor, product: str) -> None:
         train, held = held_out_split(features.shape[0], self.seed)
         first = self.network is None
         if first:
@@ -180,7 +157,7 @@ class IUF(BackboneDetector):
 
     def predict_images(self, images: list) -> Prediction:
         images = [as_image(image) for image in images]
-        scores, maps = self.score_features(self.features(images))
+        scores, maps = self.score_features(self.product_features(images))
         hw = self.backbone_network.input_hw
         return Prediction(scores=scores, maps=[upsample_map(m, hw, image.shape[:2], self.blur_sigma)
                                                for m, image in zip(maps, images)])

@@ -15,7 +15,6 @@ image is compared with ``references`` others picked at random rather than with a
 from __future__ import annotations
 
 import warnings
-from collections.abc import Sequence
 from itertools import chain
 
 import numpy as np

@@ -22,12 +22,12 @@ import torch
 
 from ...backbones import DEFAULT_BACKBONE
 from ...data.io import as_image
-from ...errors import UsageError
 from ..base import BackboneDetector, Prediction, register
 from ..calibration import calibrate, refit_folds, threshold_from_normal_scores
 from ..memory import NearestNeighbours
 from ..params import BACKBONE, BLUR_SIGMA, INPUT_SIZE, SEED, Choice, Integer, Text
 from ..patchcore.model import PatchCore
+from ..products import LearnsProducts
 from ..patchknn.model import PatchKNN
 
 PRODUCT_METHODS = {"patchcore": PatchCore, "patchknn": PatchKNN}
@@ -43,7 +43,7 @@ def global_features(features: torch.Tensor) -> np.ndarray:
 
 
 @register
-class UnifiedBank(BackboneDetector):
+class UnifiedBank(LearnsProducts, BackboneDetector):
     """``product_method``: the per-product detector (patchcore or patchknn); ``bank_size``: its
     memory size per product; ``product``: the name ``fit`` gives its single product (use
     ``partial_fit`` to name and add more)."""
@@ -78,33 +78,10 @@ class UnifiedBank(BackboneDetector):
     # -- learning ---------------------------------------------------------------------------
     def fit_images(self, images: list, masks: list, labels: list[int]) -> None:
         self._reset()
-        self._add_product(self.backbone_network.embed(images, progress="features", total=len(images)), self.product)
+        self.add_product(self.product_features(images, progress="features"), self.product)
 
-    def partial_fit(self, images, product: str) -> UnifiedBank:
-        """Add ``product`` learned from its normal ``images``; the products already known are
-        untouched. A product name already known is refused (fit a new model to re-learn it)."""
-        if not isinstance(product, str) or not product.strip():
-            raise UsageError(f"{self.name}: a product needs a non-empty name, not {product!r}")
-        if product in self.products:
-            raise UsageError(f"{self.name}: the model already knows product '{product}' (known: {', '.join(self.products)})")
-        if not self._fitted:
-            self._reset()
-            self.set_calibration(calibrate(None))
-        self.validate_params()
-        images = list(images)
-        if not images:
-            raise UsageError(f"{self.name}: product '{product}' needs at least one normal image")
-        self.partial_fit_features(self.backbone_network.embed(images, progress=f"features {product}", total=len(images)),
-                                  product)
-        return self
-
-    def partial_fit_features(self, features: torch.Tensor, product: str) -> UnifiedBank:
-        """``partial_fit`` on precomputed backbone features (benchmarks embed once)."""
-        if not self._fitted:
-            self._reset()
-        self._add_product(features, product)
-        self._fitted = True
-        return self
+    def product_features(self, images: list, progress: str | None = None) -> torch.Tensor:
+        return self.backbone_network.embed(images, progress=progress, total=len(images))
 
     def _new_detector(self):
         detector = PRODUCT_METHODS[self.product_method](bank_size=self.bank_size, backbone=self.backbone, size=self.size,
@@ -112,7 +89,7 @@ class UnifiedBank(BackboneDetector):
         detector.backbone_network = self.backbone_network
         return detector
 
-    def _add_product(self, features: torch.Tensor, product: str) -> None:
+    def add_product(self, features: torch.Tensor, product: str) -> None:
         detector = self._new_detector()
         scores, maps = [], []
         for held_out in refit_folds(features.shape[0], self.seed):
