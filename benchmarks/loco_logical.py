@@ -81,15 +81,18 @@ def ablation(folder: Path, shots: int, seeds: int) -> list[dict]:
     features = create_detector("composition").backbone_network.embed(images, progress="ablation features", total=len(images))
     rows = []
     for seed in range(seeds):
-        detector = create_detector("composition", seed=seed).fit([s.path for s in sample_shots(train, shots, seed)])
-        parts, _ = detector.compose(images, features)
-        calibrated = [detector.score_parts(p)[0] for p in parts]
         row = {"seed": seed}
-        for name in (*SCORES, *COMBINATIONS):
-            scores = np.array([COMBINATIONS[name](c) if name in COMBINATIONS else c[name] for c in calibrated])
-            for group in ("logical", "structural"):
-                chosen = (groups == group) | (groups == "good")
-                row[f"{name}.{group}"] = image_auroc(labels[chosen], scores[chosen])
+        # Both scoring forms (docs/fidelity.md); the published one's keys are prefixed.
+        for scoring, prefix in (("refined", ""), ("published", "published:")):
+            detector = create_detector("composition", seed=seed, scoring=scoring).fit(
+                [s.path for s in sample_shots(train, shots, seed)])
+            parts, _ = detector.compose(images, features)
+            calibrated = [detector.score_parts(p)[0] for p in parts]
+            for name in (*SCORES, *COMBINATIONS):
+                scores = np.array([COMBINATIONS[name](c) if name in COMBINATIONS else c[name] for c in calibrated])
+                for group in ("logical", "structural"):
+                    chosen = (groups == group) | (groups == "good")
+                    row[f"{prefix}{name}.{group}"] = image_auroc(labels[chosen], scores[chosen])
         rows.append(row)
     return rows
 
@@ -143,10 +146,13 @@ def write_markdown(store: dict, args_line: str) -> None:
                   (f"Each calibrated score alone, their plain sum and their norm (the detector's image score), "
                    f"{len(rows)} runs ({', '.join(k.split('/')[1] for k in sorted(ablations))} × shot seeds).\n"),
                   "| score | logical AUROC | structural AUROC |", "|---|---|---|"]
-        for name in (*SCORES, *COMBINATIONS):
-            label = COMBINATION_LABELS.get(name, name)
-            lines.append(f"| {label} | {mean_std([r[f'{name}.logical'] for r in rows])} | "
-                         f"{mean_std([r[f'{name}.structural'] for r in rows])} |")
+        for prefix in ("", "published:"):
+            if not all(f"{prefix}sum.logical" in r for r in rows):
+                continue  # stored before the published scoring existed
+            for name in (*SCORES, *COMBINATIONS):
+                label = ("published scoring: " if prefix else "") + COMBINATION_LABELS.get(name, name)
+                lines.append(f"| {label} | {mean_std([r[f'{prefix}{name}.logical'] for r in rows])} | "
+                             f"{mean_std([r[f'{prefix}{name}.structural'] for r in rows])} |")
     bsdata = {k: v for k, v in blocks.items() if k.startswith("bsdata/")}
     if bsdata:
         lines += ["", "## BSData ball_screw (real pitting defects: structural only)\n",

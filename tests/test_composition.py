@@ -8,7 +8,7 @@ import torch
 
 from defectlens.models import Detector, create_detector
 from defectlens.models.composition.model import NAIVE_WEIGHTS, SCORES, combine, nearest_patches
-from defectlens.models.composition.parts import ImageParts, class_distances
+from defectlens.models.composition.parts import ImageParts, class_distances, image_vectors
 from defectlens.models.composition.sam import vote_in_regions
 from defectlens.models.composition.segment import (
     background_classes,
@@ -160,6 +160,45 @@ def test_class_distances_known_answers():
     np.testing.assert_allclose(d["embedding"], [0, 0], atol=1e-12)
     absent = class_distances(parts([0.09, 0.0], [1, 0], [[0, 0]] * 2, [[0.5, 0.5]] * 2), refs, typical)
     assert np.isnan(absent["colour"][1]) and np.isnan(absent["location"][1])
+
+
+def test_image_vectors_known_answers():
+    """Pixel counts per class, mean a and b per class, centroid distance from the origin, class
+    embeddings concatenated: over the foreground classes only."""
+    parts = ImageParts(patches=torch.zeros(1, 2), patch_class=torch.zeros(1, dtype=torch.long),
+                       foreground=torch.ones(1, dtype=torch.bool), area=np.array([0.5, 0.25, 0.25]),
+                       count=np.array([1.0, 1.0, 2.0]), colour=np.array([[0.0, 0.0], [10.0, -5.0], [3.0, 4.0]]),
+                       location=np.array([[0.5, 0.5], [0.3, 0.4], [0.6, 0.8]]),
+                       embedding=np.array([[1.0, 0.0], [0.0, 1.0], [0.6, 0.8]]))
+    vectors = image_vectors(parts, np.array([False, True, True]), pixels=100)
+    np.testing.assert_allclose(vectors["histogram"], [25.0, 25.0])
+    np.testing.assert_allclose(vectors["colour"], [10.0, -5.0, 3.0, 4.0])
+    np.testing.assert_allclose(vectors["location"], [0.5, 1.0])
+    np.testing.assert_allclose(vectors["embedding"], [0.0, 1.0, 0.6, 0.8])
+    stacked = image_vectors(ImageParts.stack([parts, parts]), np.array([False, True, True]), pixels=100)
+    assert stacked["colour"].shape == (2, 4) and stacked["location"].shape == (2, 2)
+
+
+def test_published_scoring_nearest_vector_leave_one_out_weights_and_sum():
+    rng = np.random.default_rng(0)
+    shots = [normal(rng) for _ in range(4)]
+    detector = create_detector("composition", **PARAMS, scoring="published").fit(shots)
+    features = detector.backbone_network.embed(shots)
+    refs, _ = detector.compose(shots, features)
+    foreground = ~detector.background
+    # Each weight is the largest score of a shot left out of the others (folds of one here).
+    for name in ("histogram", "colour", "location", "embedding"):
+        loo = []
+        for j in range(4):
+            others = image_vectors(ImageParts.stack(refs[:j] + refs[j + 1:]), foreground, 48 * 48)
+            loo.append(np.linalg.norm(others[name] - image_vectors(refs[j], foreground, 48 * 48)[name], axis=1).min())
+        assert detector.normalisers[name] == pytest.approx(max(max(loo), 1e-6))
+    test = scene(rng, [(RED, (28, 48))])
+    raw, _, _ = detector.memory.scores(detector.compose([test], detector.backbone_network.embed([test]))[0][0], 0.02)
+    total = sum(raw[s] / detector.normalisers[s] for s in SCORES)
+    assert detector.predict([test]).scores[0] == pytest.approx(total, rel=1e-6)
+    missing_ratio = raw["histogram"] / detector.normalisers["histogram"]
+    assert missing_ratio > 1  # a missing disc lies beyond every left-out shot
 
 
 def test_segmentation_helpers():

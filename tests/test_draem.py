@@ -11,6 +11,7 @@ from defectlens.models import Detector, create_detector
 from defectlens.models.trained.geometry import working_shape
 from defectlens.models.trained.losses import box_loss, focal_loss, pixel_weights
 from defectlens.models.trained.sampler import AnomalySampler
+from defectlens.synthesis import AnoGenSynthesizer, create_synthesizer
 
 TINY = {"size": 64, "crop": 32, "batch_size": 4, "steps": 10, "width": 4}
 
@@ -62,7 +63,7 @@ def test_working_shape_keeps_aspect_and_pixel_budget():
 def test_sampler_makes_perlin_and_box_labelled_anomalies(normal_images, defect_image):
     mask = np.zeros(defect_image.shape[:2], bool)
     mask[80:100, 30:50] = True
-    sampler = AnomalySampler(normal_images, crop=64, seed=0, real=([defect_image], [mask]))
+    sampler = AnomalySampler(normal_images, crop=64, seed=0, generator=AnoGenSynthesizer([defect_image], [mask]))
     batch = sampler.batch(48)
     assert batch.clean.shape == batch.augmented.shape == (48, 3, 64, 64) and batch.target.shape == (48, 1, 64, 64)
     has_target = batch.target.flatten(1).amax(1) > 0
@@ -73,6 +74,54 @@ def test_sampler_makes_perlin_and_box_labelled_anomalies(normal_images, defect_i
     for index in torch.nonzero(batch.weak)[:, 0]:  # a box target is one filled rectangle
         ys, xs = torch.nonzero(batch.target[index, 0], as_tuple=True)
         assert batch.target[index, 0, ys.min() : ys.max() + 1, xs.min() : xs.max() + 1].eq(1).all()
+
+
+def test_cutpaste_source_puts_exact_masks_on_the_crops(normal_images):
+    sampler = AnomalySampler(normal_images, crop=64, seed=0, crop_source=create_synthesizer("cutpaste"))
+    batch = sampler.batch(48)
+    changed = (batch.augmented - batch.clean).abs().amax(1) > 0
+    assert not batch.weak.any()
+    # Every changed pixel is in the target: Perlin and CutPaste both know their masks.
+    assert not (changed & (batch.target[:, 0] == 0)).any()
+
+
+class RecordingSampler(AnomalySampler):
+    made: list = []
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        RecordingSampler.made.append(self)
+
+
+def test_diffusion_source_end_to_end_on_a_tiny_stable_diffusion(normal_images, defect_image, tmp_path, monkeypatch):
+    """anomaly_source=diffusion: textual inversion on the real anomaly, a pool of box-guided
+    generated anomalies, training with their boxes, a detector that predicts and saves."""
+    pytest.importorskip("diffusers")
+    from test_synthesis import tiny_parts
+
+    parts = tiny_parts()
+    for name in ("unet", "vae", "text_encoder", "tokenizer", "scheduler"):
+        getattr(parts, name).save_pretrained(tmp_path / "sd" / name)
+    monkeypatch.setattr("defectlens.models.trained.detector.AnomalySampler", RecordingSampler)
+    mask = np.zeros(defect_image.shape[:2], bool)
+    mask[80:100, 30:50] = True
+    params = {**TINY, "anomaly_source": "diffusion", "sd_model": str(tmp_path / "sd"), "generated": 3,
+              "diffusion_size": 16, "diffusion_steps": 2, "embedding_steps": 2}
+    detector = create_detector("draem", **params)
+    detector.fit([*normal_images, defect_image], masks=[None] * 6 + [mask], labels=[0] * 6 + [1])
+    sampler = RecordingSampler.made[-1]
+    assert len(sampler.pool) == 3 and all(anomaly.kind == "diffusion" for _, anomaly in sampler.pool)
+    for index, anomaly in sampler.pool:
+        x0, y0, x1, y1 = anomaly.box
+        outside = np.ones(anomaly.mask.shape, bool)
+        outside[y0:y1, x0:x1] = False
+        assert (anomaly.image != sampler.normals[index]).any(axis=2)[~outside].any()
+        assert not (anomaly.image != sampler.normals[index]).any(axis=2)[outside].any()
+    assert sampler.batch(32).weak.any()  # generated anomalies train with their boxes
+    assert detector.real_anomalies == 1 and len(detector.losses) == TINY["steps"]
+    loaded = Detector.load(detector.save(tmp_path / "draem.dlmodel"))
+    assert loaded.anomaly_source == "diffusion"
+    np.testing.assert_allclose(loaded.predict(normal_images[:2]).scores, detector.predict(normal_images[:2]).scores)
 
 
 def test_short_training_lowers_the_loss(normal_images):

@@ -113,6 +113,42 @@ def test_losses_and_scores_known_answers():
     assert mask_target(quarter, 1)[0, 0] == pytest.approx(0.25) and not mask_target((), 3).any()
 
 
+def test_last_layer_value_maps_are_the_last_layers_v_v_tokens(tiny_clip):
+    """layers=[depth]: the maps come from one V-V attention on the last layer's input (the
+    authors' last-layer value-value maps), not from a value path through several tapped layers."""
+    clip, _ = load_clip(tiny_clip)
+    pixels = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(1))
+    depth = clip.config.vision_config.num_hidden_layers
+    _, patches = encode_images(clip, pixels, [depth])
+    with torch.no_grad():
+        vision = clip.vision_model
+        hidden = vision.pre_layrnorm(vision.embeddings(pixels))
+        for layer in vision.encoder.layers[:-1]:
+            hidden = layer(hidden, None)
+        last = vision.encoder.layers[-1]
+        tokens = hidden + _value_attention(last.self_attn, last.layer_norm1(hidden))
+        expected = torch.nn.functional.normalize(clip.visual_projection(vision.post_layernorm(tokens[:, 1:])), dim=-1)
+    assert patches.shape[1] == 1
+    torch.testing.assert_close(patches[:, 0], expected, atol=1e-5, rtol=1e-5)
+
+
+def test_image_loss_cross_entropy_on_the_abnormality_probability(tiny_clip):
+    assert losses.cross_entropy(torch.tensor([0.9, 0.2]), torch.tensor([1.0, 0.0])).item() == pytest.approx(
+        -(np.log(0.9) + np.log(0.8)) / 2, rel=1e-5)
+    clip, tokenizer = load_clip(tiny_clip)
+    torch.manual_seed(0)
+    net = FinePrompts(clip, tokenizer, prompts=3, top_patches=4)
+    image, patches = encode_images(clip, torch.randn(4, 3, 32, 32, generator=torch.Generator().manual_seed(2)), [1, 2])
+    masks, labels = torch.zeros(4, 32, 32), torch.tensor([0, 0, 1, 1])
+    with torch.no_grad():
+        scores = net(image, patches)
+        focal = training_loss(net, image, patches, masks, labels)
+        crossed = training_loss(net, image, patches, masks, labels, image_loss="cross_entropy")
+    # Only the image-level term differs: focal on s(x) against cross-entropy on s_a(x).
+    swap = losses.cross_entropy(scores.image, labels.float()) - losses.focal(scores.image_score(), labels.float())
+    assert (crossed - focal).item() == pytest.approx(swap.item(), abs=1e-5)
+
+
 # -- training ----------------------------------------------------------------------------------------
 def test_training_steps_lower_the_loss_and_leave_clip_untouched(tiny_clip):
     clip, tokenizer = load_clip(tiny_clip)

@@ -2,8 +2,8 @@ import numpy as np
 import pytest
 import torch
 
-from defectlens.models import create_detector
-from defectlens.models.gcad.networks import AutoEncoder, Student
+from defectlens.models import Detector, create_detector
+from defectlens.models.gcad.networks import AutoEncoder, GlobalRegressor, Student
 
 # Tiny networks: every test here trains in seconds on 2 cores.
 TINY = {"size": 64, "dims": 8, "width": 8, "bottleneck": 8, "lr": 3e-3}
@@ -41,6 +41,40 @@ def test_autoencoder_output_fits_the_grid_and_passes_through_the_bottleneck():
         assert autoencoder(images, (12, 12)).shape == (2, 5, 12, 12)
         code = autoencoder.encoder(torch.nn.functional.interpolate(images, size=(128, 128)))
     assert code.shape == (2, 3)
+
+
+def test_global_regressor_reaches_across_the_image_and_keeps_detail_through_skips():
+    """The paper's U-Net: output on the stride-8 grid; a change in one corner moves cells beyond
+    a 48-px student's reach (its cells 8 and 9 see pixels up to 100 at most); the stride-8 skip carries detail the coarse
+    levels lose (zeroing it changes the output)."""
+    torch.manual_seed(0)
+    unet = GlobalRegressor(dims=4, width=8).eval()
+    image = torch.randn(1, 3, 128, 128)
+    changed = image.clone()
+    changed[:, :, 112:, 112:] += 5.0
+    with torch.no_grad():
+        cells = unet(image)
+        assert cells.shape == (1, 4, 16, 16)
+        assert (unet(changed) - cells)[..., 8:10, 8:10].abs().amax() > 0  # a student's: exactly 0
+        skip = unet.down[0](unet.stem(image))
+        deeper = unet.down[2](unet.down[1](skip))
+        up = unet.up[0](torch.cat([torch.nn.functional.interpolate(deeper, size=(8, 8), mode="bilinear"),
+                                   unet.down[1](skip)], 1))
+        without_skip = unet.out(unet.up[1](torch.cat([torch.nn.functional.interpolate(up, size=(16, 16), mode="bilinear"),
+                                                      torch.zeros_like(skip)], 1)))
+        with_skip = unet.out(unet.up[1](torch.cat([torch.nn.functional.interpolate(up, size=(16, 16), mode="bilinear"),
+                                                   skip], 1)))
+    torch.testing.assert_close(with_skip, cells)
+    assert not torch.allclose(without_skip, cells)
+
+
+def test_unet_global_branch_trains_and_round_trips(normal_images, tmp_path):
+    detector = create_detector("gcad", steps=30, global_network="unet", **TINY).fit(normal_images[:4])
+    assert isinstance(detector.global_student, GlobalRegressor)
+    first, last = detector.losses[:5].mean(0), detector.losses[-5:].mean(0)
+    assert last[2] < first[2], (first, last)
+    loaded = Detector.load(detector.save(tmp_path / "gcad.dlmodel"))
+    np.testing.assert_allclose(loaded.predict(normal_images[4:]).scores, detector.predict(normal_images[4:]).scores, rtol=1e-5)
 
 
 def test_training_lowers_the_losses(normal_images):

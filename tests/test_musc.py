@@ -11,6 +11,7 @@ from defectlens.cli import main
 from defectlens.models import Detector, create_detector
 from defectlens.models.musc.model import batch_threshold
 from defectlens.models.musc.mutual import (
+    aggregate,
     interval_mean,
     mutual_scores,
     neighbour_agreement,
@@ -93,6 +94,40 @@ def test_scores_follow_the_images_when_the_batch_is_reordered():
     features = hand_made_batch() + 0.05 * torch.randn(8, 16, 4, 4, generator=torch.Generator().manual_seed(5))
     order = torch.tensor([5, 2, 7, 0, 3, 6, 1, 4])
     torch.testing.assert_close(mutual_scores([features[order]]), mutual_scores([features])[order])
+
+
+def test_aggregation_degree_averages_the_r_by_r_neighbourhood():
+    features = torch.arange(25.0).reshape(1, 1, 5, 5)
+    torch.testing.assert_close(aggregate(features, 1), features)
+    three = aggregate(features, 3)
+    assert three[0, 0, 2, 2].item() == pytest.approx(features[0, 0, 1:4, 1:4].mean().item())
+    # At a corner only the patches that exist are averaged.
+    assert three[0, 0, 0, 0].item() == pytest.approx(features[0, 0, :2, :2].mean().item())
+    assert aggregate(features, 5)[0, 0, 2, 2].item() == pytest.approx(features.mean().item())
+
+
+def test_several_degrees_average_the_maps_of_each_degree():
+    features = hand_made_batch() + 0.05 * torch.randn(8, 16, 4, 4, generator=torch.Generator().manual_seed(2))
+    expected = sum(mutual_scores([aggregate(features, r)], keep=0.3) for r in (1, 3, 5)) / 3
+    torch.testing.assert_close(mutual_scores([features], keep=0.3, degrees=(1, 3, 5)), expected)
+
+
+def test_published_settings_score_with_plain_rscin(batch):
+    """degrees [1,3,5], the lowest 30 % over all other images, then RsCIN (k = 1..3) always applied."""
+    published = create_detector("musc", size=64, degrees=[1, 3, 5], keep=0.3, references=None,
+                                rescore="plain", rescore_neighbours=3)
+    gated = create_detector("musc", **{**published.get_params(), "rescore": "gated"})
+    features = gated.backbone_network.embed(batch, progress=None)
+    levels = published.split_levels(features)
+    maps = mutual_scores(levels, None, 0.3, 0, degrees=(1, 3, 5))
+    flat = maps.flatten(1)
+    raw = flat.topk(max(1, round(0.01 * flat.shape[1])), dim=1).values.mean(dim=1)
+    image = torch.nn.functional.normalize(torch.cat([torch.nn.functional.normalize(level.mean(dim=(2, 3)), dim=1)
+                                                     for level in levels], dim=1), dim=1)
+    scores, patch_maps = published.score_features(features)
+    torch.testing.assert_close(patch_maps, maps)
+    np.testing.assert_allclose(scores, similar_image_mean(raw, image, 3).numpy(), rtol=1e-5)
+    np.testing.assert_allclose(gated.score_features(features)[0], rescore(raw, image, 3).numpy(), rtol=1e-5)
 
 
 def test_mutual_scoring_needs_two_images():

@@ -161,10 +161,10 @@ def test_zero_shot_fit_predict_save_load(tiny_clip, parts, tmp_path):
     # The map is the harmonic mean of the image score and the two window scales.
     features = detector.encoder.encode(parts[:1])
     _, patch_map = detector.score_features(features, None)
-    image_score = two_class_scores(features.image, detector.prototypes, detector.temperature)
-    small = harmonic_aggregation(two_class_scores(features.windows[2], detector.prototypes, detector.temperature),
+    image_score = two_class_scores(features.image, detector.prototypes, 1 / 0.07)
+    small = harmonic_aggregation(two_class_scores(features.windows[2], detector.prototypes, 1 / 0.07),
                                  window_patches(6, 6, 2), 36)
-    mid = harmonic_aggregation(two_class_scores(features.windows[3], detector.prototypes, detector.temperature),
+    mid = harmonic_aggregation(two_class_scores(features.windows[3], detector.prototypes, 1 / 0.07),
                                window_patches(6, 6, 3), 36)
     assert torch.allclose(patch_map, 3 / (1 / image_score[:, None] + 1 / small + 1 / mid))
     assert prediction.scores[0] == pytest.approx(float(image_score[0]), abs=1e-6)
@@ -174,6 +174,23 @@ def test_zero_shot_fit_predict_save_load(tiny_clip, parts, tmp_path):
     again = loaded.predict(mixed)
     assert np.allclose(again.scores, prediction.scores, atol=1e-6)
     assert all(np.allclose(a, b, atol=1e-6) for a, b in zip(again.maps, prediction.maps))
+
+
+def test_softmax_scale_reference_or_the_clips_logit_scale(tiny_clip, parts):
+    """The reference's 1/0.07 by default; null takes CLIP's logit scale (100 for OpenAI's
+    checkpoints: set here, a random CLIP starts at 1/0.07). The image probability is a sigmoid of
+    the scaled cosine difference, so the scale keeps the image ranking and changes the maps."""
+    reference = create_detector("winclip", clip_model=tiny_clip, size=SIZE).fit([])
+    clip_scale = create_detector("winclip", clip_model=tiny_clip, size=SIZE, softmax_scale=None).fit([])
+    clip_scale.temperature = 100.0  # what a trained OpenAI CLIP's logit_scale.exp() gives
+    features = reference.encoder.encode(parts)
+    cosines = features.image @ reference.prototypes.T
+    for detector, scale in ((reference, 1 / 0.07), (clip_scale, 100.0)):
+        scores, _ = detector.score_features(features, None)
+        torch.testing.assert_close(scores, torch.sigmoid(scale * (cosines[:, 1] - cosines[:, 0])))
+    ranks = [np.argsort(d.score_features(features, None)[0].numpy()) for d in (reference, clip_scale)]
+    np.testing.assert_array_equal(*ranks)
+    assert not torch.allclose(reference.score_features(features, None)[1], clip_scale.score_features(features, None)[1])
 
 
 def test_winclip_plus_fit_predict_save_load(tiny_clip, parts, tmp_path):

@@ -20,6 +20,13 @@ with SAM and DINOv2", on the embedded backbone:
    shot nothing can be left out, and two give one distance: below three shots naive weights
    (typical values on good images) stand in.
 
+``scoring="published"`` computes the four class-wise scores and the combination as the write-up
+has them: the image-level vectors of :func:`.parts.image_vectors` (pixel counts per class, mean a
+and b per class, centroid distances from the origin, class embeddings), each scored by the
+Euclidean distance to the nearest normal image over the whole vector; every score divided by its
+largest leave-one-out value over the shots (from two shots on; one shot: the naive weights for
+the patch scores) and the seven summed. docs/fidelity.md compares the two.
+
 The anomaly map is the class-agnostic patch distance (the picturable part), overlaid with the
 evidence of the class-wise scores: a part class far outside its normal range (calibrated score
 above ``PAINT_ABOVE``) lights up where it is in the image and where the references have it but
@@ -41,7 +48,7 @@ from ..base import BackboneDetector, Prediction, register
 from ..calibration import calibrate, refit_folds
 from ..maps import upsample_map
 from ..params import BACKBONE, BLUR_SIGMA, INPUT_SIZE, SEED, Choice, Integer, ListOf, Optional, Real, Text
-from .parts import ImageParts, class_distances, describe, part_sizes
+from .parts import ImageParts, class_distances, describe, image_vectors, part_sizes
 from .segment import PartSegmenter, background_classes
 
 SCORES = ("agnostic", "aware", "foreground", "embedding", "histogram", "colour", "location")
@@ -105,9 +112,12 @@ class Memory:
     """The normal shots, ready for scoring: their stacked parts and per-class normalisers."""
 
     def __init__(self, refs: list[ImageParts], typical_area: np.ndarray, background: np.ndarray,
-                 usual_place: np.ndarray | None = None):
-        """``usual_place``: (K, S, S) bool, where each class lies in most references (for maps)."""
+                 usual_place: np.ndarray | None = None, pixels: int | None = None):
+        """``usual_place``: (K, S, S) bool, where each class lies in most references (for maps).
+        ``pixels``: pixels of a part map; given, the class-wise scores are the write-up's
+        image-level vector distances instead of the per-class ones."""
         self.refs, self.typical_area, self.background, self.usual_place = refs, typical_area, background, usual_place
+        self.pixels = pixels
         self.stacked = ImageParts.stack(refs)
         self.class_norms = self._class_normalisers()
 
@@ -139,6 +149,10 @@ class Memory:
             values[self.background] = np.nan
             per_class[name] = values
             scores[name] = float(np.nanmax(values)) if np.isfinite(values).any() else 0.0
+        if self.pixels is not None:
+            test_vectors = image_vectors(test, ~self.background, self.pixels)
+            for name, refs in image_vectors(self.stacked, ~self.background, self.pixels).items():
+                scores[name] = float(np.linalg.norm(refs - test_vectors[name], axis=1).min())
         return scores, agnostic, per_class
 
 
@@ -150,15 +164,19 @@ class Composition(BackboneDetector):
     parameter_constraints = {"backbone": BACKBONE, "size": INPUT_SIZE, "seed": SEED, "parts": Integer(2, 64),
                              "part_size": Integer(16, 1024), "scores": ListOf(Choice(SCORES)),
                              "top_fraction": Real(0.0, 1.0, open_low=True), "blur_sigma": BLUR_SIGMA,
-                             "segmenter": Choice(("clusters", "sam")), "sam_model": Optional(Text())}
+                             "segmenter": Choice(("clusters", "sam")), "sam_model": Optional(Text()),
+                             "scoring": Choice(("refined", "published"))}
 
     def __init__(self, backbone: str = DEFAULT_BACKBONE, size: int = 256, seed: int = 0, parts: int = 12,
                  part_size: int = 128, scores: tuple[str, ...] = SCORES, top_fraction: float = 0.02,
-                 blur_sigma: float = 4.0, segmenter: str = "clusters", sam_model: str | None = None):
+                 blur_sigma: float = 4.0, segmenter: str = "clusters", sam_model: str | None = None,
+                 scoring: str = "refined"):
         """``parts``: number of part classes. ``part_size``: side of the part maps in pixels.
         ``scores``: which of the seven scores to sum (all by default; one alone for an ablation).
         ``segmenter``: "clusters" (embedded, no weights) or "sam" (cluster classes voted inside
-        SAM masks; needs ``sam_model``, a local SAM folder, or DEFECTLENS_SAM_MODEL)."""
+        SAM masks; needs ``sam_model``, a local SAM folder, or DEFECTLENS_SAM_MODEL).
+        ``scoring``: "refined" (per-class matching and calibration, norm of the scores) or
+        "published" (the write-up's image-level vectors, leave-one-out weights, weighted sum)."""
         self.backbone = backbone
         self.size = size
         self.seed = seed
@@ -169,6 +187,7 @@ class Composition(BackboneDetector):
         self.blur_sigma = blur_sigma
         self.segmenter = segmenter
         self.sam_model = sam_model
+        self.scoring = scoring
         self._sam = None
         self.part_segmenter = PartSegmenter(parts, part_size, seed)
         self.memory: Memory | None = None
@@ -206,7 +225,7 @@ class Composition(BackboneDetector):
         typical_area = np.median([r.area for r in refs], axis=0)
         self._calibrate(refs, typical_area)
         usual_place = np.mean([m[None] == np.arange(self.parts)[:, None, None] for m in maps], axis=0) >= USUAL_PLACE
-        self.memory = Memory(refs, typical_area, self.background, usual_place)
+        self.memory = Memory(refs, typical_area, self.background, usual_place, pixels=self._published_pixels())
 
     def _calibrate(self, refs: list[ImageParts], typical_area: np.ndarray) -> None:
         """Held-out shots: the patch scores' normalisers, the threshold and the map range."""
@@ -216,12 +235,15 @@ class Composition(BackboneDetector):
             return
         held_out, patch_maps = [], []
         for fold in refit_folds(count, self.seed):  # the map range (and threshold) need these even when the naive weights stay
-            memory = Memory([refs[i] for i in range(count) if i not in fold], typical_area, self.background)
+            memory = Memory([refs[i] for i in range(count) if i not in fold], typical_area, self.background,
+                            pixels=self._published_pixels())
             for i in fold:
                 scores, distances, _ = memory.scores(refs[i], self.top_fraction)
                 held_out.append(scores)
                 patch_maps.append(distances)
-        if count < SHOTS_TO_CALIBRATE:
+        if self.scoring == "published":  # the largest leave-one-out score is each score's weight
+            self.normalisers = {s: max(max(h[s] for h in held_out), 1e-6) for s in SCORES}
+        elif count < SHOTS_TO_CALIBRATE:
             self.normalisers = dict(NAIVE_WEIGHTS)
         else:  # class-wise scores are already divided by their per-class leave-one-out spreads
             self.normalisers = {s: max(max(h[s] for h in held_out), 1e-6) if s in PATCH_SCORES else 1.0 for s in SCORES}
@@ -230,15 +252,26 @@ class Composition(BackboneDetector):
         normal_maps = [(patches / self.normalisers["agnostic"]).numpy() for patches in patch_maps]
         self.set_calibration(calibrate([self._total(h) for h in held_out], normal_maps))
 
+    def _published_pixels(self) -> int | None:
+        return self.part_size**2 if self.scoring == "published" else None
+
     def _total(self, scores: dict[str, float]) -> float:
-        return combine({s: scores[s] / self.normalisers[s] for s in SCORES}, self.scores)
+        return self._combine_calibrated({s: scores[s] / self.normalisers[s] for s in SCORES})
+
+    def _combine_calibrated(self, calibrated: dict[str, float]) -> float:
+        """The image score: the write-up's sum of the chosen calibrated scores, or their norm."""
+        if self.scoring == "published":
+            return float(sum(calibrated[s] for s in self.scores))
+        return combine(calibrated, self.scores)
 
     def score_parts(self, parts: ImageParts) -> tuple[dict[str, float], torch.Tensor, np.ndarray]:
         """The seven calibrated scores of one image (the image score is ``combine`` of the chosen
         ones), its calibrated class-agnostic patch distances and each class's calibrated evidence
         (K,): the largest of its chosen class-wise scores, 0 where there is none."""
         raw, distances, per_class = self.memory.scores(parts, self.top_fraction)
-        chosen = [per_class[s] / self.normalisers[s] for s in QUANTITIES if s in self.scores]
+        # Class evidence for the map stays per class, in units of each class's spread.
+        scale = {s: 1.0 if self.scoring == "published" else self.normalisers[s] for s in QUANTITIES}
+        chosen = [per_class[s] / scale[s] for s in QUANTITIES if s in self.scores]
         evidence = np.nan_to_num(np.fmax.reduce(chosen), nan=0.0) if chosen else np.zeros(len(self.background))
         return {s: raw[s] / self.normalisers[s] for s in SCORES}, distances / self.normalisers["agnostic"], evidence
 
@@ -250,7 +283,7 @@ class Composition(BackboneDetector):
         height, width = features.shape[2:]
         for image, composition, part_map in zip(images, compositions, part_maps):
             calibrated, distances, evidence = self.score_parts(composition)
-            scores.append(combine(calibrated, self.scores))
+            scores.append(self._combine_calibrated(calibrated))
             patch_map = upsample_map(distances.reshape(height, width).numpy(), self.backbone_network.input_hw, image.shape[:2],
                                      self.blur_sigma)
             parts_map = cv2.resize(self.evidence_map(part_map, evidence), (image.shape[1], image.shape[0]),
@@ -305,6 +338,6 @@ class Composition(BackboneDetector):
                 foreground=tensors["refs.foreground"][mine].bool(),
                 **{name: tensors[f"refs.{name}"][i].double().numpy() for name in CLASS_ARRAYS}))
         self.memory = Memory(refs, tensors["typical_area"].double().numpy(), self.background,
-                             tensors["usual_place"].numpy().astype(bool))
+                             tensors["usual_place"].numpy().astype(bool), pixels=self._published_pixels())
         self.normalisers = {s: float(v) for s, v in extra["normalisers"].items()}
 

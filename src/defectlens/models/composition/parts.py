@@ -117,3 +117,17 @@ def class_distances(test: ImageParts, refs: ImageParts, typical_area: np.ndarray
         "location": nearest(np.linalg.norm(test.location - refs.location, axis=2), comparable),
         "embedding": nearest(1.0 - np.einsum("kd,rkd->rk", test.embedding, refs.embedding), comparable),
     }
+
+
+def image_vectors(parts: ImageParts, foreground: np.ndarray, pixels: int) -> dict[str, np.ndarray]:
+    """The write-up's image-level vectors over the foreground classes (one image, or stacked
+    images with a leading axis): class embeddings concatenated, pixel counts per class (the
+    histogram), mean CIELAB a and b per class, and each class centroid's distance from the image
+    origin (top left, in shares of the side). Absent classes give zeros."""
+    def flat(values: np.ndarray) -> np.ndarray:
+        return values.reshape(*values.shape[: values.ndim - 2], -1)
+
+    return {"embedding": flat(parts.embedding[..., foreground, :]),
+            "histogram": parts.area[..., foreground] * pixels,
+            "colour": flat(parts.colour[..., foreground, :]),
+            "location": np.linalg.norm(parts.location[..., foreground, :], axis=-1)}

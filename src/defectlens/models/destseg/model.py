@@ -31,7 +31,9 @@ class DeSTSeg(TrainedDetector):
 
     def __init__(self, backbone: str = DEFAULT_BACKBONE, width: int = 16, seg_width: int = 48, student_share: float = 0.4,
                  gamma: float = 4.0, size: int = 256, crop: int = 128, batch_size: int = 8, steps: int | None = None,
-                 lr: float = 1e-3, anomalies: int = 0, anogen_labels: str = "box", box_threshold: float = 0.5,
+                 lr: float = 1e-3, anomalies: int = 0, anomaly_source: str = "transplant",
+                 sd_model: str | None = None, generated: int = 64, diffusion_size: int = 512, diffusion_steps: int = 30,
+                 embedding_steps: int = 300, anogen_labels: str = "box", box_threshold: float = 0.5,
                  box_warmup: float = 0.25, seed: int = 0):
         """``backbone``: the frozen teacher. ``width``: first student width; ``seg_width``: the
         segmentation head's. ``student_share``: the share of the training steps spent on the
@@ -43,7 +45,9 @@ class DeSTSeg(TrainedDetector):
         self.student_share = student_share
         self.gamma = gamma
         super().__init__(size=size, crop=crop, batch_size=batch_size, steps=steps, lr=lr, anomalies=anomalies,
-                         anogen_labels=anogen_labels, box_threshold=box_threshold, box_warmup=box_warmup, seed=seed)
+                         anomaly_source=anomaly_source, sd_model=sd_model, generated=generated,
+                         diffusion_size=diffusion_size, diffusion_steps=diffusion_steps,
+                         embedding_steps=embedding_steps, anogen_labels=anogen_labels, box_threshold=box_threshold, box_warmup=box_warmup, seed=seed)
 
     def build(self) -> None:
         self.teacher = Teacher(self.backbone).eval()

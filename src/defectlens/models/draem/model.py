@@ -23,7 +23,9 @@ class Draem(TrainedDetector):
     parameter_constraints = {"width": Integer(2, 256), "score_pool": Integer(1, 255)}
 
     def __init__(self, width: int = 16, score_pool: int = 21, size: int = 256, crop: int = 128, batch_size: int = 8,
-                 steps: int | None = None, lr: float = 1e-3, anomalies: int = 0, anogen_labels: str = "box",
+                 steps: int | None = None, lr: float = 1e-3, anomalies: int = 0, anomaly_source: str = "transplant",
+                 sd_model: str | None = None, generated: int = 64, diffusion_size: int = 512, diffusion_steps: int = 30,
+                 embedding_steps: int = 300, anogen_labels: str = "box",
                  box_threshold: float = 0.5, box_warmup: float = 0.25, seed: int = 0):
         """``width``: channels of the first level of both networks (doubling down to 8×).
         ``score_pool``: the image score is the maximum of the anomaly map averaged over
@@ -31,7 +33,9 @@ class Draem(TrainedDetector):
         self.width = width
         self.score_pool = score_pool
         super().__init__(size=size, crop=crop, batch_size=batch_size, steps=steps, lr=lr, anomalies=anomalies,
-                         anogen_labels=anogen_labels, box_threshold=box_threshold, box_warmup=box_warmup, seed=seed)
+                         anomaly_source=anomaly_source, sd_model=sd_model, generated=generated,
+                         diffusion_size=diffusion_size, diffusion_steps=diffusion_steps,
+                         embedding_steps=embedding_steps, anogen_labels=anogen_labels, box_threshold=box_threshold, box_warmup=box_warmup, seed=seed)
 
     def build(self) -> None:
         self.reconstructive = Reconstructive(self.width)

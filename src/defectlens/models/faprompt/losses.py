@@ -1,7 +1,8 @@
 """FAPrompt's training losses: L = L_local + L_global + L_prior + 0.1 * L_oc.
 
 The 0.1 on the orthogonality loss is the authors' code's weight (the paper writes an
-unweighted sum). Targets may be soft: masks are shrunk to the training resolution by area, so
+unweighted sum). L_global is the paper's focal loss on the fused score s(x) or, as in the
+authors' code, the cross-entropy of the image-level abnormality probability s_a(x). Targets may be soft: masks are shrunk to the training resolution by area, so
 a defect smaller than a pixel there still counts as its fraction.
 """
 
@@ -20,6 +21,11 @@ def focal(probability: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     p = probability.clamp(EPS, 1 - EPS)
     loss = target * (1 - p) ** GAMMA * -p.log() + (1 - target) * p ** GAMMA * -(1 - p).log()
     return loss.mean()
+
+
+def cross_entropy(probability: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """Binary cross-entropy of anomaly probabilities against 0/1 (or soft) targets."""
+    return F.binary_cross_entropy(probability.clamp(EPS, 1 - EPS), target)
 
 
 def dice(probability: torch.Tensor, target: torch.Tensor) -> torch.Tensor:

@@ -32,7 +32,7 @@ from ..calibration import calibrate, held_out_split
 from ..maps import upsample_map
 from . import losses
 from .clip import default_layers, encode_images, input_side, preprocess
-from ..params import BLUR_SIGMA, INPUT_SIZE, SEED, Integer, ListOf, Optional, Real, Text
+from ..params import BLUR_SIGMA, INPUT_SIZE, SEED, Choice, Integer, ListOf, Optional, Real, Text
 from .prompts import FinePrompts
 
 # Parameters that shape the learned tensors: taken from a prompt file together with them.
@@ -54,17 +54,23 @@ def mask_target(mask, side: int) -> np.ndarray:
 
 
 def training_loss(net: FinePrompts, image: torch.Tensor, patches: torch.Tensor, masks: torch.Tensor,
-                  labels: torch.Tensor) -> torch.Tensor:
+                  labels: torch.Tensor, image_loss: str = "focal") -> torch.Tensor:
     """FAPrompt's loss on one batch: local (static and data-dependent maps, at the mask
-    resolution), global (focal on s(x)), prior (normal images), orthogonality."""
+    resolution), global, prior (normal images), orthogonality. Global: ``image_loss`` "focal" is
+    the paper's focal loss on s(x); "cross_entropy" the authors' code's cross-entropy on the
+    image-level abnormality probability s_a(x) alone."""
     scores = net(image, patches)
     grid, side = round(scores.static.shape[1] ** 0.5), masks.shape[-1]
 
     def upsample(maps: torch.Tensor) -> torch.Tensor:
         return F.interpolate(maps.reshape(-1, 1, grid, grid), size=(side, side), mode="bilinear", align_corners=False)[:, 0]
 
+    if image_loss == "cross_entropy":
+        image_term = losses.cross_entropy(scores.image, labels.float())
+    else:
+        image_term = losses.focal(scores.image_score(), labels.float())
     return (losses.local(upsample(scores.static), masks) + losses.local(upsample(scores.dynamic), masks)
-            + losses.focal(scores.image_score(), labels.float()) + losses.prior(scores.omega, labels)
+            + image_term + losses.prior(scores.omega, labels)
             + ORTHOGONALITY_WEIGHT * losses.orthogonality(scores.abnormal))
 
 
@@ -78,13 +84,13 @@ class FAPrompt(Detector):
         "normal_tokens": Integer(1, 64), "abnormal_tokens": Integer(1, 64), "prompts": Integer(1, 256),
         "top_patches": Integer(1, 4096), "text_depth": Integer(1, 64), "deep_tokens": Integer(0, 64),
         "layers": Optional(ListOf(Integer(1, 256))), "steps": Integer(0, 10**6), "batch_size": Integer(1, 1024),
-        "lr": Real(0.0, 1.0, open_low=True), "max_images": Integer(1, 10**6), "blur_sigma": BLUR_SIGMA, "seed": SEED,
+        "lr": Real(0.0, 1.0, open_low=True), "image_loss": Choice(("focal", "cross_entropy")), "max_images": Integer(1, 10**6), "blur_sigma": BLUR_SIGMA, "seed": SEED,
     }
 
     def __init__(self, clip_model: str | None = None, prompt_file: str | None = None, size: int = 256,
                  normal_tokens: int = 5, abnormal_tokens: int = 2, prompts: int = 10, top_patches: int = 10,
                  text_depth: int = 9, deep_tokens: int = 4, layers: list[int] | None = None, steps: int = 300,
-                 batch_size: int = 8, lr: float = 1e-3, max_images: int = 512, blur_sigma: float = 4.0, seed: int = 0):
+                 batch_size: int = 8, lr: float = 1e-3, image_loss: str = "focal", max_images: int = 512, blur_sigma: float = 4.0, seed: int = 0):
         """``clip_model``: CLIP folder or cached hub id (default: $DEFECTLENS_CLIP_MODEL).
         ``prompt_file``: a trained faprompt model file to start from or to use zero-shot.
         ``size``: input side in pixels (rounded down to whole CLIP patches).
@@ -92,6 +98,8 @@ class FAPrompt(Detector):
         as in the paper; ``text_depth``/``deep_tokens``: text layers that get ``deep_tokens``
         learned tokens of their own (AnomalyCLIP's deep prompts; 1 = none); ``layers``: 1-based
         vision layers tapped for patch tokens (default: quarter points of the depth).
+        ``image_loss``: the image-level training loss, "focal" on s(x) as the paper writes or
+        "cross_entropy" on s_a(x) as the authors' code does.
         ``steps`` × ``batch_size`` images: the training budget; ``max_images``: at most this
         many auxiliary images are embedded (their CLIP features are kept in memory).
         With a ``prompt_file`` the prompt structure (E, E', K, M, depths, layers) and, unless
@@ -109,6 +117,7 @@ class FAPrompt(Detector):
         self.steps = steps
         self.batch_size = batch_size
         self.lr = lr
+        self.image_loss = image_loss
         self.max_images = max_images
         self.blur_sigma = blur_sigma
         self.seed = seed
@@ -245,7 +254,8 @@ class FAPrompt(Detector):
         try:
             for _ in bar:
                 pick = torch.from_numpy(rng.choice(len(train), size=batch, replace=False))
-                loss = training_loss(net, image[pick], patches[pick].float(), targets[pick], train_labels[pick])
+                loss = training_loss(net, image[pick], patches[pick].float(), targets[pick], train_labels[pick],
+                                     self.image_loss)
                 optimizer.zero_grad()
                 loss.backward(inputs=list(net.parameters()))  # CLIP stays frozen: no gradients for it at all
                 optimizer.step()

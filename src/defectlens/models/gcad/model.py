@@ -8,8 +8,10 @@ Two branches, both trained on normal images only, both regressing features:
   fitted on the normal features. Where the image holds a structure never seen in training, the
   student cannot follow the teacher: structural anomalies.
 * global: an autoencoder regresses the same teacher features through a 64-d bottleneck, which
-  can hold the layout of a normal scene but not the details of one image; a global student (same
-  small receptive field) regresses the autoencoder's output. On normal images it learns the
+  can hold the layout of a normal scene but not the details of one image; a global regressor
+  learns the autoencoder's output: the paper's U-Net with skip connections over the whole image
+  (``global_network="unet"``) or a student with the local one's small receptive field
+  (``"student"``). On normal images it learns the
   autoencoder's usual output for each local look; when the scene breaks a global rule (a part
   missing, doubled, swapped), the autoencoder's output disagrees with what the local view
   predicts: logical anomalies.
@@ -36,8 +38,8 @@ from ...backbones import DEFAULT_BACKBONE
 from ...data.io import as_image
 from ..base import BackboneDetector, Prediction, register
 from ..calibration import Calibration, calibrate, heatmap_range, held_out_split
-from ..params import BACKBONE, BATCH_SIZE, BLUR_SIGMA, INPUT_SIZE, SEED, Integer, Optional, Real
-from .networks import AutoEncoder, Student
+from ..params import BACKBONE, BATCH_SIZE, BLUR_SIGMA, INPUT_SIZE, SEED, Choice, Integer, Optional, Real
+from .networks import AutoEncoder, GlobalRegressor, Student
 
 # Held-out normal images for map normalisation and the threshold: at most 40 (enough cells for
 # a 0.995 quantile and scores for a threshold; the rest is better spent on training).
@@ -62,17 +64,21 @@ class GCAD(BackboneDetector):
                              "receptive_field": Integer(16, 256),
                              "bottleneck": Integer(1, 4096), "steps": Optional(Integer(1, 10**6)), "batch_size": BATCH_SIZE,
                              "lr": Real(0.0, 1.0, open_low=True), "augment": Optional(Integer(0, 64)),
+                             "global_network": Choice(("student", "unet")),
                              "blur_sigma": BLUR_SIGMA, "seed": SEED}
 
     def __init__(self, backbone: str = DEFAULT_BACKBONE, size: int = 256, dims: int = 32, width: int = 32,
                  receptive_field: int = 48, bottleneck: int = 64, steps: int | None = None, batch_size: int = 8,
-                 lr: float = 3e-3, augment: int | None = None, blur_sigma: float = 4.0, seed: int = 0):
+                 lr: float = 3e-3, augment: int | None = None, global_network: str = "student",
+                 blur_sigma: float = 4.0, seed: int = 0):
         """``dims``: teacher channels kept by the PCA (the regression targets). ``width``: base
         width of the students and the autoencoder. ``receptive_field``: pixels a student's cell
         sees (32, 48, 64, ...). ``bottleneck``: size of the autoencoder's vector. ``steps``:
         training steps (None: 10 per training image, 300 to 1000).
         ``augment``: altered copies (pose and lighting) added per training image (None: enough
-        for 32 images in all, 1 to 7)."""
+        for 32 images in all, 1 to 7). ``global_network``: what regresses the autoencoder's
+        output, "unet" (the paper: a U-Net over the whole image) or "student" (a
+        ``receptive_field``-px student like the local one)."""
         self.backbone = backbone
         self.size = size
         self.dims = dims
@@ -83,9 +89,10 @@ class GCAD(BackboneDetector):
         self.batch_size = batch_size
         self.lr = lr
         self.augment = augment
+        self.global_network = global_network
         self.blur_sigma = blur_sigma
         self.seed = seed
-        self.local_student, self.global_student = (Student(dims, width, receptive_field) for _ in range(2))
+        self._build_networks()
         self.autoencoder = AutoEncoder(dims, bottleneck, width)
         for network in self._networks().values():
             network.eval()  # batch norm: running statistics, unless training
@@ -142,6 +149,16 @@ class GCAD(BackboneDetector):
         self.components, self.quantiles = tensors["components"], tensors["quantiles"]
 
     # -- internals --------------------------------------------------------------------------
+    def _build_networks(self) -> None:
+        self.local_student = Student(self.dims, self.width, self.receptive_field)
+        self.global_student = (GlobalRegressor(self.dims, self.width) if self.global_network == "unet"
+                               else Student(self.dims, self.width, self.receptive_field))
+        self.autoencoder = AutoEncoder(self.dims, self.bottleneck, self.width)
+
+    def _global(self, inputs: torch.Tensor, padded: torch.Tensor) -> torch.Tensor:
+        """The global regressor's output on whole images (the U-Net) or on padded images or crops."""
+        return self.global_student(inputs) if self.global_network == "unet" else self.global_student(padded)
+
     def _networks(self) -> dict[str, torch.nn.Module]:
         return {"local_student": self.local_student, "global_student": self.global_student, "autoencoder": self.autoencoder}
 
@@ -216,9 +233,7 @@ class GCAD(BackboneDetector):
     def _train(self, images: np.ndarray, targets: torch.Tensor, steps: int) -> None:
         seed = self.seed
         torch.manual_seed(seed)
-        dims, width = self.dims, self.width
-        self.local_student, self.global_student = (Student(dims, width, self.receptive_field) for _ in range(2))
-        self.autoencoder = AutoEncoder(dims, self.bottleneck, width)
+        self._build_networks()
         networks = self._networks().values()
         parameters = [p for network in networks for p in network.parameters()]
         optimiser = torch.optim.Adam(parameters, lr=self.lr, weight_decay=1e-5)
@@ -240,10 +255,14 @@ class GCAD(BackboneDetector):
             pad = self.local_student.pad
             padded = self.local_student.padded(inputs)[:, :, STRIDE * rows : STRIDE * (rows + crop[0]) + 2 * pad,
                                                        STRIDE * cols : STRIDE * (cols + crop[1]) + 2 * pad]
-            local, global_ = self.local_student(padded), self.global_student(padded)
-            # The global student learns the autoencoder's output, not the other way round: detach.
-            parts = (F.mse_loss(local, target[window]), F.mse_loss(rebuilt, target),
-                     F.mse_loss(global_, rebuilt.detach()[window]))
+            local = self.local_student(padded)
+            # The global regressor learns the autoencoder's output, not the other way round: detach.
+            # The U-Net sees whole images (its reach is the point); a student, crops.
+            if self.global_network == "unet":
+                global_loss = F.mse_loss(self.global_student(inputs), rebuilt.detach())
+            else:
+                global_loss = F.mse_loss(self.global_student(padded), rebuilt.detach()[window])
+            parts = (F.mse_loss(local, target[window]), F.mse_loss(rebuilt, target), global_loss)
             optimiser.zero_grad(set_to_none=True)
             sum(parts).backward()
             optimiser.step()
@@ -272,7 +291,7 @@ class GCAD(BackboneDetector):
                 inputs = self._tensor(images[start : start + BATCH])
                 teacher = self._project(self._teacher_features(inputs))
                 padded = self.local_student.padded(inputs)
-                local, global_ = self.local_student(padded), self.global_student(padded)
+                local, global_ = self.local_student(padded), self._global(inputs, padded)
                 rebuilt = self.autoencoder(inputs, self.grid)
                 local_maps.append((teacher - local).square().mean(1))
                 global_maps.append((rebuilt - global_).square().mean(1))

@@ -5,6 +5,11 @@ default) centred on its 8×8 cell and nothing else: it can be trained on crops a
 with the same result. GCAD has two: the local student regresses the teacher, the global student
 regresses the autoencoder. (One trunk with two heads learnt the local target markedly slower.)
 
+``GlobalRegressor``: the paper's global regression network, a U-Net-style encoder-decoder with
+skip connections over the whole image (down to stride 32 and back to the stride-8 grid). It has
+no bottleneck that would force it to abstract the scene, but it sees far beyond one patch, so it
+learns what the autoencoder makes of a normal scene from the image around each cell.
+
 ``AutoEncoder``: the whole image (at 128 px) squeezed through a small vector, then decoded to
 the teacher's feature grid. The bottleneck can hold the layout of a normal scene but not the
 details of one image, so it reproduces what a normal scene would look like at every cell.
@@ -57,6 +62,32 @@ class Student(nn.Module):
     def forward(self, padded: torch.Tensor) -> torch.Tensor:
         """(N, 3, 8h + 2 pad, 8w + 2 pad) padded images -> (N, dims, h, w)."""
         return self.layers(padded)
+
+
+class GlobalRegressor(nn.Module):
+    def __init__(self, dims: int, width: int = 32):
+        super().__init__()
+        wide = 2 * width
+        self.stem = nn.Sequential(nn.PixelUnshuffle(4), *block(48, width, 1), *block(width, width, 3, padding=1))  # /4
+        self.down = nn.ModuleList([nn.Sequential(*block(width, wide, 3, stride=2, padding=1)),  # /8
+                                   nn.Sequential(*block(wide, wide, 3, stride=2, padding=1)),  # /16
+                                   nn.Sequential(*block(wide, wide, 3, stride=2, padding=1))])  # /32
+        # Each decoder level reads the upsampled coarser level next to the encoder's skip at its own stride.
+        self.up = nn.ModuleList([nn.Sequential(*block(2 * wide, wide, 3, padding=1)) for _ in range(2)])
+        self.out = nn.Conv2d(wide, dims, 1)
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        """(N, 3, 8h, 8w) whole images -> (N, dims, h, w) on the stride-8 grid."""
+        skips, hidden = [], self.stem(images)
+        for layer in self.down:
+            hidden = layer(hidden)
+            skips.append(hidden)
+        hidden = skips.pop()
+        for layer in self.up:
+            skip = skips.pop()
+            hidden = F.interpolate(hidden, size=skip.shape[-2:], mode="bilinear", align_corners=False)
+            hidden = layer(torch.cat([hidden, skip], dim=1))
+        return self.out(hidden)
 
 
 class AutoEncoder(nn.Module):

@@ -62,22 +62,31 @@ def interval_mean(similarities: torch.Tensor, keep: float) -> torch.Tensor:
     return (2.0 - 2.0 * closest).clamp_min(0.0).sqrt().mean(dim=2)
 
 
+def aggregate(features: torch.Tensor, degree: int) -> torch.Tensor:
+    """MuSc's local neighbourhood aggregation of degree r: each patch feature becomes the mean
+    of the r×r patches around it (r = 1: unchanged; border patches average what exists)."""
+    if degree == 1:
+        return features
+    return F.avg_pool2d(features, degree, stride=1, padding=degree // 2, count_include_pad=False)
+
+
 def mutual_scores(levels: list[torch.Tensor], references: int | None = None, keep: float = 0.5, seed: int = 0,
-                  progress: bool = False) -> torch.Tensor:
+                  progress: bool = False, degrees: tuple[int, ...] = (1,)) -> torch.Tensor:
     """Patch anomaly scores of N images scored by each other.
 
-    ``levels``: feature maps (N, C_l, h_l, w_l) of one batch, finest first. Each level is scored
-    on its own grid with unit-length patch features, its scores upsampled to the finest grid,
-    and the levels averaged: (N, h_0, w_0).
+    ``levels``: feature maps (N, C_l, h_l, w_l) of one batch, finest first. Each level, at each
+    aggregation degree (:func:`aggregate`), is scored on its own grid with unit-length patch
+    features, its scores upsampled to the finest grid, and all (level, degree) maps averaged:
+    (N, h_0, w_0). Several degrees let small and large defects each win at their own scale.
     """
     count, _, height, width = levels[0].shape
     if count < 2:
         raise ValueError(f"mutual scoring needs at least 2 images, got {count}")
     pairs = reference_pairs(count, references, seed)
-    total = len(levels) * sum(len(first) for first, _ in pairs)
+    total = len(levels) * len(degrees) * sum(len(first) for first, _ in pairs)
     scores = []
     with tqdm(total=total, desc="mutual scoring", unit="pair", disable=not progress, leave=False) as bar:
-        for features in levels:
+        for features in (aggregate(level, degree) for level in levels for degree in degrees):
             patches = F.normalize(features.flatten(2).transpose(1, 2).float(), dim=2).contiguous()
             level = interval_mean(nearest_similarities(patches, pairs, bar), keep).reshape(count, 1, *features.shape[2:])
             if level.shape[2:] != (height, width):

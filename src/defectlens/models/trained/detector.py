@@ -16,9 +16,9 @@ from ...backbones import configure_threads
 from ...data.io import as_image, as_mask
 from ..base import Detector, LearningType, Prediction
 from ..calibration import calibrate, held_out_split
-from ..params import BATCH_SIZE, INPUT_SIZE, SEED, Choice, Integer, Optional, Real
+from ..params import BATCH_SIZE, INPUT_SIZE, SEED, Choice, Integer, Optional, Real, Text
 from .geometry import MULTIPLE, resize_image, to_tensor, working_shape
-from .sampler import AnomalySampler
+from .sampler import FROM_EXAMPLES, SOURCES, AnomalySampler, crop_synthesizer
 
 
 class TrainedDetector(Detector):
@@ -29,14 +29,17 @@ class TrainedDetector(Detector):
     (working-resolution batch -> per-pixel anomaly probabilities) and ``image_scores``.
 
     ``fit(images, masks, labels)``: images labelled 1 with a mask are real anomalies; they feed
-    the AnoGen synthesizer. Normal images held out of training (calibration.held_out_split) set
+    the ``anomaly_source`` synthesizer (defect transplants or AnoGen's diffusion generator). Normal images held out of training (calibration.held_out_split) set
     the threshold and the heatmap range.
     """
 
     learning_type = LearningType.FEW_ANOMALIES
     parameter_constraints = {"size": INPUT_SIZE, "crop": Integer(MULTIPLE, 2048), "batch_size": BATCH_SIZE,
                              "steps": Optional(Integer(1, 10**6)), "lr": Real(0.0, 1.0, open_low=True),
-                             "anomalies": Integer(0, 10**4), "anogen_labels": Choice(("box", "mask")),
+                             "anomalies": Integer(0, 10**4), "anomaly_source": Choice(SOURCES),
+                             "sd_model": Optional(Text()), "generated": Integer(1, 10**5),
+                             "diffusion_size": Integer(8, 2048), "diffusion_steps": Integer(1, 1000),
+                             "embedding_steps": Integer(0, 10**6), "anogen_labels": Choice(("box", "mask")),
                              "box_threshold": Real(0.0, 1.0), "box_warmup": Real(0.0, 1.0), "seed": SEED}
 
     #: Training steps per normal image when ``steps`` is not given, and the range they are kept in
@@ -46,14 +49,25 @@ class TrainedDetector(Detector):
     max_steps: ClassVar[int] = 800
 
     def __init__(self, size: int = 256, crop: int = 128, batch_size: int = 8, steps: int | None = None, lr: float = 1e-3,
-                 anomalies: int = 0, anogen_labels: str = "box", box_threshold: float = 0.5, box_warmup: float = 0.25,
-                 seed: int = 0):
+                 anomalies: int = 0, anomaly_source: str = "transplant", sd_model: str | None = None,
+                 generated: int = 64, diffusion_size: int = 512, diffusion_steps: int = 30, embedding_steps: int = 300,
+                 anogen_labels: str = "box", box_threshold: float = 0.5, box_warmup: float = 0.25, seed: int = 0):
         """``size``: the working image has about size² pixels (aspect ratio kept). ``crop``, ``batch_size``:
         training crop side and crops per step. ``steps``: training steps (default: scaled with the
         number of normal images, see ``steps_per_image``). ``anomalies``: how many real anomaly images
         (with masks) the engine picks from the test set for fit (`--param anomalies=N`; a benchmark
-        leaves them out of its test set); fit itself uses the labelled anomalies it is given. ``anogen_labels``: "box" trains on the generated anomalies'
-        boxes with the weak box loss (AnoGen), "mask" on their exact masks (a transplant knows them).
+        leaves them out of its test set); fit itself uses the labelled anomalies it is given.
+        ``anomaly_source``: where the half of the synthetic anomalies that is not Perlin comes from:
+        "transplant" (the real defects cut out and blended into normal images; needs real
+        anomalies), "diffusion" (AnoGen proper: a defect embedding learned from the real anomalies
+        steers Stable Diffusion inside a box; ``sd_model`` a local diffusers folder or
+        $DEFECTLENS_SD_MODEL, ``embedding_steps`` of textual inversion, ``generated`` anomalies made
+        before training at ``diffusion_size`` px with ``diffusion_steps`` denoising steps),
+        "cutpaste" (patches of the crop itself, no real anomaly needed) or "perlin" (Perlin only).
+        Without real anomalies, "transplant" and "diffusion" fall back to Perlin only.
+        ``anogen_labels``: "box" trains on the generated anomalies' boxes with the weak box loss
+        (AnoGen), "mask" on their exact masks (a transplant knows them; a diffusion anomaly's
+        mask is its box).
         ``box_threshold``: normal probability above which a pixel
         inside a weak box is ignored; ``box_warmup``: share of the training during which box pixels
         are all supervised (a fresh network calls everything normal)."""
@@ -63,6 +77,12 @@ class TrainedDetector(Detector):
         self.steps = steps
         self.lr = lr
         self.anomalies = anomalies
+        self.anomaly_source = anomaly_source
+        self.sd_model = sd_model
+        self.generated = generated
+        self.diffusion_size = diffusion_size
+        self.diffusion_steps = diffusion_steps
+        self.embedding_steps = embedding_steps
         self.anogen_labels = anogen_labels
         self.box_threshold = box_threshold
         self.box_warmup = box_warmup
@@ -116,7 +136,10 @@ class TrainedDetector(Detector):
         train_images = [normals[i] for i in train]
         # Crops are multiples of 32 as well, so every level of the networks halves exactly.
         crop = max(MULTIPLE, min(self.crop, *(min(image.shape[:2]) for image in train_images)) // MULTIPLE * MULTIPLE)
-        sampler = AnomalySampler(train_images, crop, self.seed, real, boxes=self.anogen_labels == "box")
+        generator = self._generator(real) if real and self.anomaly_source in FROM_EXAMPLES else None
+        sampler = AnomalySampler(train_images, crop, self.seed, generator, boxes=self.anogen_labels == "box",
+                                 pool=self.generated if self.anomaly_source == "diffusion" else 0,
+                                 crop_source=crop_synthesizer(self.anomaly_source))
         steps = self.steps or int(np.clip(self.steps_per_image * len(train_images), self.min_steps, self.max_steps))
 
         torch.manual_seed(self.seed)
@@ -129,6 +152,16 @@ class TrainedDetector(Detector):
         if len(held_out):
             # Threshold and heatmap range from normal images the networks never saw.
             self.set_calibration(calibrate(*self._score_working([normals[i] for i in held_out], progress="held-out normals")))
+
+    def _generator(self, real: tuple[list, list]):
+        """The whole-image synthesizer of ``anomaly_source`` built on the real anomalies."""
+        from ...synthesis import create_synthesizer
+
+        if self.anomaly_source == "diffusion":
+            return create_synthesizer("diffusion", anomaly_images=real[0], anomaly_masks=real[1], sd_model=self.sd_model,
+                                      train_steps=self.embedding_steps, size=self.diffusion_size,
+                                      steps=self.diffusion_steps, seed=self.seed)
+        return create_synthesizer("anogen", anomaly_images=real[0], anomaly_masks=real[1])
 
     def predict_images(self, images: list) -> Prediction:
         images = [as_image(image) for image in images]

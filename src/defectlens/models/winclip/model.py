@@ -11,6 +11,12 @@ kept as a visual memory per scale. A test feature's association score is min ove
 (1 - cos)/2; window scores go back to patches by harmonic averaging, and the scales are averaged
 into a visual map. Final map = mean of language and visual maps; image score = mean of the
 language image score and the visual map's maximum (the paper's fusion).
+
+The two-class softmax uses the reference implementation's temperature 0.07 (scale 1/0.07 ≈ 14.3);
+``softmax_scale=null`` uses the CLIP checkpoint's own logit scale instead (100 for OpenAI's). The
+image-level probability ranks images the same either way (it is a sigmoid of the scaled
+difference of two cosines); the scale changes how the scales' probabilities mix in the harmonic
+mean and how language and visual scores weigh in WinCLIP+'s fusion.
 """
 
 from __future__ import annotations
@@ -27,7 +33,7 @@ from ...backbones.hf import ModelNotAvailable, load_clip, resolve_model
 from ...data.io import as_image
 from ..base import Detector, LearningType, Prediction, register
 from ..calibration import calibrate, refit_folds
-from ..params import INPUT_SIZE, SEED, Integer, ListOf, Optional, Text
+from ..params import INPUT_SIZE, SEED, Integer, ListOf, Optional, Real, Text
 from .encoder import ImageFeatures, WindowEncoder, text_prototypes
 from .prompts import object_name
 from .windows import (
@@ -39,6 +45,8 @@ from .windows import (
 )
 
 PATCH_BANK = "patch"
+#: The reference implementation's softmax temperature 0.07, as a scale on cosine similarities.
+REFERENCE_SCALE = 1 / 0.07
 
 
 def clip_fingerprint(clip) -> list[float]:
@@ -51,20 +59,24 @@ class WinCLIP(Detector):
     name = "winclip"
     learning_type = LearningType.ZERO_SHOT
     parameter_constraints = {"clip_model": Optional(Text()), "object_name": Optional(Text()), "size": INPUT_SIZE,
-                             "scales": ListOf(Integer(1, 64)), "seed": SEED}
+                             "scales": ListOf(Integer(1, 64)), "softmax_scale": Optional(Real(0.0, 1000.0, open_low=True)),
+                             "seed": SEED}
 
     def __init__(self, clip_model: str | None = None, object_name: str | None = None, size: int = 240,
-                 scales: Sequence[int] = (2, 3), seed: int = 0):
+                 scales: Sequence[int] = (2, 3), softmax_scale: float | None = REFERENCE_SCALE, seed: int = 0):
         """``clip_model``: a folder (or Hugging Face cache id) holding a transformers CLIPModel and
         its tokenizer; default $DEFECTLENS_CLIP_MODEL. ``object_name``: the object in the prompts
         ("ball screw"); the CLI passes the dataset's category, else "object" is used. ``size``:
         CLIP input side in pixels, rounded down to whole patches (240: 15×15 patches at ViT-B/16,
-        WinCLIP's reference setting). ``scales``: window sides in patches. ``seed``: which normal images
+        WinCLIP's reference setting). ``scales``: window sides in patches. ``softmax_scale``: what
+        cosine similarities are multiplied by before the two-class softmax (1/0.07, the reference's;
+        null: the CLIP's logit scale). ``seed``: which normal images
         are held out for the threshold when there are more than 10."""
         self.clip_model = clip_model
         self.object_name = object_name
         self.size = size
         self.scales = scales
+        self.softmax_scale = softmax_scale
         self.seed = seed
         #: Learned at fit: the CLIP folder (absolute, so a model file does not depend on the cwd)
         #: and the object named in the prompts.
@@ -122,14 +134,15 @@ class WinCLIP(Detector):
         language and visual fused with them."""
         count, patches = features.patches.shape[:2]
         grid = math.isqrt(patches)
-        language_image = two_class_scores(features.image, self.prototypes, self.temperature)
+        scale = self.temperature if self.softmax_scale is None else self.softmax_scale
+        language_image = two_class_scores(features.image, self.prototypes, scale)
         language = [language_image[:, None].expand(-1, patches)]
         visual = []
         if banks is not None:
             visual.append(association_scores(features.patches.flatten(0, 1), banks[PATCH_BANK]).view(count, patches))
         for k, embeddings in features.windows.items():
             windows = window_patches(grid, grid, k)
-            language.append(harmonic_aggregation(two_class_scores(embeddings, self.prototypes, self.temperature), windows, patches))
+            language.append(harmonic_aggregation(two_class_scores(embeddings, self.prototypes, scale), windows, patches))
             if banks is not None:
                 associated = association_scores(embeddings.flatten(0, 1), banks[f"window{k}"]).view(count, -1)
                 visual.append(harmonic_aggregation(associated, windows, patches))
