@@ -4,7 +4,7 @@
 
 Each method is fitted on all train/good images, per seed and variant: ``perlin`` (Perlin anomalies
 only), ``anogen`` (``--anomalies`` real pitting images, picked from the test set with the seed,
-turned into AnoGen-style generated anomalies labelled by their box and trained with the weak box
+turned into copy-paste transplant anomalies labelled by their box (AnoGen's labelling, not its diffusion) and trained with the weak box
 loss, next to the Perlin ones; 50/50) and ``anogen-mask`` (the same, labelled by the transplanted
 defect's exact mask: an ablation of the box loss). Each run goes through the engine's benchmark
 (``--param anomalies=K``): a run that learns from real test images is evaluated without them.
@@ -45,8 +45,8 @@ VARIANTS = {
 
 
 def describe(variant: str, anomalies: int) -> str:
-    return {"perlin": "Perlin only", "anogen": f"Perlin + AnoGen from {anomalies} real (box loss)",
-            "anogen-mask": f"Perlin + AnoGen from {anomalies} real (exact masks; ablation)"}[variant]
+    return {"perlin": "Perlin only", "anogen": f"Perlin + transplants of {anomalies} real (box loss)",
+            "anogen-mask": f"Perlin + transplants of {anomalies} real (exact masks; ablation)"}[variant]
 
 
 def run(method: str, dataset, variant: str, anomalies: int, seed: int, size: int, steps: int | None) -> dict:
@@ -113,7 +113,7 @@ def write_markdown(results: list[dict], out: Path, anomalies: int) -> None:
             f"`DEFECTLENS_THREADS={first['threads']}`, on a {platform.machine()} machine with "
             f"{len(os.sched_getaffinity(0))} cores shared with other jobs, {time.strftime('%Y-%m-%d')}.\n\n"
             f"Trained on all {first['n_train']} train/good images (a fifth held out for the threshold). Each seed picks "
-            f"{anomalies} real pitting images from the test set as AnoGen examples and leaves them out of the test set of "
+            f"{anomalies} real pitting images from the test set as transplant sources and leaves them out of the test set of "
             f"every variant of that seed ({first['n_test']} test images), so the variants are scored on the same images. "
             "Image AUROC/AUPR on image scores; pixel AUROC and AU-PRO (FPR ≤ 0.3, normalised) on maps at the image's "
             "aspect ratio, longer side 512 px. FPR / TPR: share of good / pitting test images above the threshold set from "
