@@ -161,7 +161,8 @@ def report(args) -> None:
                     cells += [fmt(block["image_auroc"]), fmt(block["au_pro"]), fmt(block["tpr"]), fmt(block["fpr"])]
                     aurocs.append(block["image_auroc"])
                     times.append(block["ms_per_image"])
-                overall = mean(aurocs)
+                # A mean over fewer sets than measured would compare unlike things: none.
+                overall = mean(aurocs) if all(a is not None for a in aurocs) else None
                 summary[part][config][shot]["mean_auroc"] = overall
                 lines.append(f"| {config} | {shot} | " + " | ".join(cells) + f" | **{fmt(overall)}** | {mean(times) or 0:.0f} |")
         lines.append("")
@@ -179,7 +180,10 @@ def leave_one_out(part: dict, sets: list[str], shots: list[str]) -> list[str]:
              "| shots | chosen on | option | AUROC there | AUROC on the left-out set |", "|---|---|---|---|---|"]
     for shot in shots:
         for chosen_on, left_out in (sets, sets[::-1]):
-            ranked = [(blocks[shot][chosen_on]["image_auroc"] or 0, name) for name, blocks in part.items() if shot in blocks]
+            ranked = [(blocks[shot][chosen_on]["image_auroc"], name) for name, blocks in part.items()
+                      if shot in blocks and blocks[shot]["mean_auroc"] is not None]
+            if not ranked:
+                continue
             best = max(ranked)[1]
             lines.append(f"| {shot} | {chosen_on} | {best} | {fmt(part[best][shot][chosen_on]['image_auroc'])} | "
                          f"{left_out}: {fmt(part[best][shot][left_out]['image_auroc'])} |")
