@@ -25,6 +25,8 @@ TINY = {
     "padim": {"size": SIDE, "feature_dims": 16},
     "spade": {"size": SIDE, "neighbour_images": 2},
     "patchknn": {"size": SIDE, "bank_size": 256},
+    "ensemble": {"size": SIDE, "members": ["patchknn", "padim"],
+                 "member_params": {"patchknn": {"bank_size": 256}, "padim": {"feature_dims": 16}}},
     "musc": {"size": SIDE, "references": None},
     "composition": {"size": SIDE, "parts": 4, "part_size": 32},
     "gcad": {"size": SIDE, "steps": 2, "dims": 8, "width": 8, "bottleneck": 8, "batch_size": 2},

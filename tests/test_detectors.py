@@ -62,3 +62,41 @@ def test_every_registered_method_is_named_as_its_folder():
     assert set(PATCH_METHODS) <= set(REGISTRY)
     for name, cls in REGISTRY.items():
         assert cls.__module__.split(".")[-2] == name
+
+
+def test_operating_point_moves_the_threshold_by_the_calibration_rule_and_is_saved(normal_images, tmp_path):
+    from defectlens.models.calibration import threshold_from_normal_scores
+
+    detector = create_detector("patchknn", size=64, bank_size=256).fit(normal_images[:6])
+    strict = detector.threshold
+    assert detector.operating_fpr == 0.01
+    loose = detector.set_operating_point(0.3)
+    assert loose == detector.threshold == threshold_from_normal_scores(detector.normal_scores, 0.3)
+    assert loose < strict
+    loaded = Detector.load(detector.save(tmp_path / "model.safetensors"))
+    assert (loaded.threshold, loaded.operating_fpr) == (loose, 0.3)
+
+
+def test_operating_point_without_held_out_scores_is_a_clear_error(normal_images):
+    from defectlens.errors import UsageError
+
+    detector = create_detector("patchknn", size=64, bank_size=256).fit(normal_images[:1])
+    with pytest.raises(UsageError, match="0 held-out normal scores"):
+        detector.set_operating_point(0.05)
+
+
+def test_cli_fit_target_fpr_says_what_the_threshold_means(tmp_path, normal_images, capsys):
+    from PIL import Image
+
+    from defectlens.cli import main
+
+    folder = tmp_path / "good"
+    folder.mkdir()
+    for i, image in enumerate(normal_images[:5]):
+        Image.fromarray(image).save(folder / f"good_{i}.png")
+    path = tmp_path / "model.safetensors"
+    assert main(["fit", str(folder), "-o", str(path), "--size", "64", "--target-fpr", "0.05"]) == 0
+    assert "flags about 5 % of good parts; set from 5 held-out normal scores" in capsys.readouterr().out
+    assert Detector.load(path).operating_fpr == 0.05
+    assert main(["predict", str(path), str(folder), "--target-fpr", "0.2", "--threshold", "1"]) == 2
+    assert "give one of them" in capsys.readouterr().err

@@ -71,9 +71,11 @@ def cmd_fit(args) -> int:
     params = method_params(args)
     started = time.perf_counter()
     detector, training = fit_from_folder(args.data, method=args.method, shots=args.shots, seed=args.seed, params=params)
+    if args.target_fpr is not None:
+        detector.set_operating_point(args.target_fpr)
     detector.save(output)
     if detector.threshold is not None:
-        threshold = f"{detector.threshold:.4g}"
+        threshold = f"{detector.threshold:.4g} ({operating_point_text(detector)})"
     elif detector.predict_chunk is None:
         threshold = "set from each predicted batch (override with --threshold)"
     else:
@@ -123,6 +125,13 @@ def fit_products_command(args, output) -> int:
     return 0
 
 
+def operating_point_text(detector) -> str:
+    """What a threshold set from held-out normal scores means, in a user's words."""
+    count = 0 if detector.normal_scores is None else len(detector.normal_scores)
+    return (f"flags about {detector.operating_fpr * 100:g} % of good parts; set from {count} held-out normal scores; "
+            "choose another rate with --target-fpr")
+
+
 # -- predict ------------------------------------------------------------------------------------
 def cmd_predict(args) -> int:
     from .data.io import printable, scan_inputs
@@ -137,6 +146,11 @@ def cmd_predict(args) -> int:
         from .runtime import load_runtime
 
         detector = load_runtime(detector, args.runtime, export_dir=args.export_dir)
+    if args.target_fpr is not None:
+        if args.threshold is not None:
+            raise UsageError("--threshold and --target-fpr both set the threshold: give one of them")
+        threshold = detector.set_operating_point(args.target_fpr)
+        print(f"threshold {threshold:.4g}: {operating_point_text(detector)}", file=sys.stderr)
     scan = scan_inputs(args.inputs)
     if scan.skipped:
         print(scan.skipped_summary(), file=sys.stderr)
@@ -307,6 +321,14 @@ def _positive(text: str) -> int:
     return value
 
 
+def _fraction(text: str) -> float:
+    """argparse type: a number strictly between 0 and 1."""
+    value = _finite_float(text)
+    if not 0.0 < value < 1.0:
+        raise argparse.ArgumentTypeError(f"expected a number between 0 and 1, not {text!r}")
+    return value
+
+
 def build_parser() -> argparse.ArgumentParser:
     from .models import DEFAULT_METHOD, REGISTRY
 
@@ -331,6 +353,8 @@ def build_parser() -> argparse.ArgumentParser:
                      "efficientnet-lite2, dinov2[:MODEL][@LAYERS] (docs/dinov2.md)")
     fit.add_argument("--param", action="append", metavar="KEY=VALUE",
                      help="a method parameter, repeatable (e.g. --param bank_size=8192)")
+    fit.add_argument("--target-fpr", type=_fraction, default=None,
+                     help="operating point: the share of good parts the threshold may flag (default 0.01)")
     fit.add_argument("--overwrite", action="store_true", help="replace an existing model file")
     fit.set_defaults(func=cmd_fit)
 
@@ -342,6 +366,8 @@ def build_parser() -> argparse.ArgumentParser:
     predict.add_argument("--overlays", help="write <stem>-<hash>.png heatmap overlays here")
     predict.add_argument("--report", help="write an HTML report of the predictions here")
     predict.add_argument("--threshold", type=_finite_float, default=None, help="override the model's threshold")
+    predict.add_argument("--target-fpr", type=_fraction, default=None,
+                         help="threshold flagging about this share of good parts, from the model's held-out normal scores")
     predict.add_argument("--max-megapixels", type=_positive_float, default=None,
                          help="refuse images above this many megapixels (default 150; decoding holds the whole image)")
     predict.add_argument("--overwrite", action="store_true", help="replace existing output files")

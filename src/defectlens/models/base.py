@@ -20,8 +20,8 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
 from ..backbones import get_backbone
-from ..errors import DefectlensError
-from .calibration import NONE, Calibration
+from ..errors import DefectlensError, UsageError
+from .calibration import DEFAULT_FPR, NONE, Calibration, threshold_from_normal_scores
 from .params import Constraint, ParameterError, check_names, check_values, get_param_names
 
 FORMAT = "defectlens-model"
@@ -107,6 +107,8 @@ class Detector:
     normal_scores: np.ndarray | None = None
     #: (low, high) anomaly-map values for colouring heatmaps (see calibration.heatmap_range).
     map_range: tuple[float, float] | None = None
+    #: The false-alarm rate the threshold was set for (``set_operating_point``).
+    operating_fpr: float = DEFAULT_FPR
     _fitted: bool = False
 
     # -- parameters -----------------------------------------------------------------------
@@ -141,6 +143,21 @@ class Detector:
 
     def set_calibration(self, calibration: Calibration) -> None:
         self.normal_scores, self.threshold, self.map_range = calibration.normal_scores, calibration.threshold, calibration.map_range
+        self.operating_fpr = DEFAULT_FPR
+
+    def set_operating_point(self, fpr: float) -> float:
+        """Move the threshold to where about ``fpr`` of good parts are flagged (0.01: one in a
+        hundred), recomputed from the stored held-out normal scores by the calibration rule; the
+        model file keeps it. Returns the threshold."""
+        if not (isinstance(fpr, (int, float)) and 0.0 < fpr < 1.0):
+            raise UsageError(f"{self.name}: a target false-alarm rate must be between 0 and 1 (exclusive), not {fpr!r}")
+        count = 0 if self.normal_scores is None else int(np.isfinite(self.normal_scores).sum())
+        threshold = threshold_from_normal_scores(self.normal_scores, fpr) if count else None
+        if threshold is None:
+            raise UsageError(f"{self.name}: this model holds {count} held-out normal scores; an operating point needs at "
+                             "least 3 (fit on more good images, or pass a threshold yourself)")
+        self.threshold, self.operating_fpr = threshold, float(fpr)
+        return threshold
 
     # -- contract -------------------------------------------------------------------------
     def fit(self, images: Sequence = (), masks: Sequence | None = None, labels: Sequence | None = None) -> Detector:
@@ -214,6 +231,7 @@ class Detector:
             "method": self.name,
             "params": self.get_params(),
             "threshold": self.threshold,
+            "operating_fpr": self.operating_fpr,
             "map_range": None if self.map_range is None else list(self.map_range),
             "extra": self.extra_state(),
         }
@@ -244,6 +262,10 @@ class Detector:
         normal = tensors.pop("__normal_scores__", None)
         detector.normal_scores = None if normal is None else normal.numpy().astype(np.float64)
         detector.threshold = config["threshold"]
+        fpr = config.get("operating_fpr", DEFAULT_FPR)
+        if isinstance(fpr, bool) or not isinstance(fpr, (int, float)) or not 0.0 < fpr < 1.0:
+            raise ModelFileError(f"{path}: model file field 'operating_fpr' must be a number between 0 and 1, not {fpr!r}")
+        detector.operating_fpr = float(fpr)
         detector.map_range = None if config["map_range"] is None else tuple(config["map_range"])
         try:
             detector.load_state_tensors(tensors, config["extra"])

@@ -3,34 +3,87 @@
 A subclass implements three things on feature tensors (N, C, h, w): ``fit_features`` builds
 its memory from normal features, ``score_features`` returns per-patch anomaly scores (N, h, w),
 and ``image_scores`` reduces those to one score per image. This class does the rest: the
-backbone, held-out normal scores and the threshold, and maps at each image's own size.
+backbone, the input geometry, held-out normal scores and the threshold, and maps at each
+image's own size.
+
+Input geometry (the ``geometry`` parameter):
+
+- ``square``: every image is resized to ``size`` × ``size`` (a wide part is squashed).
+- ``keep_aspect``: about ``size``² pixels at the aspect ratio of the training images, each side
+  a multiple of the backbone's coarsest stride, so round defects stay round.
+- ``tiles``: the image at its native resolution is cut into overlapping ``tile_size`` squares
+  (each fed to the backbone at ``size``); the tiles' feature grids sit side by side in one
+  feature map (N, C, h, tiles·w), so every detector scores all tiles together, the image score
+  reduces over all of them, and the map is stitched back by averaging overlaps.
+
+The first training image fixes the layout (``canvas_hw``, stored in the model file); every
+image is brought to it, so all images share one feature grid (PaDiM needs that).
 """
 
 from __future__ import annotations
 
+import math
+from collections.abc import Iterable
+
+import cv2
 import numpy as np
 import torch
+from tqdm.auto import tqdm
 
-from ..backbones import DEFAULT_BACKBONE
+from ..backbones import DEFAULT_BACKBONE, get_backbone
 from ..data.io import as_image
+from ..errors import UsageError
 from .base import BackboneDetector, Prediction
 from .calibration import calibrate, refit_folds
 from .maps import upsample_map
-from .params import BACKBONE, BLUR_SIGMA, INPUT_SIZE, SEED
+from .params import BACKBONE, BLUR_SIGMA, INPUT_SIZE, SEED, Choice, Integer, Optional, Real
+
+GEOMETRIES = ("square", "keep_aspect", "tiles")
+
+
+def aspect_shape(height: int, width: int, size: int, multiple: int) -> tuple[int, int]:
+    """(h, w) with about ``size``² pixels at the aspect ratio of (height, width), each side a
+    multiple of ``multiple`` (the backbone's coarsest stride, so no level loses a border)."""
+    scale = size / math.sqrt(height * width)
+    return (max(multiple, round(height * scale / multiple) * multiple),
+            max(multiple, round(width * scale / multiple) * multiple))
+
+
+def tile_origins(length: int, tile: int, overlap: float) -> list[int]:
+    """Start offsets of tiles of side ``tile`` covering ``length`` pixels, neighbours sharing
+    at least ``overlap`` of a tile, spread evenly so the last tile ends at the border."""
+    if length <= tile:
+        return [0]
+    step = max(1.0, tile * (1.0 - overlap))
+    count = math.ceil((length - tile) / step) + 1
+    return [int(round(x)) for x in np.linspace(0, length - tile, count)]
 
 
 class PatchDetector(BackboneDetector):
     """Parameters every patch detector shares: ``backbone`` (name), ``size`` (side of the square
     backbone input, pixels), ``blur_sigma`` (map smoothing in input pixels, 0 = none), ``seed``
-    (which normal images are held out for calibration, and any random choice of the method)."""
+    (which normal images are held out for calibration, and any random choice of the method),
+    ``geometry`` (square, keep_aspect or tiles; see the module doc), ``tile_size`` (tile side in
+    image pixels; None = ``size``, i.e. native resolution) and ``tile_overlap`` (share of a tile
+    its neighbour overlaps)."""
 
-    parameter_constraints = {"backbone": BACKBONE, "size": INPUT_SIZE, "blur_sigma": BLUR_SIGMA, "seed": SEED}
+    parameter_constraints = {"backbone": BACKBONE, "size": INPUT_SIZE, "blur_sigma": BLUR_SIGMA, "seed": SEED,
+                             "geometry": Choice(GEOMETRIES), "tile_size": Optional(Integer(32, 4096)),
+                             "tile_overlap": Real(0.0, 0.75)}
 
-    def __init__(self, backbone: str = DEFAULT_BACKBONE, size: int = 256, blur_sigma: float = 4.0, seed: int = 0):
+    #: (height, width) all images are brought to before the backbone: the keep_aspect input or
+    #: the native size that tiles cover; None for square. Set by the first training image.
+    canvas_hw: tuple[int, int] | None = None
+
+    def __init__(self, backbone: str = DEFAULT_BACKBONE, size: int = 256, blur_sigma: float = 4.0, seed: int = 0,
+                 geometry: str = "square", tile_size: int | None = None, tile_overlap: float = 0.25):
         self.backbone = backbone
         self.size = size
         self.blur_sigma = blur_sigma
         self.seed = seed
+        self.geometry = geometry
+        self.tile_size = tile_size
+        self.tile_overlap = tile_overlap
 
     # -- to implement -----------------------------------------------------------------------
     def fit_features(self, features: torch.Tensor) -> None:
@@ -43,13 +96,95 @@ class PatchDetector(BackboneDetector):
         """Default: the most anomalous patch decides (defects are local)."""
         return patch_scores.flatten(1).amax(dim=1)
 
+    # -- geometry ---------------------------------------------------------------------------
+    @property
+    def tile_side(self) -> int:
+        return self.tile_size or self.size
+
+    def layout_for(self, shape: tuple[int, int]) -> tuple[int, int] | None:
+        """The canvas (height, width) for training images of ``shape``."""
+        if self.geometry == "keep_aspect":
+            multiple = max(stride for _, stride in self.backbone_network.levels)
+            return aspect_shape(shape[0], shape[1], self.size, multiple)
+        if self.geometry == "tiles":
+            # A side shorter than one tile is scaled up to it (aspect kept).
+            scale = max(1.0, self.tile_side / min(shape))
+            return (max(self.tile_side, round(shape[0] * scale)), max(self.tile_side, round(shape[1] * scale)))
+        return None
+
+    def embed_images(self, images: Iterable, fit: bool = False, progress: str | None = None,
+                     total: int | None = None) -> torch.Tensor:
+        """Backbone features (N, C, h, w') of ``images`` (paths or arrays) in this detector's
+        geometry. ``fit=True`` lets the first image set the layout (``canvas_hw``)."""
+        if self.geometry == "square":
+            return self.backbone_network.embed(images, progress=progress, total=total)
+        if fit:
+            self.canvas_hw = None
+
+        def on_canvas():
+            for item in images:
+                image = as_image(item)
+                if self.canvas_hw is None:
+                    self.canvas_hw = self.layout_for(image.shape[:2])
+                height, width = self.canvas_hw
+                if image.shape[:2] != (height, width):
+                    shrink = height < image.shape[0]
+                    image = cv2.resize(image, (width, height), interpolation=cv2.INTER_AREA if shrink else cv2.INTER_LINEAR)
+                yield image
+
+        if self.canvas_hw is None and not fit:
+            raise UsageError(f"{self.name}: geometry={self.geometry} needs the layout of the training images: fit first")
+        if self.geometry == "keep_aspect":
+            stream = on_canvas()
+            first = next(stream, None)
+            if first is None:
+                return torch.empty(0)
+            backbone = get_backbone(self.backbone, self.canvas_hw)
+            return backbone.embed(_chain(first, stream), progress=progress, total=total)
+        features = [self._embed_tiles(image)
+                    for image in tqdm(on_canvas(), desc=progress, total=total, unit="img", disable=progress is None, leave=False)]
+        return torch.stack(features) if features else torch.empty(0)
+
+    def _tiles(self) -> list[tuple[int, int]]:
+        height, width = self.canvas_hw
+        return [(top, left) for top in tile_origins(height, self.tile_side, self.tile_overlap)
+                for left in tile_origins(width, self.tile_side, self.tile_overlap)]
+
+    def _embed_tiles(self, image: np.ndarray) -> torch.Tensor:
+        """(C, h, tiles·w): the tiles' feature grids side by side, in ``_tiles`` order."""
+        side = self.tile_side
+        crops = (image[top : top + side, left : left + side] for top, left in self._tiles())
+        return torch.cat(list(self.backbone_network.embed(crops)), dim=-1)
+
+    def _stitch(self, patch_map: np.ndarray) -> np.ndarray:
+        """A (h, tiles·w) patch map -> one map on the canvas, overlaps averaged, smoothed."""
+        height, width = self.canvas_hw
+        side = self.tile_side
+        total = np.zeros((height, width), np.float32)
+        count = np.zeros((height, width), np.float32)
+        for grid, (top, left) in zip(np.split(patch_map, len(self._tiles()), axis=1), self._tiles()):
+            total[top : top + side, left : left + side] += cv2.resize(grid.astype(np.float32), (side, side),
+                                                                      interpolation=cv2.INTER_LINEAR)
+            count[top : top + side, left : left + side] += 1.0
+        canvas = total / np.maximum(count, 1.0)
+        sigma = self.blur_sigma * side / self.size  # blur_sigma is in backbone-input pixels
+        if sigma > 0:
+            canvas = cv2.GaussianBlur(canvas, (0, 0), sigmaX=sigma, sigmaY=sigma, borderType=cv2.BORDER_REFLECT)
+        return canvas
+
     # -- contract ---------------------------------------------------------------------------
     def fit_images(self, images: list, masks: list, labels: list[int]) -> None:
-        self.fit_from_features(self.backbone_network.embed(images, progress="features", total=len(images)))
+        self.fit_from_features(self.embed_images(images, fit=True, progress="features", total=len(images)))
 
-    def fit_from_features(self, features: torch.Tensor) -> PatchDetector:
+    def fit_from_features(self, features: torch.Tensor, canvas_hw: tuple[int, int] | None = None) -> PatchDetector:
         """Calibrate on held-out folds, then fit on all ``features`` (used by benchmarks that
-        embed once for several detectors)."""
+        embed once for several detectors). Features from ``embed_images`` of a detector with
+        another geometry than square come with that detector's ``canvas_hw``."""
+        if self.geometry != "square":
+            self.canvas_hw = canvas_hw or self.canvas_hw
+            if self.canvas_hw is None:
+                raise UsageError(f"{self.name}: geometry={self.geometry}: pass the canvas_hw of the detector "
+                                 "whose embed_images made these features")
         scores, maps = [], []
         for held_out in refit_folds(features.shape[0], self.seed):
             self.fit_features(features[np.setdiff1d(np.arange(features.shape[0]), held_out)])
@@ -63,7 +198,7 @@ class PatchDetector(BackboneDetector):
 
     def predict_images(self, images: list) -> Prediction:
         images = [as_image(image) for image in images]
-        scores, patch_scores = self.score_feature_batch(self.backbone_network.embed(images))
+        scores, patch_scores = self.score_feature_batch(self.embed_images(images))
         maps = [self.upsample_map(patch_map.numpy(), image.shape[:2]) for patch_map, image in zip(patch_scores, images)]
         return Prediction(scores=scores, maps=maps)
 
@@ -74,4 +209,24 @@ class PatchDetector(BackboneDetector):
 
     def upsample_map(self, patch_map: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
         """A patch map at the image's (height, width), smoothed by ``blur_sigma``."""
-        return upsample_map(patch_map, self.backbone_network.input_hw, shape, self.blur_sigma)
+        if self.geometry == "tiles":
+            canvas = self._stitch(patch_map)
+            return cv2.resize(canvas, (shape[1], shape[0]), interpolation=cv2.INTER_LINEAR)
+        input_hw = self.canvas_hw if self.geometry == "keep_aspect" else self.backbone_network.input_hw
+        return upsample_map(patch_map, input_hw, shape, self.blur_sigma)
+
+    # -- state ------------------------------------------------------------------------------
+    def extra_state(self) -> dict:
+        return {} if self.canvas_hw is None else {"canvas_hw": list(self.canvas_hw)}
+
+    def load_state_tensors(self, tensors, extra) -> None:
+        """The layout; subclasses load their tensors after calling this."""
+        canvas = extra.get("canvas_hw")
+        self.canvas_hw = None if canvas is None else tuple(int(v) for v in canvas)
+        if self.geometry != "square" and self.canvas_hw is None:
+            raise ValueError(f"geometry={self.geometry} but no canvas_hw stored")
+
+
+def _chain(first, rest):
+    yield first
+    yield from rest

@@ -17,11 +17,13 @@ class PaDiM(PatchDetector):
     parameter_constraints = {"feature_dims": Integer(1, 4096), "regularisation": Real(0.0, open_low=True)}
 
     def __init__(self, feature_dims: int = 100, regularisation: float = 0.01, backbone: str = DEFAULT_BACKBONE,
-                 size: int = 256, blur_sigma: float = 4.0, seed: int = 0):
+                 size: int = 256, blur_sigma: float = 4.0, seed: int = 0, geometry: str = "square",
+                 tile_size: int | None = None, tile_overlap: float = 0.25):
         """``feature_dims``: random channels kept (the paper's dimensionality reduction, which
         keeps the per-position covariances small). ``regularisation``: εI added to each
         covariance so it stays invertible with few images (with one image it is εI alone)."""
-        super().__init__(backbone=backbone, size=size, blur_sigma=blur_sigma, seed=seed)
+        super().__init__(backbone=backbone, size=size, blur_sigma=blur_sigma, seed=seed, geometry=geometry,
+                         tile_size=tile_size, tile_overlap=tile_overlap)
         self.feature_dims = feature_dims
         self.regularisation = regularisation
 
@@ -50,4 +52,5 @@ class PaDiM(PatchDetector):
         return {"channels": self.channels, "mean": self.mean, "precision": self.precision}
 
     def load_state_tensors(self, tensors, extra) -> None:
+        super().load_state_tensors(tensors, extra)
         self.channels, self.mean, self.precision = tensors["channels"], tensors["mean"], tensors["precision"]

@@ -33,12 +33,14 @@ class PatchKNN(PatchDetector):
                              "bank_size": Optional(Integer(1, 10**7))}
 
     def __init__(self, foreground: bool = False, top_fraction: float = 0.01, bank_size: int | None = 16384,
-                 backbone: str = DEFAULT_BACKBONE, size: int = 256, blur_sigma: float = 4.0, seed: int = 0):
+                 backbone: str = DEFAULT_BACKBONE, size: int = 256, blur_sigma: float = 4.0, seed: int = 0,
+                 geometry: str = "square", tile_size: int | None = None, tile_overlap: float = 0.25):
         """``foreground``: mask the background (for objects on a plain background; leave off
         for textures, whose whole image is foreground). ``bank_size``: above this many normal
         patches (16 images at 256 px), keep each image's most distinct patches (per-image
         greedy coreset) so search time stays bounded; None keeps every patch."""
-        super().__init__(backbone=backbone, size=size, blur_sigma=blur_sigma, seed=seed)
+        super().__init__(backbone=backbone, size=size, blur_sigma=blur_sigma, seed=seed, geometry=geometry,
+                         tile_size=tile_size, tile_overlap=tile_overlap)
         self.foreground = foreground
         self.top_fraction = top_fraction
         self.bank_size = bank_size
@@ -92,6 +94,7 @@ class PatchKNN(PatchDetector):
         return tensors
 
     def load_state_tensors(self, tensors, extra) -> None:
+        super().load_state_tensors(tensors, extra)
         self.pca_axis = tensors.get("pca_axis")
         self.pca_mean = tensors.get("pca_mean")
         self._set_bank(tensors["bank"].float())

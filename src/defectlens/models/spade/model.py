@@ -19,9 +19,11 @@ class SPADE(PatchDetector):
     parameter_constraints = {"neighbour_images": Integer(1, 10**4)}
 
     def __init__(self, neighbour_images: int = 10, backbone: str = DEFAULT_BACKBONE, size: int = 256,
-                 blur_sigma: float = 4.0, seed: int = 0):
+                 blur_sigma: float = 4.0, seed: int = 0, geometry: str = "square", tile_size: int | None = None,
+                 tile_overlap: float = 0.25):
         """``neighbour_images``: K, the normal images whose patches form each test image's gallery."""
-        super().__init__(backbone=backbone, size=size, blur_sigma=blur_sigma, seed=seed)
+        super().__init__(backbone=backbone, size=size, blur_sigma=blur_sigma, seed=seed, geometry=geometry,
+                         tile_size=tile_size, tile_overlap=tile_overlap)
         self.neighbour_images = neighbour_images
 
     @staticmethod
@@ -54,4 +56,5 @@ class SPADE(PatchDetector):
         return {"patches": self.patches}
 
     def load_state_tensors(self, tensors, extra) -> None:
+        super().load_state_tensors(tensors, extra)
         self.fit_features(tensors["patches"].float())

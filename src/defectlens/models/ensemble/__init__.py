@@ -1,0 +1,3 @@
+from .model import Ensemble
+
+__all__ = ["Ensemble"]

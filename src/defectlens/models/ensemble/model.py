@@ -1,0 +1,115 @@
+"""Score fusion of patch detectors: the members score one backbone pass, each member's image
+scores become z-scores against its own held-out normal scores and its maps are scaled by its
+own normal map range, and the fused score is their mean. The fused detector is calibrated like
+any other (held-out normal images, models/calibration.py), so its threshold still comes from
+normal images only.
+
+Why z-scores: members' raw scores live on unrelated scales (an L2 distance, a Mahalanobis
+distance, a cosine distance); against each member's own normal spread, "3" means the same thing
+for all of them, so no member dominates by its units.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from ...backbones import DEFAULT_BACKBONE
+from ...errors import UsageError
+from ..base import REGISTRY, register
+from ..params import Choice, Constraint, ListOf, Optional, ParameterError
+from ..patch import PatchDetector
+
+MEMBER_METHODS = ("patchcore", "padim", "spade", "patchknn")
+DEFAULT_MEMBERS = ("patchcore", "patchknn", "padim")
+#: Parameters the ensemble sets for all its members (one backbone pass, one layout).
+SHARED = ("backbone", "size", "blur_sigma", "seed", "geometry", "tile_size", "tile_overlap")
+
+
+class MemberParams(Constraint):
+    """{member method: {parameter: value}}; each member checks its own values."""
+
+    def accepts(self, value):
+        return isinstance(value, dict) and all(
+            isinstance(name, str) and isinstance(params, dict) and all(isinstance(key, str) for key in params)
+            for name, params in value.items())
+
+    def describe(self):
+        return 'an object {member method: {parameter: value}}, e.g. {"patchcore": {"bank_size": 16384}}'
+
+
+@register
+class Ensemble(PatchDetector):
+    name = "ensemble"
+    parameter_constraints = {"members": ListOf(Choice(MEMBER_METHODS)), "member_params": Optional(MemberParams())}
+
+    def __init__(self, members: tuple[str, ...] = DEFAULT_MEMBERS, member_params: dict | None = None,
+                 backbone: str = DEFAULT_BACKBONE, size: int = 256, blur_sigma: float = 4.0, seed: int = 0,
+                 geometry: str = "square", tile_size: int | None = None, tile_overlap: float = 0.25):
+        """``members``: the patch detectors fused. ``member_params``: their own parameters by
+        method name (backbone, size, geometry and the other shared ones are the ensemble's)."""
+        super().__init__(backbone=backbone, size=size, blur_sigma=blur_sigma, seed=seed, geometry=geometry,
+                         tile_size=tile_size, tile_overlap=tile_overlap)
+        self.members = members
+        self.member_params = member_params
+
+    @classmethod
+    def check_params(cls, params) -> None:
+        super().check_params(params)
+        members = params.get("members", DEFAULT_MEMBERS)
+        for method, own in (params.get("member_params") or {}).items():
+            if method not in members:
+                raise ParameterError(f"ensemble: member_params names {method!r}, which is not among the members {list(members)}")
+            shared = sorted(set(own) & set(SHARED))
+            if shared:
+                raise ParameterError(f"ensemble: member_params of {method} sets {', '.join(shared)}: set those on the ensemble")
+            REGISTRY[method].check_params(own)
+
+    def _new_members(self) -> list[PatchDetector]:
+        shared = {name: getattr(self, name) for name in SHARED}
+        # Members never embed: the ensemble hands them its one backbone pass.
+        return [REGISTRY[method](**shared, **(self.member_params or {}).get(method, {})) for method in self.members]
+
+    def fit_features(self, features: torch.Tensor) -> None:
+        """Fit and calibrate each member, then keep its normalisation: (score mean, score std,
+        map low, map high) of its held-out normal images."""
+        self.fitted_members = self._new_members()
+        norms = []
+        for member in self.fitted_members:
+            member.fit_from_features(features, canvas_hw=self.canvas_hw)
+            scores = member.normal_scores
+            if scores is None or len(scores) < 2:
+                raise UsageError(f"ensemble: {member.name} needs held-out normal scores to be normalised; "
+                                 "fit the ensemble on at least 3 normal images")
+            spread = float(np.std(scores, ddof=1)) or max(abs(float(np.mean(scores))) * 1e-3, 1e-12)
+            low, high = member.map_range if member.map_range is not None else (0.0, 1.0)
+            norms.append([float(np.mean(scores)), spread, low, high if high > low else low + 1.0])
+        self.norms = torch.tensor(norms, dtype=torch.float64)
+
+    def score_feature_batch(self, features: torch.Tensor) -> tuple[np.ndarray, torch.Tensor]:
+        """Mean of the members' normalised image scores and of their normalised patch maps."""
+        scores, maps = [], []
+        for member, (mean, spread, low, high) in zip(self.fitted_members, self.norms.tolist()):
+            member_scores, member_maps = member.score_feature_batch(features)
+            scores.append((member_scores - mean) / spread)
+            maps.append((member_maps.double() - low) / (high - low))
+        return np.mean(scores, axis=0), torch.stack(maps).mean(dim=0).float()
+
+    def state_tensors(self) -> dict[str, torch.Tensor]:
+        tensors = {"norms": self.norms}
+        for index, member in enumerate(self.fitted_members):
+            tensors.update({f"{index}.{key}": value for key, value in member.state_tensors().items()})
+        return tensors
+
+    def extra_state(self) -> dict:
+        return {**super().extra_state(), "members": [member.extra_state() for member in self.fitted_members]}
+
+    def load_state_tensors(self, tensors, extra) -> None:
+        super().load_state_tensors(tensors, extra)
+        self.norms = tensors["norms"].double()
+        self.fitted_members = self._new_members()
+        for index, member in enumerate(self.fitted_members):
+            prefix = f"{index}."
+            member.load_state_tensors({key[len(prefix):]: value for key, value in tensors.items() if key.startswith(prefix)},
+                                      extra["members"][index])
+            member._fitted = True

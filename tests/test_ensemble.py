@@ -1,0 +1,43 @@
+"""Score fusion: known answers of the ensemble's normalisation and its parameter checks."""
+
+import numpy as np
+import pytest
+
+from defectlens.models import ParameterError, create_detector
+from defectlens.models.calibration import threshold_from_normal_scores
+
+
+def test_ensemble_of_one_member_is_that_member_in_z_scores(normal_images, defect_image):
+    member = create_detector("patchknn", size=64, bank_size=256).fit(normal_images[:5])
+    ensemble = create_detector("ensemble", size=64, members=["patchknn"],
+                               member_params={"patchknn": {"bank_size": 256}}).fit(normal_images[:5])
+    tests = [normal_images[5], defect_image]
+    expected = (member.predict(tests).scores - member.normal_scores.mean()) / member.normal_scores.std(ddof=1)
+    np.testing.assert_allclose(ensemble.predict(tests).scores, expected, rtol=1e-6, atol=1e-9)
+
+
+def test_fused_threshold_comes_from_held_out_normal_scores_and_flags_the_defect(normal_images, defect_image):
+    ensemble = create_detector("ensemble", size=64, members=["patchcore", "padim"],
+                               member_params={"patchcore": {"bank_size": 128}, "padim": {"feature_dims": 16}})
+    ensemble.fit(normal_images[:5])
+    assert len(ensemble.normal_scores) == 5
+    assert ensemble.threshold == threshold_from_normal_scores(ensemble.normal_scores)
+    prediction = ensemble.predict([normal_images[5], defect_image])
+    assert prediction.scores[1] > ensemble.threshold > prediction.scores[0]
+
+
+@pytest.mark.parametrize("member_params, message", [
+    ({"padim": {"feature_dims": 8}}, "not among the members"),
+    ({"patchknn": {"size": 128}}, "set those on the ensemble"),
+    ({"patchknn": {"bank_sise": 1}}, "has no parameter bank_sise"),
+])
+def test_member_params_are_checked_when_the_ensemble_is_made(member_params, message):
+    with pytest.raises(ParameterError, match=message):
+        create_detector("ensemble", members=["patchknn", "patchcore"], member_params=member_params)
+
+
+def test_too_few_normal_images_to_normalise_members_is_a_clear_error(normal_images):
+    from defectlens.errors import UsageError
+
+    with pytest.raises(UsageError, match="at least 3 normal images"):
+        create_detector("ensemble", size=64, members=["patchknn"]).fit(normal_images[:2])

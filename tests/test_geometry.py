@@ -1,0 +1,64 @@
+"""Input geometry of the patch detectors: keep_aspect shapes, tile layout, stitched maps."""
+
+import numpy as np
+import pytest
+
+from defectlens.models import Detector, create_detector
+from defectlens.models.patch import aspect_shape, tile_origins
+
+
+def plain_images(count: int, shape: tuple[int, int], seed: int = 0) -> list[np.ndarray]:
+    """Featureless gray images with a little sensor noise."""
+    rng = np.random.default_rng(seed)
+    return [np.clip(128 + rng.normal(0, 2, (*shape, 3)), 0, 255).astype(np.uint8) for _ in range(count)]
+
+
+def test_keep_aspect_input_of_a_wide_image_keeps_its_aspect_and_pixel_count():
+    detector = create_detector("padim", size=256, geometry="keep_aspect", feature_dims=8)
+    detector.fit(plain_images(3, (460, 1130)))
+    height, width = detector.canvas_hw
+    assert (height, width) == aspect_shape(460, 1130, 256, 16) == (160, 400)
+    assert height % 16 == 0 and width % 16 == 0
+    assert abs(height * width / 256**2 - 1) < 0.05
+    features = detector.embed_images(plain_images(1, (460, 1130)))
+    assert features.shape[2:] == (height // 8, width // 8)
+    assert detector.predict(plain_images(1, (460, 1130))).maps.shape == (1, 460, 1130)
+
+
+@pytest.mark.parametrize("length, tile, overlap", [(1130, 256, 0.25), (460, 256, 0.5), (256, 256, 0.25), (300, 64, 0.0)])
+def test_tiles_cover_the_image_exactly_with_at_least_the_overlap(length, tile, overlap):
+    origins = tile_origins(length, tile, overlap)
+    assert origins[0] == 0 and origins[-1] + tile == length
+    steps = np.diff(origins)
+    assert np.all(steps <= tile * (1 - overlap) + 1)
+
+
+def test_tiling_stitches_the_map_peak_onto_the_defect():
+    shape = (128, 224)
+    detector = create_detector("patchcore", size=64, geometry="tiles", tile_overlap=0.25, bank_size=256,
+                               reweight_neighbours=0, blur_sigma=2.0)
+    detector.fit(plain_images(4, shape))
+    assert detector.canvas_hw == shape  # native resolution: no resize
+    image = plain_images(1, shape, seed=9)[0]
+    image[80:90, 150:160] = 20  # a small dark pit
+    prediction = detector.predict([image])
+    peak = np.unravel_index(np.argmax(prediction.maps[0]), shape)
+    assert 72 <= peak[0] <= 98 and 142 <= peak[1] <= 168
+    assert prediction.scores[0] > detector.threshold
+
+
+def test_tiles_layout_is_stored_in_the_model_file(tmp_path):
+    detector = create_detector("patchknn", size=64, geometry="tiles", tile_size=96, bank_size=128)
+    detector.fit(plain_images(3, (100, 200)))
+    loaded = Detector.load(detector.save(tmp_path / "tiles.safetensors"))
+    assert loaded.canvas_hw == detector.canvas_hw == (100, 200)
+    assert loaded.get_params()["geometry"] == "tiles" and loaded.tile_size == 96
+    image = plain_images(1, (100, 200), seed=3)
+    np.testing.assert_allclose(loaded.predict(image).scores, detector.predict(image).scores, rtol=1e-5)
+
+
+def test_a_smaller_image_is_scaled_up_to_one_tile():
+    detector = create_detector("padim", size=64, geometry="tiles", feature_dims=8)
+    detector.fit(plain_images(3, (40, 80)))
+    assert detector.canvas_hw == (64, 128)
+    assert detector.predict(plain_images(1, (40, 80))).maps.shape == (1, 40, 80)
