@@ -109,3 +109,20 @@ def test_real_anomaly_examples_are_learned_from_and_left_out_of_the_evaluation(r
         direct = detector.predict([s.path for s in kept]).scores
         expected = image_auroc(np.array([s.label for s in kept]), direct)
         assert run["metrics"]["all"]["image_auroc"] == pytest.approx(expected)
+
+
+@pytest.mark.parametrize("geometry", ["keep_aspect", "tiles"])
+def test_patch_path_in_another_geometry_scores_like_a_direct_fit_and_predict(synthetic_mvtec, geometry):
+    """The benchmark embeds once for all runs; in a non-square geometry the training images fix
+    the layout first, and the result equals fitting and predicting the detector directly."""
+    from defectlens.data.datasets import load_dataset
+    from defectlens.metrics import image_auroc
+    from defectlens.models import create_detector
+
+    params = {"size": 64, "geometry": geometry, "bank_size": 256} | ({"tile_size": 64} if geometry == "tiles" else {})
+    result = run_benchmark(synthetic_mvtec, method="patchcore", shots=["full"], seeds=1, params=params)
+    dataset = load_dataset(synthetic_mvtec)
+    test = [s for s in dataset.test if s.label in (0, 1)]
+    direct = create_detector("patchcore", **params).fit([s.path for s in dataset.train if s.label == 0])
+    expected = image_auroc(np.array([s.label for s in test]), direct.predict([s.path for s in test]).scores)
+    assert result.runs[0]["metrics"]["all"]["image_auroc"] == pytest.approx(expected)

@@ -117,8 +117,9 @@ def _spro_blocks(test_set: TestSet, maps: list[np.ndarray]) -> dict[str, dict[st
     return result
 
 
-def _embed_test(backbone, test: TestSet, eval_side: int) -> torch.Tensor:
-    """Backbone features of the test images; fills the test set's masks and eval shapes."""
+def _embed_test(detector: PatchDetector, test: TestSet, eval_side: int) -> torch.Tensor:
+    """Backbone features of the test images in the detector's geometry; fills the test set's
+    masks and eval shapes."""
 
     def images():
         for sample in test.samples:
@@ -126,7 +127,7 @@ def _embed_test(backbone, test: TestSet, eval_side: int) -> torch.Tensor:
             test.add_ground_truth(sample, image.shape[:2], eval_side)
             yield image
 
-    return backbone.embed(images(), progress="test features", total=len(test.samples))
+    return detector.embed_images(images(), progress="test features", total=len(test.samples))
 
 
 def _threshold_rates(scores: np.ndarray, labels: np.ndarray, threshold: float | None) -> tuple[float, float]:
@@ -248,9 +249,10 @@ def run_benchmark(data, kind: str = "auto", method: str = DEFAULT_METHOD, shots:
     test_set = TestSet(samples=test, labels=np.array([s.label for s in test]), defect_types=[s.defect_type for s in test],
                        defects_config=dataset.defects_config if dataset.kind == "loco" else None)
     if patch_path:
-        backbone = probe.backbone_network
-        test_features = _embed_test(backbone, test_set, eval_side)
-        train_features = backbone.embed([s.path for s in train], progress="train features", total=len(train)) if train else None
+        # Training images first: in a non-square geometry they fix the layout (canvas_hw).
+        train_features = probe.embed_images([s.path for s in train], fit=True, progress="train features",
+                                            total=len(train)) if train else None
+        test_features = _embed_test(probe, test_set, eval_side)
         index_of = {s.path: i for i, s in enumerate(train)}
 
     shot_counts = [len(train) if s == "full" else int(s) for s in shots]
@@ -261,7 +263,7 @@ def run_benchmark(data, kind: str = "auto", method: str = DEFAULT_METHOD, shots:
         detector = create_detector(method, seed=seed, **params)
         started = time.perf_counter()
         if patch_path:
-            detector.fit_from_features(train_features[[index_of[path] for path in training.images]])
+            detector.fit_from_features(train_features[[index_of[path] for path in training.images]], canvas_hw=probe.canvas_hw)
         else:
             training.fit(detector)
         fit_seconds = time.perf_counter() - started
