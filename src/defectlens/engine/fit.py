@@ -7,7 +7,6 @@ scripts under benchmarks/ all go through it, so a method learns from the same th
 
 from __future__ import annotations
 
-import inspect
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -93,7 +92,7 @@ def labelled_categories(data: str | os.PathLike) -> list[Dataset]:
 def with_category(method: str, dataset: Dataset, params: dict) -> dict:
     """Prompted methods (those with an ``object_name`` parameter) get the dataset's category as
     the object when the user names none. A plain folder's name says nothing about the object."""
-    accepts = "object_name" in inspect.signature(REGISTRY[method].__init__).parameters
+    accepts = "object_name" in REGISTRY[method].get_param_names()
     if accepts and params.get("object_name") is None and dataset.kind != "folder":
         return {**params, "object_name": dataset.category}
     return params
