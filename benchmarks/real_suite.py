@@ -39,10 +39,11 @@ from defectlens.data.datasets import Dataset, load_dataset
 from defectlens.data.elpv import CERTAIN_DEFECT, DEFECT_TYPES, load_elpv
 from defectlens.data.io import as_image
 from defectlens.data.kshot import sample_shots
-from defectlens.data.synthetic import generate
+from defectlens.data.generator import generate
 from defectlens.engine.benchmark import run_benchmark
 from defectlens.engine.fit import normal_training_samples
 from defectlens.models import REGISTRY, create_detector
+from defectlens.models.base import LearningType
 
 HERE = Path(__file__).resolve().parent
 SHARED = HERE.parents[1] / "shared" / "datasets"
@@ -442,8 +443,8 @@ def main(argv: list[str] | None = None) -> int:
             MEMO.clear()
             # Shot counts outermost, zero-shot methods last: cheap complete tables come first.
             plan = [(shots, method, params) for shots in shot_list for method, params in configs
-                    if not REGISTRY[method].zero_shot]
-            plan += [("0", method, params) for method, params in configs if REGISTRY[method].zero_shot]
+                    if REGISTRY[method].learning_type != LearningType.ZERO_SHOT]
+            plan += [("0", method, params) for method, params in configs if REGISTRY[method].learning_type == LearningType.ZERO_SHOT]
             for shots, method, params in plan:
                 for seed in range(1 if shots in ("full", "0") else args.seeds):
                     key = run_key(config_name(method, params), set_name, shots, seed, args.max_test)
