@@ -53,14 +53,19 @@ def _score_chunk(token: str, model_bytes: bytes, runtime: str, paths: list[str],
 
 def connect(scheduler: str):
     """A Client for ``scheduler``: "local" or "local:N" starts a LocalCluster of N worker
-    processes (default: one per core, one thread each); anything else is a scheduler address."""
+    processes (default: one per core, one task at a time each, the cores shared out among them);
+    anything else is a scheduler address."""
     from distributed import Client, LocalCluster
 
     if scheduler == "local" or scheduler.startswith("local:"):
         workers = int(scheduler.split(":", 1)[1]) if ":" in scheduler else len(os.sched_getaffinity(0))
         if workers < 1:
             raise ValueError(f"--dask local:N needs N >= 1, not {workers}")
-        cluster = LocalCluster(n_workers=workers, threads_per_worker=1, processes=True, dashboard_address=None)
+        # Each worker process gets its share of the cores for torch/faiss: N processes each
+        # running all cores' threads would oversubscribe them.
+        threads = max(1, len(os.sched_getaffinity(0)) // workers)
+        cluster = LocalCluster(n_workers=workers, threads_per_worker=1, processes=True, dashboard_address=None,
+                               env={"DEFECTLENS_THREADS": str(threads), "OMP_NUM_THREADS": str(threads)})
         return Client(cluster)
     return Client(scheduler)
 
