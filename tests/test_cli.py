@@ -102,7 +102,7 @@ def test_param_reaches_the_method_and_bad_params_are_one_line_errors(tmp_path, n
     for i, image in enumerate(normal_images[:3]):
         Image.fromarray(image).save(folder / f"good_{i}.png")
     path = tmp_path / "small.dlmodel"
-    assert main(["fit", str(folder), "-o", str(path), "--param", "size=128", "--param", "bank_size=64",
+    assert main(["fit", str(folder), "-o", str(path), "--method", "patchcore", "--param", "size=128", "--param", "bank_size=64",
                  "--param", "reweight_neighbours=0"]) == 0
     model = Detector.load(path)
     assert model.bank_size == 64 and model.reweight_neighbours == 0 and model.size == 128
@@ -111,7 +111,7 @@ def test_param_reaches_the_method_and_bad_params_are_one_line_errors(tmp_path, n
 
     def refused(*extra, expect):
         target = tmp_path / "refused.dlmodel"
-        assert main(["fit", str(folder), "-o", str(target), *extra]) == 2
+        assert main(["fit", str(folder), "-o", str(target), "--method", "patchcore", *extra]) == 2
         error = capsys.readouterr().err
         assert expect in error and "Traceback" not in error and len(error.strip().splitlines()) == 1, error
         assert not target.exists()
