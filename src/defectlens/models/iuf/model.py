@@ -121,9 +121,12 @@ class IUF(LearnsProducts, BackboneDetector):
         """``steps`` optimiser steps on one object's features; updates projected when earlier
         objects exist. Ctrl-C ends training early, keeping the weights of the last full step."""
         self.network.train()
-        optimiser = torch.optim.Adam(self.network.parameters(), lr=self.learning_rate)
-        generator = torch.Generator().manual_seed(self.seed + label)
         constrained = self.projection and bool(self.updates.covariances)
+        # The position embedding is added to every token of every object, each position as much
+        # as any other: no direction of it is free of the earlier objects, so it stays as they left it.
+        trained = [p for n, p in self.network.named_parameters() if not (constrained and n == "position")]
+        optimiser = torch.optim.Adam(trained, lr=self.learning_rate)
+        generator = torch.Generator().manual_seed(self.seed + label)
         old = self.updates.weights() if constrained else None
         k = self.omega_k if self.omega_k is not None else default_k(self.dims)
         self.interrupted = False
@@ -133,7 +136,7 @@ class IUF(LearnsProducts, BackboneDetector):
                 batch = features[torch.randint(len(features), (min(self.batch_size, len(features)),), generator=generator)]
                 before = self.updates.weights() if constrained else None
                 loss = self.loss(batch, label)
-                optimiser.zero_grad()
+                self.network.zero_grad()
                 loss.backward()
                 optimiser.step()
                 if constrained:
