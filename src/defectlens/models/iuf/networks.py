@@ -196,5 +196,6 @@ class ProjectedUpdates:
 
 
 def default_k(channels: int) -> float:
-    """k with Ω(k, channels) = 1: the least important direction is updated freely."""
+    """k with Ω(k, channels) = 1: in a layer with ``channels`` inputs the least important direction
+    is updated freely (in wider layers, every direction from that index on)."""
     return 1.0 / math.log(channels) if channels > 1 else 1.0
