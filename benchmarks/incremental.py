@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import time
 from pathlib import Path
@@ -22,6 +23,7 @@ import torch
 from defectlens.backbones import get_backbone
 from defectlens.data.generator import generate
 from defectlens.engine.incremental import EVAL_SIDE, METHODS, IncrementalResult, ObjectData, default_params, load_objects, markdown, run_incremental
+from defectlens.report.incremental import write_incremental_report
 
 HERE = Path(__file__).resolve().parent
 SHARED = HERE.parents[1] / "shared" / "datasets"
@@ -53,11 +55,16 @@ def main() -> None:
     parser.add_argument("--iuf-param", action="append", default=[], metavar="KEY=VALUE",
                         help="an IUF parameter for this run (JSON value), repeatable; the method is then listed as "
                              "iuf[KEY=VALUE,...]")
+    parser.add_argument("--objects", default=None, metavar="A,B,...",
+                        help="run on these objects only, in this order (default: all 15)")
+    parser.add_argument("--report", action="store_true",
+                        help="also write the HTML report (plots of each object's AUROC across steps) as OUT.html")
+    parser.add_argument("--note", default="", help="a sentence for the results' header (what this run is)")
     parser.add_argument("--combine", nargs="+", metavar="JSON",
                         help="merge the results of runs of different methods (same objects and schedule) into --out")
     args = parser.parse_args()
     if args.combine:
-        combine(args.combine, Path(args.out))
+        combine(args.combine, Path(args.out), args.report)
         return
 
     generated = Path(args.data) / f"generated-{args.size}"
@@ -74,23 +81,34 @@ def main() -> None:
         objects = load_objects(roots, backbone, max_train=args.max_train, max_test=args.max_test)
         torch.save([to_tensors(o) for o in objects], cache)
     embed_seconds = time.perf_counter() - started
+    if args.objects:
+        by_name = {o.name: o for o in objects}
+        wanted = args.objects.split(",")
+        unknown = [name for name in wanted if name not in by_name]
+        if unknown:
+            raise SystemExit(f"--objects: unknown {', '.join(unknown)} (known: {', '.join(by_name)})")
+        objects = [by_name[name] for name in wanted]
     params = default_params(args.size, bank_size=args.bank_size, iuf_steps=args.iuf_steps)
     overrides = {key: json.loads(value) for key, _, value in (pair.partition("=") for pair in args.iuf_param)}
     params["iuf"].update(overrides)
+    load = os.getloadavg()[0]
     result = run_incremental(objects, args.schedule, backbone, params, methods=tuple(args.methods.split(",")))
     if overrides and "iuf" in result.methods:
         result.methods["iuf[" + ",".join(args.iuf_param) + "]"] = result.methods.pop("iuf")
     result.settings.update(size=args.size, max_train=args.max_train, max_test=args.max_test, embed_seconds=embed_seconds,
                            threads=torch.get_num_threads(), machine=platform.processor() or platform.machine(),
+                           load_at_start=load, note=args.note,
                            train_images={o.name: len(o.train) for o in objects},
                            test_images={o.name: len(o.labels) for o in objects})
     out = Path(args.out + args.suffix)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.with_suffix(".json").write_text(json.dumps(result.to_json(), indent=1))
     write_markdown(result, out)
+    if args.report:
+        write_incremental_report(out.with_suffix(".html"), result)
 
 
-def combine(paths: list[str], out: Path) -> None:
+def combine(paths: list[str], out: Path, report: bool = False) -> None:
     runs = [json.loads(Path(p).read_text()) for p in paths]
     first = runs[0]
     for run in runs[1:]:
@@ -105,6 +123,8 @@ def combine(paths: list[str], out: Path) -> None:
             result.settings["params"] = {**result.settings["params"], "iuf": run["settings"]["params"]["iuf"]}
     out.with_suffix(".json").write_text(json.dumps(result.to_json(), indent=1))
     write_markdown(result, out)
+    if report:
+        write_incremental_report(out.with_suffix(".html"), result)
 
 
 def write_markdown(result: IncrementalResult, out: Path) -> None:
@@ -116,7 +136,9 @@ def write_markdown(result: IncrementalResult, out: Path) -> None:
              f"{settings['size']} px; ≤ {settings['max_train']} training and ≤ {settings['max_test']} test images per "
              f"object (half normal, half anomalous); IUF {params['iuf']['steps']} steps per object; bank size "
              f"{params['patchcore']['bank_size']}; pixel AUROC at {EVAL_SIDE}×{EVAL_SIDE}. Timings on a 2-core machine "
-             f"shared with other jobs (load ~35): upper bounds.", ""]
+             f"shared with other jobs ({_load(settings)}): upper bounds.", ""]
+    if settings.get("note"):
+        notes += [settings["note"], ""]
     if routing:
         notes += [f"Unified bank routing: {100 * routing['accuracy']:.2f} % of {routing['images']} test images of known "
                   f"products go to their product; {routing['ms_per_image']:.3f} ms per image beyond the backbone; "
@@ -128,6 +150,11 @@ def write_markdown(result: IncrementalResult, out: Path) -> None:
                       f"{unknown['images']} test images of the not-yet-learned objects are flagged unknown.", ""]
     out.with_suffix(".md").write_text(markdown(result).replace("\n\n", "\n\n" + "\n".join(notes) + "\n\n", 1))
     print(out.with_suffix(".md").read_text())
+
+
+def _load(settings: dict) -> str:
+    """The load average when the run started (runs before it was recorded: ~35)."""
+    return f"load {settings['load_at_start']:.1f} at the start" if "load_at_start" in settings else "load ~35"
 
 
 if __name__ == "__main__":

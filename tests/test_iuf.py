@@ -26,8 +26,9 @@ def test_compression_loss_sums_the_small_singular_values():
     assert compression_loss(latent, kept=2).item() == pytest.approx((1.0 + 0.5) / 2)
 
 
-def test_an_incremental_step_lowers_the_loss_and_keeps_the_projected_directions(tmp_path):
-    model = create_detector("iuf", size=64, dims=8, heads=2, layers=1, steps=40, batch_size=6, kept=4, beta=0.0)
+@pytest.mark.parametrize("beta", [0.0, 0.1])
+def test_an_incremental_step_lowers_the_loss_and_keeps_the_projected_directions(beta):
+    model = create_detector("iuf", size=64, dims=8, heads=2, layers=1, steps=40, batch_size=6, kept=4, beta=beta)
     old, new = object_features(1), object_features(2)
     # learn the first object through the detector's own training loop on precomputed features
     model.network = IUFNetwork(old.shape[1], 8, 2, 1, 1, True, tuple(old.shape[2:]))
@@ -37,6 +38,10 @@ def test_an_incremental_step_lowers_the_loss_and_keeps_the_projected_directions(
     model.network.add_object()
     basis = model.updates.bases()
     before = model.updates.weights()
+    position = model.network.position.detach().clone()
+    # every layer's bias is projected with its weight: [W | b] against the inputs [x, 1]
+    assert all(basis[name].shape[0] == before[name].shape[1] == layer.in_features + 1
+               for name, layer in model.updates.layers.items())
     with torch.no_grad():
         loss_before = model.loss(new, 1).item()
     model.train_object(new, 1)
@@ -47,8 +52,26 @@ def test_an_incremental_step_lowers_the_loss_and_keeps_the_projected_directions(
     for name, vectors in basis.items():
         top = vectors[:, :1]  # c = 1: Ω = 0, never rewritten
         torch.testing.assert_close(after[name] @ top, before[name] @ top, atol=1e-5, rtol=0)
-        # and the layer did learn something in the other directions
+    # the position embedding, shared by every object, stays as the first object left it
+    torch.testing.assert_close(model.network.position.detach(), position, atol=0, rtol=0)
+    # and the layers did learn something in the other directions
     assert any(not torch.allclose(after[n], before[n]) for n in basis)
+
+
+def test_covariances_recorded_without_the_bias_still_project_the_weight_alone():
+    # model files written before biases were projected hold in × in covariances
+    layer = torch.nn.Sequential(torch.nn.Linear(3, 2))
+    updates = ProjectedUpdates(layer, {"0": torch.eye(3, dtype=torch.float64)})
+    before = updates.weights()
+    assert before["0"].shape == (2, 3)
+    bias = layer[0].bias.detach().clone()
+    with torch.no_grad():
+        layer[0].weight += 1.0
+        layer[0].bias += 1.0
+    updates.project(before, k=0.5)  # Ω = 0.5·log c: c = 1 (the first basis vector) stays as before
+    basis = updates.bases()["0"]
+    torch.testing.assert_close(layer[0].weight.detach() @ basis[:, :1], before["0"] @ basis[:, :1])
+    torch.testing.assert_close(layer[0].bias.detach(), bias + 1.0)  # not part of the old basis: untouched
 
 
 def test_partial_fit_adds_products_and_the_file_lists_them(tmp_path):

@@ -62,3 +62,9 @@ def test_a_product_name_is_learned_once(products):
     model = create_detector("unified", size=SIDE, bank_size=64).partial_fit(products["parts"][:3], product="parts")
     with pytest.raises(UsageError, match="already knows product 'parts'"):
         model.partial_fit(products["parts"][3:], product="parts")
+
+
+def test_unknown_cannot_name_a_product(products):
+    # predict's CSV says "unknown" for an image of no known product
+    with pytest.raises(UsageError, match="'unknown' cannot name a product"):
+        create_detector("unified", size=SIDE, bank_size=64).partial_fit(products["parts"][:3], product="unknown")

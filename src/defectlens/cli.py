@@ -234,8 +234,8 @@ def incremental_benchmark_command(args) -> int:
     from .backbones import DEFAULT_BACKBONE, get_backbone
     from .engine.incremental import default_params, load_objects, markdown, parse_schedule, run_incremental
 
-    if args.report or args.param:
-        raise UsageError("--incremental writes a table and --json; --report and --param are not supported with it")
+    if args.param:
+        raise UsageError("--incremental runs every method with its protocol settings; --param is not supported with it")
     parse_schedule(args.incremental)
     size = args.size or 128
     backbone = get_backbone(args.backbone or DEFAULT_BACKBONE, size)
@@ -244,6 +244,11 @@ def incremental_benchmark_command(args) -> int:
     print(markdown(result))
     if args.json:
         Path(args.json).write_text(json.dumps(result.to_json(), indent=1, allow_nan=True))
+    if args.report:
+        from .report.incremental import write_incremental_report
+
+        write_incremental_report(args.report, result)
+        print(f"report: {args.report}")
     return 0
 
 
@@ -361,7 +366,8 @@ def build_parser() -> argparse.ArgumentParser:
     predict = commands.add_parser("predict", help="score images with a saved model")
     predict.add_argument("model")
     predict.add_argument("inputs", nargs="+", metavar="INPUT", help="image files or folders (searched recursively)")
-    predict.add_argument("--csv", help="write path,score,label,error,map,overlay rows here, one as each image is scored")
+    predict.add_argument("--csv", help="write path,score,label,error,map,overlay,product rows here, one as each image "
+                                       "is scored")
     predict.add_argument("--maps", help="write <stem>-<hash>.npy anomaly maps (float32, image height × width) here")
     predict.add_argument("--overlays", help="write <stem>-<hash>.png heatmap overlays here")
     predict.add_argument("--report", help="write an HTML report of the predictions here")
@@ -401,7 +407,8 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--max-images", type=_positive, default=None,
                        help="--incremental: at most this many training and test images per category")
     bench.add_argument("--json", help="write all runs and the summary as JSON")
-    bench.add_argument("--report", help="write an HTML report")
+    bench.add_argument("--report", help="write an HTML report (--incremental: ACC/FM, per-step tables and each "
+                                        "object's AUROC across steps)")
     bench.add_argument("--overwrite", action="store_true")
     bench.set_defaults(func=cmd_benchmark)
 

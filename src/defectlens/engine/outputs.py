@@ -18,7 +18,10 @@ from pathlib import Path
 from ..data.io import printable
 from ..errors import OutputError, OutputExistsError, UsageError
 
-CSV_COLUMNS = ["path", "score", "label", "error", "map", "overlay"]
+#: The predictions CSV, a contract (docs/DESIGN.md): new columns go at the end. ``product``: the
+#: product a multi-product model (unified) routed the image to, ``unknown`` when it belongs to none
+#: of its products, empty for single-product models.
+CSV_COLUMNS = ["path", "score", "label", "error", "map", "overlay", "product"]
 
 #: Longest file-name stem kept in a map or overlay name, in bytes (file systems allow 255).
 _STEM_BYTES = 120

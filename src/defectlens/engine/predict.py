@@ -19,6 +19,7 @@ from ..data.io import ImageReadError, printable, read_image
 from ..errors import OutputError, UsageError
 from ..models import Detector
 from ..report import ImageRecord, heatmap_overlay, prediction_record, save_png, write_report
+from ..models.products import UNKNOWN_PRODUCT
 from .outputs import PredictionCsv, PredictionOutputs
 
 
@@ -30,6 +31,7 @@ class Result:
     image: np.ndarray | None = None
     error: str | None = None
     part_map: np.ndarray | None = None  # detectors that segment parts (composition)
+    product: str = ""  # multi-product models: the routed product, or UNKNOWN_PRODUCT
 
 
 def predict_paths(detector: Detector, paths: Sequence[Path], keep_images: bool = False,
@@ -49,8 +51,11 @@ def predict_paths(detector: Detector, paths: Sequence[Path], keep_images: bool =
             prediction = detector.predict([r.image for r in readable])
             maps = prediction.maps if prediction.maps is not None else [None] * len(readable)
             part_maps = prediction.part_maps or [None] * len(readable)
-            for result, score, anomaly_map, part_map in zip(readable, prediction.scores, maps, part_maps):
+            products = prediction.products or [""] * len(readable)
+            for result, score, anomaly_map, part_map, product in zip(readable, prediction.scores, maps, part_maps,
+                                                                     products):
                 result.score, result.anomaly_map, result.part_map = float(score), anomaly_map, part_map
+                result.product = UNKNOWN_PRODUCT if product is None else product
                 if not keep_images:
                     result.image = None
         yield from pending
@@ -142,7 +147,8 @@ def predict_to_outputs(detector: Detector, paths: Sequence[Path], outputs: Predi
 
 def _write_files(result: Result, outputs: PredictionOutputs, map_range, threshold: float | None) -> dict:
     """Write the map and overlay of one scored image; return its CSV row."""
-    row = {"path": str(result.path), "score": "", "label": "", "error": result.error or "", "map": "", "overlay": ""}
+    row = {"path": str(result.path), "score": "", "label": "", "error": result.error or "", "map": "", "overlay": "",
+           "product": result.product}
     if result.error is not None:
         return row
     row["score"] = f"{result.score:.6g}"

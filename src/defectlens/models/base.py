@@ -59,11 +59,14 @@ class Prediction:
     ``maps`` is a float32 N×H×W array when all inputs share one size, otherwise a list of
     H_i×W_i arrays; ``None`` for methods without localisation. ``part_maps``: methods that
     segment images into parts (composition) give each image's H_i×W_i integer part classes.
+    ``products``: models of several products that route each image (unified) give the product
+    each image was scored as, None for an image of no known product; None for other methods.
     """
 
     scores: np.ndarray
     maps: np.ndarray | list[np.ndarray] | None = None
     part_maps: list[np.ndarray] | None = None
+    products: list[str | None] | None = None
 
     def __post_init__(self):
         self.scores = np.asarray(self.scores, dtype=np.float64).reshape(-1)

@@ -9,6 +9,10 @@ import torch
 from ..errors import UsageError
 from .calibration import NONE
 
+#: What predict's CSV says for an image that belongs to none of a model's products; no product
+#: may carry this name.
+UNKNOWN_PRODUCT = "unknown"
+
 
 class LearnsProducts:
     """Mixin for a Detector. Subclasses keep ``products`` (names, in the order learned) and
@@ -22,6 +26,9 @@ class LearnsProducts:
         new model to re-learn it)."""
         if not isinstance(product, str) or not product.strip():
             raise UsageError(f"{self.name}: a product needs a non-empty name, not {product!r}")
+        if product == UNKNOWN_PRODUCT:
+            raise UsageError(f"{self.name}: '{UNKNOWN_PRODUCT}' cannot name a product: predict's CSV says it for "
+                             "images of no known product")
         if product in self.products:
             raise UsageError(f"{self.name}: the model already knows product '{product}' (known: {', '.join(self.products)})")
         self.validate_params()

@@ -39,8 +39,8 @@ class IUF(LearnsProducts, BackboneDetector):
     ``batch_size``/``learning_rate``: training per added object; ``class_weight`` (λ1) and
     ``compression_weight`` (λ2, 0 = no semantic compression) weigh the losses, ``kept`` the
     singular values not compressed; ``object_attention``: OASA on/off; ``projection``: project
-    updates on later objects by Ω(``omega_k``, c) (None: k = 1/log(dims), so Ω reaches 1 at the
-    last channel) and merge old weights with ``beta``. The ablation without IUF's three parts is
+    updates on later objects by Ω(``omega_k``, c) (None: k = 1/log(dims), so Ω reaches 1 at
+    c = dims) and merge old weights with ``beta``. The ablation without IUF's three parts is
     object_attention=False, compression_weight=0, projection=False."""
 
     name = "iuf"
@@ -56,7 +56,7 @@ class IUF(LearnsProducts, BackboneDetector):
     def __init__(self, dims: int = 64, heads: int = 4, layers: int = 2, pool: int = 2, steps: int = 300,
                  batch_size: int = 8, learning_rate: float = 2e-3, class_weight: float = 0.1,
                  compression_weight: float = 0.01, kept: int = 16, object_attention: bool = True,
-                 projection: bool = True, omega_k: float | None = None, beta: float = 0.01, product: str = "product",
+                 projection: bool = True, omega_k: float | None = None, beta: float = 0.1, product: str = "product",
                  backbone: str = DEFAULT_BACKBONE, size: int = 256, blur_sigma: float = 4.0, seed: int = 0):
         self.dims, self.heads, self.layers, self.pool = dims, heads, layers, pool
         self.steps, self.batch_size, self.learning_rate = steps, batch_size, learning_rate
@@ -121,9 +121,12 @@ class IUF(LearnsProducts, BackboneDetector):
         """``steps`` optimiser steps on one object's features; updates projected when earlier
         objects exist. Ctrl-C ends training early, keeping the weights of the last full step."""
         self.network.train()
-        optimiser = torch.optim.Adam(self.network.parameters(), lr=self.learning_rate)
-        generator = torch.Generator().manual_seed(self.seed + label)
         constrained = self.projection and bool(self.updates.covariances)
+        # The position embedding is added to every token of every object, each position as much
+        # as any other: no direction of it is free of the earlier objects, so it stays as they left it.
+        trained = [p for n, p in self.network.named_parameters() if not (constrained and n == "position")]
+        optimiser = torch.optim.Adam(trained, lr=self.learning_rate)
+        generator = torch.Generator().manual_seed(self.seed + label)
         old = self.updates.weights() if constrained else None
         k = self.omega_k if self.omega_k is not None else default_k(self.dims)
         self.interrupted = False
@@ -133,7 +136,7 @@ class IUF(LearnsProducts, BackboneDetector):
                 batch = features[torch.randint(len(features), (min(self.batch_size, len(features)),), generator=generator)]
                 before = self.updates.weights() if constrained else None
                 loss = self.loss(batch, label)
-                optimiser.zero_grad()
+                self.network.zero_grad()
                 loss.backward()
                 optimiser.step()
                 if constrained:

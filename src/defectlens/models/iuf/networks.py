@@ -12,7 +12,9 @@ ECCV 2024), sized for a CPU: a small transformer that reconstructs backbone patc
   inputs on earlier objects (eigenvectors V_old of their covariance, most important first). When a
   new object is learned, each update Δ is rotated into that basis, scaled per channel index c by
   Ω(k, c) = k·log(c) (c = 1, the most important old direction, gets 0: never rewritten), rotated
-  back, and the weights are merged with the previous object's by β.
+  back, and the weights are merged with the previous object's by β. A layer's bias is its weight
+  on a constant input 1, so it is projected with the weight ([W | b] against the inputs [x, 1]):
+  an unconstrained bias would shift every earlier object's output freely.
 """
 
 from __future__ import annotations
@@ -106,8 +108,11 @@ class ProjectedUpdates:
     projection of updates learned on a new object onto them.
 
     ``record`` accumulates, through forward hooks, the covariance of each linear layer's inputs
-    while the earlier objects' features pass through; ``bases`` turns it into V_old (columns =
-    eigenvectors, largest eigenvalue first)."""
+    (with a constant 1 appended when the layer has a bias) while the earlier objects' features
+    pass through; ``bases`` turns it into V_old (columns = eigenvectors, largest eigenvalue
+    first). A layer's parameters are handled as one matrix [W | b] (``weights``), so the bias is
+    projected like any other input channel. Covariances recorded without the constant (model
+    files written before biases were projected) still project the weight alone."""
 
     def __init__(self, network: nn.Module, covariances: dict[str, torch.Tensor] | None = None):
         self.network = network
@@ -126,6 +131,8 @@ class ProjectedUpdates:
         for name, layer in self.layers.items():
             def hook(module, inputs, output, name=name):
                 flat = inputs[0].reshape(-1, inputs[0].shape[-1]).double()
+                if module.bias is not None:
+                    flat = torch.cat([flat, flat.new_ones(len(flat), 1)], dim=1)
                 self.covariances[name] = self.covariances.get(name, 0) + flat.T @ flat
             handles.append(layer.register_forward_hook(hook))
         try:
@@ -144,30 +151,51 @@ class ProjectedUpdates:
                 self._bases[name] = vectors.flip(1).float()  # largest eigenvalue first
         return self._bases
 
+    @staticmethod
+    def _matrix(layer: nn.Linear, width: int) -> torch.Tensor:
+        """The parameters a basis of ``width`` channels acts on: W, or [W | b] with the constant."""
+        if width == layer.in_features + 1 and layer.bias is not None:
+            return torch.cat([layer.weight, layer.bias[:, None]], dim=1)
+        return layer.weight
+
+    @staticmethod
+    def _assign(layer: nn.Linear, matrix: torch.Tensor) -> None:
+        layer.weight.copy_(matrix[:, :layer.in_features])
+        if matrix.shape[1] > layer.in_features:
+            layer.bias.copy_(matrix[:, layer.in_features])
+
     @torch.no_grad()
     def project(self, before: dict[str, torch.Tensor], k: float, old: dict[str, torch.Tensor] | None = None,
                 beta: float = 0.0) -> None:
-        """Replace each linear weight W by before + ((W - before) V ⊙ Ω(k, c)) V^T, then merge the
-        weights the earlier objects left (``old``) back in: W ← (W + β W_old) / (1 + β).
+        """Replace each layer's parameters P = [W | b] by before + ((P - before) V ⊙ Ω(k, c)) V^T,
+        then merge the parameters the earlier objects left (``old``) back in:
+        P ← (P + β P_old) / (1 + β).
 
         Ω is capped at 1 so that no direction moves more than the optimiser's own step. The
         write-up adds β·W_old unnormalised; dividing by 1 + β keeps the weights' scale, so the
         merge is a pull towards the old weights at rate β / (1 + β) per step."""
         layers = self.layers
         for name, basis in self.bases().items():
-            weight = layers[name].weight
-            if weight.shape != before[name].shape:
+            layer = layers[name]
+            matrix = self._matrix(layer, basis.shape[0])
+            if matrix.shape != before[name].shape:
                 continue
             scale = omega(k, basis.shape[0]).clamp(max=1.0)
-            delta = (weight - before[name]) @ basis
-            weight.copy_(before[name] + (delta * scale) @ basis.T)
-            if old is not None and beta > 0 and name in old and old[name].shape == weight.shape:
-                weight.copy_((weight + beta * old[name]) / (1.0 + beta))
+            delta = (matrix - before[name]) @ basis
+            matrix = before[name] + (delta * scale) @ basis.T
+            if old is not None and beta > 0 and name in old and old[name].shape == matrix.shape:
+                matrix = (matrix + beta * old[name]) / (1.0 + beta)
+            self._assign(layer, matrix)
 
     def weights(self) -> dict[str, torch.Tensor]:
-        return {name: layer.weight.detach().clone() for name, layer in self.layers.items()}
+        """Each layer's parameters as ``project`` sees them: [W | b] where its basis includes the
+        constant input (every layer before anything is recorded), else W."""
+        widths = {name: basis.shape[0] for name, basis in self.bases().items()}
+        return {name: self._matrix(layer, widths.get(name, layer.in_features + 1)).detach().clone()
+                for name, layer in self.layers.items()}
 
 
 def default_k(channels: int) -> float:
-    """k with Ω(k, channels) = 1: the least important direction is updated freely."""
+    """k with Ω(k, channels) = 1: in a layer with ``channels`` inputs the least important direction
+    is updated freely (in wider layers, every direction from that index on)."""
     return 1.0 / math.log(channels) if channels > 1 else 1.0

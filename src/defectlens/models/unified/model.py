@@ -157,10 +157,8 @@ class UnifiedBank(LearnsProducts, BackboneDetector):
         images = [as_image(image) for image in images]
         scores, maps, products = self.score_features(self.backbone_network.embed(images))
         # upsampling and blurring are linear: standardising before them equals standardising after
-        prediction = Prediction(scores=scores, maps=[self._detectors[0].upsample_map(m, image.shape[:2])
-                                                     for m, image in zip(maps, images)])
-        prediction.products = products
-        return prediction
+        return Prediction(scores=scores, maps=[self._detectors[0].upsample_map(m, image.shape[:2])
+                                               for m, image in zip(maps, images)], products=products)
 
     def _unknown_floor(self) -> float:
         """The lowest score an image of an unknown product gets: above the threshold (or, without
