@@ -128,3 +128,24 @@ def test_param_reaches_the_method_and_bad_params_are_one_line_errors(tmp_path, n
     refused("--size", "0", expect="size must be an integer >= 32")
     refused("--size", "100000", expect="size must be an integer >= 32 and <= 2048")
     refused("--size", "128", "--param", "size=64", expect="disagree")
+
+
+def test_fit_without_method_picks_the_default_by_the_number_of_normal_images(tmp_path, capsys):
+    """Few good images get patchknn, many get the padim + patchknn ensemble (the suite's winners);
+    --shots counts as the number given, and fit says which it chose and why."""
+    from defectlens.models import MANY_IMAGES, Detector
+    from conftest import textured_image
+
+    rng = np.random.default_rng(5)
+    folder = tmp_path / "good"
+    folder.mkdir()
+    for i in range(MANY_IMAGES):
+        Image.fromarray(textured_image(rng, 64)).save(folder / f"good_{i}.png")
+    many, few = tmp_path / "many.dlmodel", tmp_path / "few.dlmodel"
+    assert main(["fit", str(folder), "-o", str(many), "--size", "32"]) == 0
+    said = capsys.readouterr().out
+    assert "fitted ensemble (the default for at least" in said
+    assert tuple(Detector.load(many).members) == ("padim", "patchknn")
+    assert main(["fit", str(folder), "-o", str(few), "--size", "32", "--shots", str(MANY_IMAGES - 1)]) == 0
+    assert "fitted patchknn (the default for fewer than" in capsys.readouterr().out
+    assert Detector.load(few).name == "patchknn"

@@ -59,15 +59,19 @@ def method_params(args) -> dict:
 
 # -- fit ----------------------------------------------------------------------------------------
 def cmd_fit(args) -> int:
-    from .engine.fit import fit_from_folder
-    from .models import DEFAULT_METHOD, REGISTRY, LearningType
+    from .engine.fit import default_method_for, fit_from_folder
+    from .models import DEFAULT_METHOD, MANY_IMAGES, MANY_IMAGES_METHOD, REGISTRY, LearningType
 
     from .engine.outputs import check_output_file
 
     output = check_output_file(args.output, overwrite=args.overwrite, what="model file")
     if args.update or hasattr(REGISTRY[args.method or DEFAULT_METHOD], "partial_fit"):
         return fit_products_command(args, output)
-    args.method = args.method or DEFAULT_METHOD
+    chosen = ""
+    if args.method is None:
+        args.method = default_method_for(args.data, args.shots)
+        chosen = (f" (the default for {'at least' if args.method == MANY_IMAGES_METHOD else 'fewer than'} "
+                  f"{MANY_IMAGES} normal images; --method picks another)")
     params = method_params(args)
     started = time.perf_counter()
     detector, training = fit_from_folder(args.data, method=args.method, shots=args.shots, seed=args.seed, params=params)
@@ -84,7 +88,7 @@ def cmd_fit(args) -> int:
     kind = (f"{training.normal_count} normal and {anomalous} anomalous" if anomalous
             else f"{training.normal_count} normal")
     zero = " (zero-shot)" if not training.images and detector.learning_type == LearningType.ZERO_SHOT else ""
-    print(f"fitted {detector.name} on {kind} images{zero} in {time.perf_counter() - started:.1f} s; "
+    print(f"fitted {detector.name}{chosen} on {kind} images{zero} in {time.perf_counter() - started:.1f} s; "
           f"threshold {threshold}; saved {output}")
     return 0
 
@@ -335,7 +339,7 @@ def _fraction(text: str) -> float:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from .models import DEFAULT_METHOD, REGISTRY
+    from .models import DEFAULT_METHOD, MANY_IMAGES, MANY_IMAGES_METHOD, REGISTRY
 
     parser = argparse.ArgumentParser(prog="defectlens", description="Industrial visual anomaly detection on a CPU.")
     parser.add_argument("--version", action="version", version=f"defectlens {__version__}")
@@ -347,7 +351,8 @@ def build_parser() -> argparse.ArgumentParser:
     fit.add_argument("data", help="an MVTec-style category folder (its train/good is used) or a folder of normal images")
     fit.add_argument("-o", "--output", required=True, help="model file to write")
     fit.add_argument("--method", default=None, choices=methods,
-                     help=f"default: {DEFAULT_METHOD}; unified and iuf learn each category of DATA as a product")
+                     help=f"default: {MANY_IMAGES_METHOD} (padim + patchknn) from {MANY_IMAGES} normal images, "
+                          f"{DEFAULT_METHOD} below; unified and iuf learn each category of DATA as a product")
     fit.add_argument("--update", metavar="MODEL",
                      help="add the products (categories) of DATA to this unified/iuf model; -o names the new file")
     fit.add_argument("--shots", type=_count, default=None, help="use only K normal images (picked with --seed); 0 = zero-shot methods")

@@ -14,7 +14,7 @@ from pathlib import Path
 from ..data.datasets import Dataset, Sample, load_dataset
 from ..data.kshot import sample_shots
 from ..errors import DatasetError
-from ..models import DEFAULT_METHOD, REGISTRY, Detector, LearningType, ParameterError, create_detector
+from ..models import REGISTRY, Detector, LearningType, ParameterError, create_detector, default_method
 
 
 @dataclass
@@ -98,11 +98,20 @@ def with_category(method: str, dataset: Dataset, params: dict) -> dict:
     return params
 
 
-def fit_from_folder(data: str | os.PathLike, method: str = DEFAULT_METHOD, shots: int | None = None, seed: int = 0,
+def default_method_for(data: str | os.PathLike, shots: int | None = None) -> str:
+    """The method `fit` uses on DATA when none is named: by how many normal images it learns from
+    (``models.default_method``)."""
+    count = len(normal_training_samples(load_dataset(data)))
+    return default_method(count if shots is None else min(shots, count))
+
+
+def fit_from_folder(data: str | os.PathLike, method: str | None = None, shots: int | None = None, seed: int = 0,
                     params: dict | None = None) -> tuple[Detector, TrainingSet]:
     """Fit ``method`` with ``params`` on what it learns from in DATA (see :func:`training_set`):
     normal images (all, or ``shots`` of them picked with ``seed``), plus, for methods that learn
-    from anomalies, labelled ones. ``seed`` also seeds the method itself."""
+    from anomalies, labelled ones. ``seed`` also seeds the method itself. Without ``method``, the
+    default for that many normal images (:func:`default_method_for`)."""
+    method = method or default_method_for(data, shots)
     if method not in REGISTRY:
         raise ParameterError(f"unknown method '{method}'; available: {', '.join(sorted(REGISTRY))}")
     params = {"seed": seed, **(params or {})}
