@@ -39,5 +39,22 @@ def test_member_params_are_checked_when_the_ensemble_is_made(member_params, mess
 def test_too_few_normal_images_to_normalise_members_is_a_clear_error(normal_images):
     from defectlens.errors import UsageError
 
-    with pytest.raises(UsageError, match="at least 3 normal images"):
-        create_detector("ensemble", size=64, members=["patchknn"]).fit(normal_images[:2])
+    with pytest.raises(UsageError, match="at least 2 normal images"):
+        create_detector("ensemble", size=64, members=["patchknn"]).fit(normal_images[:1])
+
+
+def test_threshold_is_set_on_the_members_held_out_scores_in_the_final_normalisation(normal_images):
+    """The fused held-out scores are the members' own held-out scores (same folds) as z-scores
+    against the final members' statistics: the scale new images are scored on."""
+    from defectlens.models.calibration import threshold_from_normal_scores
+
+    ensemble = create_detector("ensemble", size=64, members=["patchcore", "padim"],
+                               member_params={"patchcore": {"bank_size": 128}, "padim": {"feature_dims": 16}})
+    ensemble.fit(normal_images)
+    members = ensemble.fitted_members
+    assert len(members[0].normal_scores) == len(members[1].normal_scores) == len(normal_images)
+    expected = np.mean([(np.asarray(m.normal_scores) - mean) / spread
+                        for m, (mean, spread, _, _) in zip(members, ensemble.norms.tolist())], axis=0)
+    np.testing.assert_allclose(ensemble.normal_scores, expected, rtol=1e-9)
+    assert ensemble.threshold == pytest.approx(threshold_from_normal_scores(expected, ensemble.operating_fpr))
+    assert abs(float(np.mean(ensemble.normal_scores))) < 1e-9  # z-scores of the very scores that set the norms

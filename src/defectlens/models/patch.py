@@ -185,6 +185,12 @@ class PatchDetector(BackboneDetector):
             if self.canvas_hw is None:
                 raise UsageError(f"{self.name}: geometry={self.geometry}: pass the canvas_hw of the detector "
                                  "whose embed_images made these features")
+        self.calibrate_and_fit(features)
+        self._fitted = True
+        return self
+
+    def calibrate_and_fit(self, features: torch.Tensor) -> None:
+        """The held-out folds' scores and maps set the calibration, then the fit on all features."""
         scores, maps = [], []
         for held_out in refit_folds(features.shape[0], self.seed):
             self.fit_features(features[np.setdiff1d(np.arange(features.shape[0]), held_out)])
@@ -193,8 +199,6 @@ class PatchDetector(BackboneDetector):
             maps.append(fold_maps.numpy())
         self.set_calibration(calibrate(np.concatenate(scores) if scores else None, maps or None))
         self.fit_features(features)
-        self._fitted = True
-        return self
 
     def predict_images(self, images: list) -> Prediction:
         images = [as_image(image) for image in images]
