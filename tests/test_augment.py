@@ -148,3 +148,16 @@ def test_the_benchmark_path_scores_like_a_direct_fit_with_augmentation(synthetic
     test = [s for s in dataset.test if s.label in (0, 1)]
     expected = image_auroc(np.array([s.label for s in test]), direct.predict([s.path for s in test]).scores)
     assert result.runs[0]["metrics"]["all"]["image_auroc"] == pytest.approx(expected)
+
+
+def test_winclip_plus_memorises_the_copies_of_its_shots(tiny_clip):
+    """WinCLIP+ with augment: a mirrored shot is as familiar as the shot itself (visual
+    association 0, so the fused score is half the language-only score)."""
+    rng = np.random.default_rng(7)
+    shots = [rng.integers(0, 256, (40, 56, 3), dtype=np.uint8) for _ in range(3)]
+    detector = create_detector("winclip", clip_model=tiny_clip, object_name="ball_screw", size=48, augment="flips").fit(shots)
+    assert detector.banks["patch"].shape[0] == 3 * 3 * 36  # 3 shots and their 2 mirrors, 6×6 patches each
+    assert detector.threshold is not None
+    language = create_detector("winclip", clip_model=tiny_clip, object_name="ball_screw", size=48).fit([])
+    mirrored = [np.ascontiguousarray(shots[0][:, ::-1])]
+    assert np.allclose(detector.predict(mirrored).scores, language.predict(mirrored).scores / 2, atol=1e-5)
