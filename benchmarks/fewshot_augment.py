@@ -1,15 +1,16 @@
 """Few-shot augmentation on the real-data suite: which ``augment`` option wins the mean image AUROC
 over the real sets at k shots, with a leave-one-set-out check and paired differences to ``none``.
 
-The runs themselves are real-suite runs (benchmarks/real_suite.py, one JSON per invocation so that
-parts can run side by side), e.g.
+Runs are real-suite runs (same sets, same test subset, same k-shot draws, same fit path as
+`run_benchmark`'s patch path, cached under the same keys, so `real_suite.py --json` can add to the
+same file), measured lean for a crowded CPU: image metrics only (no maps, no pixel metrics), test
+features embedded once per set and kept on disk (``--cache``), every option's runs of one draw
+before the next draw, so partial results stay paired. One JSON per invocation lets sets run side
+by side:
 
-    python benchmarks/real_suite.py --config patchcore:augment=none --config patchcore:augment=flips ... \\
-        --sets bsdata --shots 4 --seeds 3 --max-test 200 --json /tmp/fewshot/part_a.json --md /tmp/fewshot/part_a.md
-
-and this script merges them and writes the report:
-
-    python benchmarks/fewshot_augment.py /tmp/fewshot/part_*.json --out benchmarks/results/fewshot_augment
+    python benchmarks/fewshot_augment.py run --sets bsdata --shots 4 --seeds 3 --max-test 200 \\
+        --config patchcore:augment=none --config patchcore:augment=flips ... --json /tmp/fewshot/bsdata.json
+    python benchmarks/fewshot_augment.py report /tmp/fewshot/*.json --out benchmarks/results/fewshot_augment
 
 Paired differences: for one (set, seed) every option sees the same k normal images and test images,
 so the difference to ``none`` on that draw is far less noisy than the difference of two means.
@@ -18,14 +19,25 @@ so the difference to ``none`` on that draw is far less noisy than the difference
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
+import torch
+
+from defectlens import __version__
+from defectlens.data.kshot import sample_shots
+from defectlens.engine.fit import normal_training_samples, training_set
+from defectlens.metrics import evaluate
+from defectlens.models import create_detector
+from defectlens.models.base import LearningType
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from real_suite import REAL_SETS, load_runs, render, write_runs  # noqa: E402
+from real_suite import (MEMO, REAL_SETS, SETS, config_name, load_runs, parse_config, render, run_key,  # noqa: E402
+                        save_run, test_subset, write_runs)
 
 BASELINE = "none"
 
@@ -88,12 +100,92 @@ def report(runs: dict) -> str:
     return "\n".join(lines) + detail
 
 
+def _rate(flags) -> float | None:
+    return float(np.mean(flags)) if len(flags) else None
+
+
+def run(args) -> None:
+    configs = [parse_config(c) for c in args.config]
+    probe_method, probe_params = configs[0]
+    shared = {k: v for k, v in probe_params.items() if not k.startswith("augment")}
+    cache = Path(args.cache)
+    cache.mkdir(parents=True, exist_ok=True)
+    json_path = Path(args.json)
+    for set_name in args.sets.split(","):
+        suite_set = SETS[set_name]
+        dataset = test_subset(suite_set.load(), args.max_test)
+        test = [s for s in dataset.test if s.label in (0, 1)]
+        labels = np.array([s.label for s in test])
+        types = [s.defect_type for s in test]
+        probe = create_detector(probe_method, **shared)
+        MEMO.install(probe)
+        stored = cache / f"{set_name}-{probe.backbone}-{probe.size}-test{args.max_test or 'all'}.pt"
+        if stored.is_file():
+            test_features = torch.load(stored)
+        else:
+            test_features = probe.embed_images([s.path for s in test], progress=f"{set_name} test", total=len(test))
+            torch.save(test_features, stored)
+        pool = normal_training_samples(dataset)
+        for shots in [int(k) for k in args.shots.split(",")]:
+            for seed in range(args.seeds):
+                subset = dataclasses.replace(dataset, train=sample_shots(pool, shots, seed))
+                images = training_set(subset, LearningType.NORMAL, shots, seed).images
+                features = probe.embed_images(images)
+                for method, params in configs:
+                    key = run_key(config_name(method, params), set_name, str(shots), seed, args.max_test)
+                    if key in load_runs(json_path):
+                        continue
+                    started = time.perf_counter()
+                    detector = create_detector(method, seed=seed, **params)
+                    MEMO.install(detector)
+                    detector.fit_from_features(features, views=detector.embed_views(images))
+                    fitted = time.perf_counter()
+                    scores, _ = detector.score_feature_batch(test_features)
+                    scored = time.perf_counter()
+                    metrics = evaluate(labels, scores, types)
+                    head = metrics[suite_set.headline_type or "all"]
+                    threshold = detector.threshold
+                    flagged = scores > threshold if threshold is not None else None
+                    target = (np.array(types) == suite_set.headline_type) if suite_set.headline_type else labels == 1
+                    entry = {
+                        "set": set_name, "method": method, "params": params, "shots": str(shots), "n_shots": len(images),
+                        "seed": seed, "n_test": len(test), "test_subset": args.max_test, "threshold": threshold,
+                        "image_auroc": head["image_auroc"], "image_aupr": head["image_aupr"], "f1_max": head["f1_max"],
+                        "pixel_auroc": None, "au_pro": None,
+                        "fpr": None if flagged is None else _rate(flagged[labels == 0]),
+                        "tpr": None if flagged is None else _rate(flagged[target & (labels == 1)]),
+                        "fit_seconds": fitted - started, "ms_per_image": (scored - fitted) / len(test) * 1000,
+                        "wall_seconds": time.perf_counter() - started,
+                        "per_type_auroc": {n: b["image_auroc"] for n, b in metrics.items() if n != "all"},
+                        "per_type_tpr": {}, "version": __version__,
+                        "when": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "protocol": "image metrics only",
+                    }
+                    save_run(json_path, key, entry)
+                    print(f"[{time.strftime('%H:%M:%S')}] {key}: image AUROC {entry['image_auroc']:.3f} "
+                          f"({entry['wall_seconds']:.0f} s)", flush=True)
+        MEMO.clear()
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("runs", nargs="+", help="real-suite JSON files to merge")
-    parser.add_argument("--out", default=str(Path(__file__).resolve().parent / "results" / "fewshot_augment"),
-                        help="writes OUT.json (the merged runs) and OUT.md")
+    commands = parser.add_subparsers(dest="command", required=True)
+    measure = commands.add_parser("run", help="measure augment options on real sets")
+    measure.add_argument("--config", action="append", required=True, metavar="METHOD[:KEY=VALUE,...]",
+                         help="repeatable; all share the first one's backbone, size and geometry")
+    measure.add_argument("--sets", default=",".join(REAL_SETS))
+    measure.add_argument("--shots", default="4")
+    measure.add_argument("--seeds", type=int, default=3)
+    measure.add_argument("--max-test", type=int, default=None)
+    measure.add_argument("--json", required=True)
+    measure.add_argument("--cache", default="/tmp/fewshot_augment_cache", help="test features per set")
+    merge = commands.add_parser("report", help="merge run files and write the report")
+    merge.add_argument("runs", nargs="+", help="real-suite JSON files to merge")
+    merge.add_argument("--out", default=str(Path(__file__).resolve().parent / "results" / "fewshot_augment"),
+                       help="writes OUT.json (the merged runs) and OUT.md")
     args = parser.parse_args(argv)
+    if args.command == "run":
+        run(args)
+        return 0
     merged = {}
     for path in args.runs:
         merged.update(load_runs(Path(path)))
