@@ -44,7 +44,8 @@ from .maps import upsample_map
 from .params import BACKBONE, BLUR_SIGMA, INPUT_SIZE, SEED, Choice, Integer, Optional, Real
 
 GEOMETRIES = ("square", "keep_aspect", "tiles")
-#: Few-shot augmentation chosen on the real-data suite (benchmarks/results/fewshot_augment.md).
+#: Few-shot augmentation by default: none until an option wins the mean over the real sets of the
+#: suite (benchmarks/results/fewshot_augment.md; so far only elpv-poly measured, where flips help).
 DEFAULT_AUGMENT = "none"
 #: Up to this many normal images are augmented; more are left as they are.
 AUGMENT_MAX_IMAGES = 16
