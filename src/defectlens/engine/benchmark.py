@@ -263,7 +263,9 @@ def run_benchmark(data, kind: str = "auto", method: str = DEFAULT_METHOD, shots:
         detector = create_detector(method, seed=seed, **params)
         started = time.perf_counter()
         if patch_path:
-            detector.fit_from_features(train_features[[index_of[path] for path in training.images]], canvas_hw=probe.canvas_hw)
+            detector.canvas_hw = probe.canvas_hw  # the layout the augmented copies are brought to
+            detector.fit_from_features(train_features[[index_of[path] for path in training.images]], canvas_hw=probe.canvas_hw,
+                                       views=detector.embed_views(training.images))
         else:
             training.fit(detector)
         fit_seconds = time.perf_counter() - started

@@ -18,6 +18,10 @@ Input geometry (the ``geometry`` parameter):
 
 The first training image fixes the layout (``canvas_hw``, stored in the model file); every
 image is brought to it, so all images share one feature grid (PaDiM needs that).
+
+Few shots (the ``augment`` parameter, models/augment.py): with at most ``augment_max_images``
+normal images, transformed copies of each join the training features; calibration holds each
+image out together with its copies.
 """
 
 from __future__ import annotations
@@ -34,11 +38,17 @@ from ..backbones import DEFAULT_BACKBONE, get_backbone
 from ..data.io import as_image
 from ..errors import UsageError
 from .base import BackboneDetector, Prediction
+from .augment import AUGMENTS, augmented_copies, augments
 from .calibration import calibrate, refit_folds
 from .maps import upsample_map
 from .params import BACKBONE, BLUR_SIGMA, INPUT_SIZE, SEED, Choice, Integer, Optional, Real
 
 GEOMETRIES = ("square", "keep_aspect", "tiles")
+#: Few-shot augmentation by default: none until an option wins the mean over the real sets of the
+#: suite (benchmarks/results/fewshot_augment.md; so far only elpv-poly measured, where flips help).
+DEFAULT_AUGMENT = "none"
+#: Up to this many normal images are augmented; more are left as they are.
+AUGMENT_MAX_IMAGES = 16
 
 
 def aspect_shape(height: int, width: int, size: int, multiple: int) -> tuple[int, int]:
@@ -65,18 +75,22 @@ class PatchDetector(BackboneDetector):
     (which normal images are held out for calibration, and any random choice of the method),
     ``geometry`` (square, keep_aspect or tiles; see the module doc), ``tile_size`` (tile side in
     image pixels; None = ``size``, i.e. native resolution) and ``tile_overlap`` (share of a tile
-    its neighbour overlaps)."""
+    its neighbour overlaps), ``augment`` (copies of the normal images that join the training
+    features, see models/augment.py) and ``augment_max_images`` (augment only fits on at most
+    this many normal images, so full-shot fits are unchanged)."""
 
     parameter_constraints = {"backbone": BACKBONE, "size": INPUT_SIZE, "blur_sigma": BLUR_SIGMA, "seed": SEED,
                              "geometry": Choice(GEOMETRIES), "tile_size": Optional(Integer(32, 4096)),
-                             "tile_overlap": Real(0.0, 0.75)}
+                             "tile_overlap": Real(0.0, 0.75), "augment": Choice(AUGMENTS),
+                             "augment_max_images": Integer(0, 10**6)}
 
     #: (height, width) all images are brought to before the backbone: the keep_aspect input or
     #: the native size that tiles cover; None for square. Set by the first training image.
     canvas_hw: tuple[int, int] | None = None
 
     def __init__(self, backbone: str = DEFAULT_BACKBONE, size: int = 256, blur_sigma: float = 4.0, seed: int = 0,
-                 geometry: str = "square", tile_size: int | None = None, tile_overlap: float = 0.25):
+                 geometry: str = "square", tile_size: int | None = None, tile_overlap: float = 0.25,
+                 augment: str = DEFAULT_AUGMENT, augment_max_images: int = AUGMENT_MAX_IMAGES):
         self.backbone = backbone
         self.size = size
         self.blur_sigma = blur_sigma
@@ -84,6 +98,8 @@ class PatchDetector(BackboneDetector):
         self.geometry = geometry
         self.tile_size = tile_size
         self.tile_overlap = tile_overlap
+        self.augment = augment
+        self.augment_max_images = augment_max_images
 
     # -- to implement -----------------------------------------------------------------------
     def fit_features(self, features: torch.Tensor) -> None:
@@ -174,31 +190,55 @@ class PatchDetector(BackboneDetector):
 
     # -- contract ---------------------------------------------------------------------------
     def fit_images(self, images: list, masks: list, labels: list[int]) -> None:
-        self.fit_from_features(self.embed_images(images, fit=True, progress="features", total=len(images)))
+        features = self.embed_images(images, fit=True, progress="features", total=len(images))
+        self.fit_from_features(features, views=self.embed_views(images))
 
-    def fit_from_features(self, features: torch.Tensor, canvas_hw: tuple[int, int] | None = None) -> PatchDetector:
+    def embed_views(self, images: list) -> tuple[torch.Tensor, np.ndarray] | None:
+        """Features of the augmented copies of ``images`` (the normal training images, after the
+        layout is set) and, for each copy, the index of the image it was made from; None when
+        ``augment`` adds nothing for this many images."""
+        if not augments(self.augment, self.augment_max_images, len(images)):
+            return None
+        copies, sources = [], []
+        for index, image in enumerate(images):
+            made = augmented_copies(as_image(image), self.augment)
+            copies += made
+            sources += [index] * len(made)
+        if not copies:
+            return None
+        return self.embed_images(copies, progress="augmented copies", total=len(copies)), np.asarray(sources)
+
+    def fit_from_features(self, features: torch.Tensor, canvas_hw: tuple[int, int] | None = None,
+                          views: tuple[torch.Tensor, np.ndarray] | None = None) -> PatchDetector:
         """Calibrate on held-out folds, then fit on all ``features`` (used by benchmarks that
         embed once for several detectors). Features from ``embed_images`` of a detector with
-        another geometry than square come with that detector's ``canvas_hw``."""
+        another geometry than square come with that detector's ``canvas_hw``. ``views``: from
+        ``embed_views``; a held-out image's copies stay out of its fold's training features."""
         if self.geometry != "square":
             self.canvas_hw = canvas_hw or self.canvas_hw
             if self.canvas_hw is None:
                 raise UsageError(f"{self.name}: geometry={self.geometry}: pass the canvas_hw of the detector "
                                  "whose embed_images made these features")
-        self.calibrate_and_fit(features)
+        self.calibrate_and_fit(features, views)
         self._fitted = True
         return self
 
-    def calibrate_and_fit(self, features: torch.Tensor) -> None:
+    def calibrate_and_fit(self, features: torch.Tensor, views: tuple[torch.Tensor, np.ndarray] | None) -> None:
         """The held-out folds' scores and maps set the calibration, then the fit on all features."""
         scores, maps = [], []
         for held_out in refit_folds(features.shape[0], self.seed):
-            self.fit_features(features[np.setdiff1d(np.arange(features.shape[0]), held_out)])
+            self.fit_normal(features, views, np.setdiff1d(np.arange(features.shape[0]), held_out))
             fold_scores, fold_maps = self.score_feature_batch(features[held_out])
             scores.append(fold_scores)
             maps.append(fold_maps.numpy())
         self.set_calibration(calibrate(np.concatenate(scores) if scores else None, maps or None))
-        self.fit_features(features)
+        self.fit_normal(features, views, np.arange(features.shape[0]))
+
+    def fit_normal(self, features: torch.Tensor, views: tuple[torch.Tensor, np.ndarray] | None,
+                   keep: np.ndarray) -> None:
+        """Fit on the images ``keep`` indexes and on their augmented copies only."""
+        views = subset_views(views, keep)
+        self.fit_features(features[keep] if views is None else torch.cat([features[keep], views[0]]))
 
     def predict_images(self, images: list) -> Prediction:
         images = [as_image(image) for image in images]
@@ -229,6 +269,18 @@ class PatchDetector(BackboneDetector):
         self.canvas_hw = None if canvas is None else tuple(int(v) for v in canvas)
         if self.geometry != "square" and self.canvas_hw is None:
             raise ValueError(f"geometry={self.geometry} but no canvas_hw stored")
+
+
+def subset_views(views: tuple[torch.Tensor, np.ndarray] | None,
+                 keep: np.ndarray) -> tuple[torch.Tensor, np.ndarray] | None:
+    """The augmented copies of the images ``keep`` indexes, their sources renumbered to
+    positions in ``keep`` (as if ``embed_views`` had been given just those images)."""
+    if views is None:
+        return None
+    view_features, sources = views
+    chosen = np.isin(sources, keep)
+    position = {int(index): i for i, index in enumerate(keep)}
+    return view_features[torch.from_numpy(chosen)], np.asarray([position[int(s)] for s in sources[chosen]], dtype=np.int64)
 
 
 def _chain(first, rest):

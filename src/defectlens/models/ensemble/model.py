@@ -18,14 +18,15 @@ from ...errors import UsageError
 from ..base import REGISTRY, register
 from ..calibration import Calibration, calibrate
 from ..params import Choice, Constraint, ListOf, Optional, ParameterError
-from ..patch import PatchDetector
+from ..patch import AUGMENT_MAX_IMAGES, DEFAULT_AUGMENT, PatchDetector, subset_views
 
 MEMBER_METHODS = ("patchcore", "padim", "spade", "patchknn")
 # The pair with the best full-shot mean image AUROC over the real-data suite's four sets
 # (benchmarks/results/real_suite.md): 0.881, above either member alone (patchknn 0.867, padim 0.858).
 DEFAULT_MEMBERS = ("padim", "patchknn")
 #: Parameters the ensemble sets for all its members (one backbone pass, one layout).
-SHARED = ("backbone", "size", "blur_sigma", "seed", "geometry", "tile_size", "tile_overlap")
+SHARED = ("backbone", "size", "blur_sigma", "seed", "geometry", "tile_size", "tile_overlap", "augment",
+          "augment_max_images")
 
 
 class MemberParams(Constraint):
@@ -47,11 +48,13 @@ class Ensemble(PatchDetector):
 
     def __init__(self, members: tuple[str, ...] = DEFAULT_MEMBERS, member_params: dict | None = None,
                  backbone: str = DEFAULT_BACKBONE, size: int = 256, blur_sigma: float = 4.0, seed: int = 0,
-                 geometry: str = "square", tile_size: int | None = None, tile_overlap: float = 0.25):
+                 geometry: str = "square", tile_size: int | None = None, tile_overlap: float = 0.25,
+                 augment: str = DEFAULT_AUGMENT, augment_max_images: int = AUGMENT_MAX_IMAGES):
         """``members``: the patch detectors fused. ``member_params``: their own parameters by
         method name (backbone, size, geometry and the other shared ones are the ensemble's)."""
         super().__init__(backbone=backbone, size=size, blur_sigma=blur_sigma, seed=seed, geometry=geometry,
-                         tile_size=tile_size, tile_overlap=tile_overlap)
+                         tile_size=tile_size, tile_overlap=tile_overlap, augment=augment,
+                         augment_max_images=augment_max_images)
         self.members = members
         self.member_params = member_params
 
@@ -72,13 +75,16 @@ class Ensemble(PatchDetector):
         # Members never embed: the ensemble hands them its one backbone pass.
         return [REGISTRY[method](**shared, **(self.member_params or {}).get(method, {})) for method in self.members]
 
-    def fit_features(self, features: torch.Tensor) -> None:
-        """Fit and calibrate each member, then keep its normalisation: (score mean, score std,
-        map low, map high) of its held-out normal images."""
+    def fit_normal(self, features: torch.Tensor, views: tuple[torch.Tensor, np.ndarray] | None,
+                   keep: np.ndarray) -> None:
+        """Fit and calibrate each member on the images ``keep`` indexes (and their augmented
+        copies), then keep its normalisation: (score mean, score std, map low, map high) of its
+        held-out normal images."""
         self.fitted_members = self._new_members()
+        features, views = features[keep], subset_views(views, keep)
         norms = []
         for member in self.fitted_members:
-            member.fit_from_features(features, canvas_hw=self.canvas_hw)
+            member.fit_from_features(features, canvas_hw=self.canvas_hw, views=views)
             scores = member.normal_scores
             if scores is None or len(scores) < 2:
                 raise UsageError(f"ensemble: {member.name} needs held-out normal scores to be normalised; "
@@ -88,13 +94,13 @@ class Ensemble(PatchDetector):
             norms.append([float(np.mean(scores)), spread, low, high if high > low else low + 1.0])
         self.norms = torch.tensor(norms, dtype=torch.float64)
 
-    def calibrate_and_fit(self, features: torch.Tensor) -> None:
+    def calibrate_and_fit(self, features: torch.Tensor, views: tuple[torch.Tensor, np.ndarray] | None) -> None:
         """The members fit and calibrate themselves on the same held-out folds (same image count,
         same seed), so their held-out scores line up image by image. Fused with the final
         normalisation, the one new images meet, they set the ensemble's threshold. (Re-fitting the
         whole ensemble per fold instead normalised each fold's scores by that fold's nested
         statistics, a scale new images never see: 30 % false alarms on DeepPCB's good scans.)"""
-        self.fit_features(features)
+        self.fit_normal(features, views, np.arange(features.shape[0]))
         held_out = [member.normal_scores for member in self.fitted_members]
         if len({len(scores) for scores in held_out}) != 1:
             raise RuntimeError("ensemble: members were calibrated on different held-out images")

@@ -10,7 +10,7 @@ from ...backbones import DEFAULT_BACKBONE
 from ..base import register
 from ..memory import NearestNeighbours, greedy_coreset
 from ..params import Integer
-from ..patch import PatchDetector
+from ..patch import AUGMENT_MAX_IMAGES, DEFAULT_AUGMENT, PatchDetector
 
 
 def flatten_patches(features: torch.Tensor) -> torch.Tensor:
@@ -26,14 +26,16 @@ class PatchCore(PatchDetector):
 
     def __init__(self, bank_size: int = 4096, reweight_neighbours: int = 9, top_k: int = 1, backbone: str = DEFAULT_BACKBONE,
                  size: int = 256, blur_sigma: float = 4.0, seed: int = 0, geometry: str = "square",
-                 tile_size: int | None = None, tile_overlap: float = 0.25):
+                 tile_size: int | None = None, tile_overlap: float = 0.25,
+                 augment: str = DEFAULT_AUGMENT, augment_max_images: int = AUGMENT_MAX_IMAGES):
         """``bank_size``: patches kept by the coreset. Search time grows linearly with it; 4096
         keeps prediction within budget on 2 cores (see benchmarks/). ``reweight_neighbours``:
         b in the paper's image-score re-weighting (0 disables it). ``top_k``: the image score
         reduces the top_k patch distances by their mean (1 = the paper's maximum); a mean is less
         at the mercy of one noisy patch."""
         super().__init__(backbone=backbone, size=size, blur_sigma=blur_sigma, seed=seed, geometry=geometry,
-                         tile_size=tile_size, tile_overlap=tile_overlap)
+                         tile_size=tile_size, tile_overlap=tile_overlap, augment=augment,
+                         augment_max_images=augment_max_images)
         self.bank_size = bank_size
         self.reweight_neighbours = reweight_neighbours
         self.top_k = top_k

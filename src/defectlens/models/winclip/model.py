@@ -10,7 +10,9 @@ With K normal images (WinCLIP+): their window embeddings and penultimate-layer p
 kept as a visual memory per scale. A test feature's association score is min over the memory of
 (1 - cos)/2; window scores go back to patches by harmonic averaging, and the scales are averaged
 into a visual map. Final map = mean of language and visual maps; image score = mean of the
-language image score and the visual map's maximum (the paper's fusion).
+language image score and the visual map's maximum (the paper's fusion). ``augment`` adds flipped,
+turned or shifted copies of up to ``augment_max_images`` normal images to that memory
+(models/augment.py; not measured here for want of CLIP weights, so off by default).
 
 The two-class softmax uses the reference implementation's temperature 0.07 (scale 1/0.07 ≈ 14.3);
 ``softmax_scale=null`` uses the CLIP checkpoint's own logit scale instead (100 for OpenAI's). The
@@ -31,9 +33,10 @@ import torch
 
 from ...backbones.hf import ModelNotAvailable, load_clip, resolve_model
 from ...data.io import as_image
+from ..augment import AUGMENTS, augmented_copies, augments
 from ..base import Detector, LearningType, Prediction, register
 from ..calibration import calibrate, refit_folds
-from ..params import INPUT_SIZE, SEED, Integer, ListOf, Optional, Real, Text
+from ..params import INPUT_SIZE, SEED, Choice, Integer, ListOf, Optional, Real, Text
 from .encoder import ImageFeatures, WindowEncoder, text_prototypes
 from .prompts import object_name
 from .windows import (
@@ -60,10 +63,11 @@ class WinCLIP(Detector):
     learning_type = LearningType.ZERO_SHOT
     parameter_constraints = {"clip_model": Optional(Text()), "object_name": Optional(Text()), "size": INPUT_SIZE,
                              "scales": ListOf(Integer(1, 64)), "softmax_scale": Optional(Real(0.0, 1000.0, open_low=True)),
-                             "seed": SEED}
+                             "seed": SEED, "augment": Choice(AUGMENTS), "augment_max_images": Integer(0, 10**6)}
 
     def __init__(self, clip_model: str | None = None, object_name: str | None = None, size: int = 240,
-                 scales: Sequence[int] = (2, 3), softmax_scale: float | None = REFERENCE_SCALE, seed: int = 0):
+                 scales: Sequence[int] = (2, 3), softmax_scale: float | None = REFERENCE_SCALE, seed: int = 0,
+                 augment: str = "none", augment_max_images: int = 16):
         """``clip_model``: a folder (or Hugging Face cache id) holding a transformers CLIPModel and
         its tokenizer; default $DEFECTLENS_CLIP_MODEL. ``object_name``: the object in the prompts
         ("ball screw"); the CLI passes the dataset's category, else "object" is used. ``size``:
@@ -71,13 +75,17 @@ class WinCLIP(Detector):
         WinCLIP's reference setting). ``scales``: window sides in patches. ``softmax_scale``: what
         cosine similarities are multiplied by before the two-class softmax (1/0.07, the reference's;
         null: the CLIP's logit scale). ``seed``: which normal images
-        are held out for the threshold when there are more than 10."""
+        are held out for the threshold when there are more than 10. ``augment`` /
+        ``augment_max_images``: copies of a few normal images that join the visual memory (see
+        models/augment.py)."""
         self.clip_model = clip_model
         self.object_name = object_name
         self.size = size
         self.scales = scales
         self.softmax_scale = softmax_scale
         self.seed = seed
+        self.augment = augment
+        self.augment_max_images = augment_max_images
         #: Learned at fit: the CLIP folder (absolute, so a model file does not depend on the cwd)
         #: and the object named in the prompts.
         self.clip_path_: str | None = None
@@ -117,8 +125,9 @@ class WinCLIP(Detector):
         self.banks = None
         if images:
             features = self.encoder.encode(images, progress="winclip normal images")
-            self._calibrate(features)
-            self.banks = self._banks(features)
+            views = self._views(images)
+            self._calibrate(features, views)
+            self.banks = self._banks(features if views is None else ImageFeatures.cat([features, views[0]]))
 
     def predict_images(self, images: list) -> Prediction:
         images = [as_image(image) for image in images]
@@ -158,13 +167,28 @@ class WinCLIP(Detector):
         banks[PATCH_BANK] = features.patches.flatten(0, 1)
         return banks
 
-    def _calibrate(self, features: ImageFeatures) -> None:
-        """Scores and maps of normal images against a memory of the other normal images."""
+    def _views(self, images: list) -> tuple[ImageFeatures, np.ndarray] | None:
+        """Features of the augmented copies of the normal images and each copy's source index."""
+        if not augments(self.augment, self.augment_max_images, len(images)):
+            return None
+        copies, sources = [], []
+        for index, image in enumerate(images):
+            made = augmented_copies(as_image(image), self.augment)
+            copies += made
+            sources += [index] * len(made)
+        return (self.encoder.encode(copies, progress="winclip augmented copies"), np.asarray(sources)) if copies else None
+
+    def _calibrate(self, features: ImageFeatures, views: tuple[ImageFeatures, np.ndarray] | None = None) -> None:
+        """Scores and maps of normal images against a memory of the other normal images (and of
+        their augmented copies, never the held-out image's own)."""
         scores, maps = [], []
         for held_out in refit_folds(len(features), self.seed):
-            keep = torch.from_numpy(np.setdiff1d(np.arange(len(features)), held_out))
+            kept = np.setdiff1d(np.arange(len(features)), held_out)
+            memory = features.select(torch.from_numpy(kept))
+            if views is not None:
+                memory = ImageFeatures.cat([memory, views[0].select(torch.from_numpy(np.isin(views[1], kept)))])
             fold_scores, fold_maps = self.score_features(features.select(torch.from_numpy(held_out)),
-                                                         self._banks(features.select(keep)))
+                                                         self._banks(memory))
             scores.append(fold_scores.numpy())
             maps.append(fold_maps.numpy())
         self.set_calibration(calibrate(np.concatenate(scores) if scores else None, maps or None))
