@@ -261,6 +261,22 @@ def write_markdown(store: dict, args_line: str) -> None:
     OUT.with_suffix(".md").write_text("\n".join(lines) + "\n")
 
 
+def command_line(args) -> str:
+    """The command as run: repeatable options repeated, --methods left out when --config replaces it,
+    an empty value quoted."""
+    parts = []
+    for key, value in vars(args).items():
+        if key == "work" or value in ([], None) or (key == "methods" and args.config):
+            continue
+        flag = f"--{key.replace('_', '-')}"
+        if key == "config":
+            parts += [f"{flag} {v}" for v in value]
+        else:
+            text = ",".join(value) if isinstance(value, list) else str(value)
+            parts.append(f"{flag} {text or chr(34) * 2}")
+    return "`python benchmarks/loco_logical.py " + " ".join(parts) + "`"
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     default_methods = ["composition", "patchknn"] + (["gcad"] if "gcad" in REGISTRY else [])
@@ -294,9 +310,7 @@ def main() -> None:
     configs = [parse_config(c) for c in args.config] or [(m, m, {}) for m in args.methods.split(",")]
     store.setdefault("configs", {}).update(
         {label: f"{method} " + " ".join(f"{k}={v}" for k, v in params.items()) for label, method, params in configs})
-    args_line = "`python benchmarks/loco_logical.py " + " ".join(
-        f"--{k.replace('_', '-')} {','.join(v) if isinstance(v, list) else v}" for k, v in vars(args).items()
-        if k != "work" and v not in ([], None)) + "`"
+    args_line = command_line(args)
 
     def save() -> None:
         out.with_suffix(".json").write_text(json.dumps(store, indent=1, default=json_default))
