@@ -4,6 +4,14 @@ the composition detector's seven-score ablation, and composition on the real BSD
     python benchmarks/loco_logical.py [--methods composition,patchknn,gcad] [--loco-seeds 0,1]
         [--shots 1,2,4,8] [--seeds 5] [--seeds-for gcad=1] [--ablation-shots 4]
         [--bsdata-shots 1,2,4,8] [--bsdata-seeds 2] [--work DIR]
+        [--categories assembly,photo_assembly] [--photos DIR] [--size 256] [--n-train 40]
+        [--n-test-good 20] [--per-type 8] [--config LABEL=METHOD:KEY=VALUE,...] [--out NAME]
+
+``--categories`` adds the photo LOCO category (parts cut out of real photos; needs ``--photos``, by
+default ../shared/datasets, and the elpv-dataset package; left out with a message when absent).
+``--config`` runs a method under a label with parameters (repeatable), e.g.
+``--config fused=composition:views=2,normalise=pooled,structural=patchknn``; its values are
+read as JSON where they parse. ``--out`` names the results (benchmarks/results/NAME.json/.md).
 
 LOCO data: ``defectlens generate WORK/loco-S --kind loco --seed S`` per generator seed S (category
 "assembly": 40 train, 20 good, 40 logical and 24 structural test images), written when missing.
@@ -30,6 +38,7 @@ from defectlens.data.datasets import load_dataset
 from defectlens.data.io import read_image
 from defectlens.data.kshot import sample_shots
 from defectlens.data.generator import generate
+from defectlens.errors import UsageError
 from defectlens.engine.benchmark import parse_shots, run_benchmark
 from defectlens.engine.fit import normal_training_samples
 from defectlens.metrics import image_auroc
@@ -38,7 +47,8 @@ from defectlens.models.composition.model import SCORES, combine
 from defectlens.report.benchmark import json_default
 
 HERE = Path(__file__).resolve().parent
-BSDATA = HERE.parents[1] / "shared" / "datasets" / "bsdata" / "ball_screw"
+PHOTOS = HERE.parents[1] / "shared" / "datasets"
+BSDATA = PHOTOS / "bsdata" / "ball_screw"
 OUT = HERE / "results" / "loco_logical"
 #: Ways to join the seven calibrated scores: the write-up's plain sum and the detector's norm.
 COMBINATIONS = {"sum": lambda c: sum(c.values()), "norm": combine}
@@ -97,7 +107,86 @@ def ablation(folder: Path, shots: int, seeds: int) -> list[dict]:
     return rows
 
 
+def parse_config(text: str) -> tuple[str, str, dict]:
+    """LABEL=METHOD[:KEY=VALUE,...] -> (label, method, params); a bare METHOD is its own label."""
+    label, _, spec = text.partition("=") if "=" in text.split(":")[0] else (text, "", text)
+    method, _, pairs = spec.partition(":")
+    params = {}
+    for pair in filter(None, pairs.split(",")):
+        key, _, value = pair.partition("=")
+        try:
+            params[key] = json.loads(value)
+        except json.JSONDecodeError:
+            params[key] = value
+    return label, method, params
+
+
+def data_category(data: str) -> str:
+    """The category of a data key: "loco-S" (the original sets) is assembly, else "<category>-S"."""
+    return "assembly" if data.startswith("loco-") else data.rsplit("-", 1)[0]
+
+
+def per_set_std(runs: list[dict], key: str) -> str:
+    """Mean over generator sets of the std over shot draws: how much the shots alone move a result."""
+    stds = []
+    for data in sorted({r["data"] for r in runs}):
+        values = [r[key] for r in runs if r["data"] == data and r.get(key) is not None]
+        if len(values) > 1:
+            stds.append(float(np.std(values)))
+    return f"{np.mean(stds):.3f}" if stds else "–"
+
+
+def write_categories_markdown(store: dict, args_line: str) -> None:
+    """Tables per category and configuration, for runs over several categories and configs."""
+    loco = {k: v for k, v in store["blocks"].items() if k.startswith("loco/")}
+    runs = [{**r, "data": k.split("/")[1], "label": k.split("/")[2]} for k, v in loco.items() for r in v["runs"]]
+    setup = store.get("setup", {})
+    lines = [
+        "# Logical and structural anomalies at few shots: generated LOCO sets, synthetic and cut from real photos\n",
+        (f"{args_line} on a {platform.machine()} machine, {len(os.sched_getaffinity(0))} cores (shared; nice 10), "
+         f"{time.strftime('%Y-%m-%d')}.\n"),
+        (f"Data: `defectlens generate DIR --kind loco --categories C --seed S --size {setup.get('size')}` with "
+         f"{setup.get('n_train')} train, {setup.get('n_test_good')} good test images and {setup.get('per_type')} of each "
+         "of five logical and three structural anomaly types. assembly: the synthetic tray; photo_assembly: the same "
+         "rules with every part and surface cut out of real photos (BSData metal, DeepPCB boards, ELPV cells; real "
+         "pits and cracked cells as structural defects). Image AUROC of logical and of structural anomalies, each "
+         "against all good test images; AUC-sPRO (FPR ≤ 0.05, normalised, as the official LOCO evaluation) of the "
+         "anomaly maps. Mean ± std over all runs (generator seeds × shot draws, shot picks shared by all "
+         "configurations); `draw std` is the mean over generator seeds of the std over shot draws alone.\n"),
+        "Configurations: " + "; ".join(f"`{label}` = {spec}" for label, spec in sorted(store.get("configs", {}).items())) + "\n",
+        ("| category | configuration | shots | runs | logical AUROC | draw std | structural AUROC | draw std | "
+         "all AUROC | sPRO@0.05 logical | sPRO@0.05 structural | FPR / TPR at threshold |"),
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for category in sorted({data_category(r["data"]) for r in runs}):
+        for label in sorted({r["label"] for r in runs}):
+            mine = [r for r in runs if r["label"] == label and data_category(r["data"]) == category]
+            for shots in sorted({r["shots"] for r in mine}):
+                group = [r for r in mine if r["shots"] == shots]
+                def col(key, group=group):
+                    return mean_std([r.get(key) for r in group])
+                lines.append(
+                    f"| {category} | {label} | {shots} | {len(group)} | {col('logical.image_auroc')} | "
+                    f"{per_set_std(group, 'logical.image_auroc')} | {col('structural.image_auroc')} | "
+                    f"{per_set_std(group, 'structural.image_auroc')} | {col('all.image_auroc')} | "
+                    f"{col('logical.au_spro_0.05')} | {col('structural.au_spro_0.05')} | "
+                    f"{col('fpr_at_threshold')} / {col('tpr_at_threshold')} |")
+    lines += ["", "Per generator set (logical / structural image AUROC, mean ± std over shot draws):", "",
+              "| configuration | set | shots | logical | structural |", "|---|---|---|---|---|"]
+    for key in sorted(loco):
+        _, data, label = key.split("/")
+        for shots in sorted({r["shots"] for r in loco[key]["runs"]}):
+            group = [r for r in loco[key]["runs"] if r["shots"] == shots]
+            lines.append(f"| {label} | {data} | {shots} | {mean_std([r['logical.image_auroc'] for r in group])} | "
+                         f"{mean_std([r['structural.image_auroc'] for r in group])} |")
+    store_out = Path(store["out"])
+    store_out.with_suffix(".md").write_text("\n".join(lines) + "\n")
+
+
 def write_markdown(store: dict, args_line: str) -> None:
+    if store.get("out", str(OUT)) != str(OUT):
+        write_categories_markdown(store, args_line)
+        return
     blocks = store["blocks"]
     loco = {k: v for k, v in blocks.items() if k.startswith("loco/")}
     methods = sorted({k.split("/")[2] for k in loco}, key=lambda m: (m != "composition", m))
@@ -172,6 +261,22 @@ def write_markdown(store: dict, args_line: str) -> None:
     OUT.with_suffix(".md").write_text("\n".join(lines) + "\n")
 
 
+def command_line(args) -> str:
+    """The command as run: repeatable options repeated, --methods left out when --config replaces it,
+    an empty value quoted."""
+    parts = []
+    for key, value in vars(args).items():
+        if key == "work" or value in ([], None) or (key == "methods" and args.config):
+            continue
+        flag = f"--{key.replace('_', '-')}"
+        if key == "config":
+            parts += [f"{flag} {v}" for v in value]
+        else:
+            text = ",".join(value) if isinstance(value, list) else str(value)
+            parts.append(f"{flag} {text or chr(34) * 2}")
+    return "`python benchmarks/loco_logical.py " + " ".join(parts) + "`"
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     default_methods = ["composition", "patchknn"] + (["gcad"] if "gcad" in REGISTRY else [])
@@ -185,37 +290,61 @@ def main() -> None:
     parser.add_argument("--bsdata-shots", default="1,2,4,8", help="empty skips BSData")
     parser.add_argument("--bsdata-seeds", type=int, default=2)
     parser.add_argument("--work", default=str(Path(os.environ.get("TMPDIR", "/tmp")) / "defectlens-loco"))
+    parser.add_argument("--categories", default="assembly", help="LOCO categories: assembly, photo_assembly")
+    parser.add_argument("--photos", default=str(PHOTOS), help="real photos of photo_assembly (BSData, DeepPCB)")
+    parser.add_argument("--size", type=int, default=256)
+    parser.add_argument("--n-train", type=int, default=40)
+    parser.add_argument("--n-test-good", type=int, default=20)
+    parser.add_argument("--per-type", type=int, default=8, help="test images per anomaly type")
+    parser.add_argument("--config", action="append", default=[], metavar="LABEL=METHOD:KEY=VALUE,...",
+                        help="a method under a label with parameters (repeatable); replaces --methods")
+    parser.add_argument("--out", default=OUT.name, help="results name under benchmarks/results")
     args = parser.parse_args()
     seeds_for = {pair.split("=")[0]: int(pair.split("=")[1]) for pair in args.seeds_for}
     shots = parse_shots(args.shots)
-    store = json.loads(OUT.with_suffix(".json").read_text()) if OUT.with_suffix(".json").is_file() else {"blocks": {}}
+    out = HERE / "results" / args.out
+    store = json.loads(out.with_suffix(".json").read_text()) if out.with_suffix(".json").is_file() else {"blocks": {}}
     store["shots"] = shots
-    args_line = "`python benchmarks/loco_logical.py " + " ".join(
-        f"--{k.replace('_', '-')} {','.join(v) if isinstance(v, list) else v}" for k, v in vars(args).items()
-        if k != "work" and v not in ([], None)) + "`"
+    store["out"] = str(out)
+    store["setup"] = {"size": args.size, "n_train": args.n_train, "n_test_good": args.n_test_good, "per_type": args.per_type}
+    configs = [parse_config(c) for c in args.config] or [(m, m, {}) for m in args.methods.split(",")]
+    store.setdefault("configs", {}).update(
+        {label: f"{method} " + " ".join(f"{k}={v}" for k, v in params.items()) for label, method, params in configs})
+    args_line = command_line(args)
 
     def save() -> None:
-        OUT.with_suffix(".json").write_text(json.dumps(store, indent=1, default=json_default))
+        out.with_suffix(".json").write_text(json.dumps(store, indent=1, default=json_default))
         write_markdown(store, args_line)
 
     folders = {}
-    for loco_seed in (int(s) for s in args.loco_seeds.split(",") if s):
-        out = Path(args.work) / f"loco-{loco_seed}"
-        if not (out / "assembly").is_dir():
-            generate(out, kind="loco", seed=loco_seed)
-        folders[f"loco-{loco_seed}"] = out / "assembly"
+    counts = dict(size=args.size, n_train=args.n_train, n_test_good=args.n_test_good, n_test_defect_per_type=args.per_type)
+    original = counts == dict(size=256, n_train=40, n_test_good=20, n_test_defect_per_type=8)
+    for category in args.categories.split(","):
+        for loco_seed in (int(s) for s in args.loco_seeds.split(",") if s):
+            if original and category == "assembly":  # the sets of the original tables
+                where, data = Path(args.work) / f"loco-{loco_seed}", f"loco-{loco_seed}"
+            else:
+                where = Path(args.work) / f"{category}-{loco_seed}-{args.size}px-{args.n_train}-{args.n_test_good}-{args.per_type}"
+                data = f"{category}-{loco_seed}"
+            if not (where / category).is_dir():
+                try:
+                    generate(where, kind="loco", seed=loco_seed, categories=[category], photos=args.photos, **counts)
+                except UsageError as error:
+                    print(f"skipping {category}: {error}")
+                    break
+            folders[data] = where / category
 
-    for method in args.methods.split(","):
+    for label, method, params in configs:
         if method not in REGISTRY:
             print(f"skipping {method}: not registered in this defectlens")
             continue
         for data, folder in folders.items():
-            key, seeds = f"loco/{data}/{method}", seeds_for.get(method, args.seeds)
+            key, seeds = f"loco/{data}/{label}", seeds_for.get(label, args.seeds)
             done = store["blocks"].get(key)
             if done and done["shots"] == shots and done["seeds"] == seeds:
                 continue
             started = time.perf_counter()
-            result = run_benchmark(folder, method=method, shots=shots, seeds=seeds)
+            result = run_benchmark(folder, method=method, shots=shots, seeds=seeds, params=params or None)
             store["blocks"][key] = {"shots": shots, "seeds": seeds, "seconds": time.perf_counter() - started, **compact(result)}
             save()
             print(f"{key}: {time.perf_counter() - started:.0f} s", flush=True)

@@ -7,7 +7,16 @@ import pytest
 import torch
 
 from defectlens.models import Detector, create_detector
-from defectlens.models.composition.model import NAIVE_WEIGHTS, SCORES, combine, nearest_patches
+from defectlens.errors import UsageError
+from defectlens.models.composition.model import (
+    FUSION_MIN_SPREAD,
+    NAIVE_WEIGHTS,
+    SCORES,
+    combine,
+    nearest_patches,
+    pooled_spread,
+    spread,
+)
 from defectlens.models.composition.parts import ImageParts, class_distances, image_vectors
 from defectlens.models.composition.sam import vote_in_regions
 from defectlens.models.composition.segment import (
@@ -15,6 +24,7 @@ from defectlens.models.composition.segment import (
     guided_upsample,
     majority_filter,
 )
+from defectlens.models.composition.views import MAX_GAIN, shot_views
 
 SIZE = 96
 PARAMS = {"size": 96, "part_size": 48, "parts": 4}
@@ -113,6 +123,64 @@ def test_calibration_one_shot_and_single_score_ablation(fitted):
     one = create_detector("composition", **PARAMS).fit([normal(rng)])
     assert one.threshold is None and one.normal_scores is None
     assert np.isfinite(one.predict([normal(rng)]).scores).all()
+
+
+def test_shot_views_and_pooled_spreads_known_answers():
+    flat = np.full((40, 60, 3), 100, np.uint8)
+    images, sources = shot_views([flat, flat + 50], 3, seed=0)
+    assert len(images) == 8 and sources.tolist() == [0, 1, 0, 0, 0, 1, 1, 1]
+    # A view moves and re-exposes the scene: a uniform shot stays uniform, within the exposure jitter.
+    for view, source in zip(images[2:], sources[2:]):
+        level = 100 + 50 * source
+        assert view.shape == flat.shape and view.min() == view.max()
+        assert abs(int(view[0, 0, 0]) - level) <= MAX_GAIN * level + 1
+    assert shot_views([flat], 0, seed=0)[1].tolist() == [0]
+    distances = np.array([[1.0, np.nan, 2.0], [3.0, np.nan, np.nan]])
+    np.testing.assert_array_equal(pooled_spread(distances, pooled=True), [2.0, np.nan, 2.0])
+    np.testing.assert_array_equal(pooled_spread(distances, pooled=False), [3.0, np.nan, 2.0])
+    assert spread(np.array([1.0, 3.0])) == pytest.approx(np.sqrt(2))
+    assert spread(np.array([5.0, 5.0])) == pytest.approx(FUSION_MIN_SPREAD * 5.0)
+
+
+def test_views_and_pooled_spreads_give_every_shot_and_view_a_held_out_score():
+    rng = np.random.default_rng(1)
+    shots = [normal(rng) for _ in range(4)]
+    detector = create_detector("composition", views=2, normalise="pooled", **PARAMS).fit(shots)
+    # Each shot and its two views are left out together and scored: 4 × 3 held-out scores.
+    assert detector.normal_scores.shape == (12,)
+    # Pooled spreads are means where the write-up takes the largest: never larger, same floors.
+    largest = create_detector("composition", views=2, normalise="max", **PARAMS).fit(shots)
+    for name in ("agnostic", "aware", "foreground"):
+        assert 0 < detector.normalisers[name] <= largest.normalisers[name]
+    for quantity, norms in detector.memory.class_norms.items():
+        assert (norms <= largest.memory.class_norms[quantity] + 1e-12).all()
+    goods = detector.predict([normal(rng) for _ in range(4)]).scores
+    missing, swapped = detector.predict([scene(rng, [(RED, (28, 48))]),
+                                         scene(rng, [(BLUE, (28, 48)), (RED, (68, 48))])]).scores
+    assert min(missing, swapped) > goods.max()
+
+
+def test_structural_fusion_is_the_larger_standardised_score_and_round_trips(tmp_path):
+    rng = np.random.default_rng(2)
+    detector = create_detector("composition", structural="patchknn", views=1, **PARAMS).fit(
+        [normal(rng) for _ in range(4)])
+    crumb = normal(rng)
+    cv2.circle(crumb, (48, 20), 4, (30, 20, 10), -1)  # a dark crumb on the tray: structural, no rule broken
+    images = [normal(rng), normal(rng), crumb, scene(rng, [(RED, (28, 48))])]
+    prediction = detector.predict(images)
+    # Known answer: each detector's score standardised by its own held-out normal scores, the larger kept.
+    own = np.array([detector._combine_calibrated(c) for c in calibrated_scores(detector, images)])
+    member, _ = detector.structural_member.score_feature_batch(detector.backbone_network.embed(images))
+    mean, deviation, member_mean, member_deviation = detector.fusion
+    np.testing.assert_allclose(prediction.scores, np.maximum((own - mean) / deviation, (member - member_mean) / member_deviation))
+    assert min(prediction.scores[2:]) > max(prediction.scores[:2])
+    assert detector.normal_scores.shape == (8,) and detector.threshold > detector.normal_scores.max() - 1e-9
+    loaded = Detector.load(detector.save(tmp_path / "fused.dlmodel"))
+    again = loaded.predict(images)
+    np.testing.assert_allclose(again.scores, prediction.scores, rtol=1e-6)
+    np.testing.assert_allclose(again.maps, prediction.maps, rtol=1e-5, atol=1e-6)
+    with pytest.raises(UsageError, match="at least 2 normal images"):
+        create_detector("composition", structural="patchknn", **PARAMS).fit([normal(rng)])
 
 
 def test_bad_parameters_are_refused():

@@ -261,7 +261,7 @@ def cmd_generate(args) -> int:
     from .data.generator import generate
 
     folders = generate(args.out, kind=args.kind, seed=args.seed, size=args.size, categories=args.categories,
-                       overwrite=args.overwrite)
+                       overwrite=args.overwrite, photos=args.photos)
     print("wrote " + ", ".join(str(f) for f in folders))
     return 0
 
@@ -424,7 +424,11 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--size", type=int, default=256)
     gen.add_argument("--categories", default=None, metavar="A,B,...|all",
                      help="MVTec-layout categories to write, comma-separated, or all (default fabric,washer); "
-                          "others: brushed_metal, wood, tiles, leaf, leather, perforated_metal, screw, capsule, hex_nut, connector, gear")
+                          "others: brushed_metal, wood, tiles, leaf, leather, perforated_metal, screw, capsule, hex_nut, connector, gear; "
+                          "--kind loco: assembly (default) and photo_assembly (needs --photos)")
+    gen.add_argument("--photos", default=None, metavar="DIR",
+                     help="photo_assembly only: a folder holding bsdata/ball_screw and deeppcb/pcb (e.g. ../shared/datasets); "
+                          "needs the elpv-dataset package")
     gen.add_argument("--overwrite", action="store_true")
     gen.set_defaults(func=cmd_generate)
 

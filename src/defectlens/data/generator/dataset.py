@@ -3,32 +3,59 @@ one test image with and without its defect. Both check their arguments here."""
 
 from __future__ import annotations
 
+import os
+import warnings
 from collections.abc import Sequence
+from functools import partial
 from pathlib import Path
 
 import numpy as np
 
 from ...errors import UsageError
 from .defects import STRUCTURAL_DEFECTS
-from .loco import LOCO_CATEGORY, LOCO_STRUCTURAL_DEFECTS, LOGICAL_DEFECTS, loco_index, loco_split, render_loco
+from .loco import ASSEMBLY, LOCO_CATEGORY, LOGICAL_DEFECTS, LocoScene, loco_index, loco_split
+from .loco_photo import PHOTO_CATEGORY, PHOTO_CONFIG, PHOTO_STRUCTURAL_DEFECTS, RULES, render_photo_loco
 from .mvtec import DEFAULT_MVTEC_CATEGORIES, MVTEC_CATEGORIES, render_mvtec
 from .render import expose
 from .writer import write_dataset
 
 
-def render_pair(category: str, defect: str, seed: int = 0, index: int = 0, size: int = 256):
+#: The LOCO-layout categories; the photo one is written only when real photos are given.
+LOCO_CATEGORIES = (LOCO_CATEGORY, PHOTO_CATEGORY)
+#: Where the photo category looks for its photos when ``photos`` is not given.
+PHOTOS_ENV = "DEFECTLENS_PHOTOS"
+
+
+def loco_scene(category: str, photos: str | os.PathLike | None = None) -> LocoScene:
+    """The scene of a LOCO-layout category; the photo one reads its photos (UsageError when absent)."""
+    if category == LOCO_CATEGORY:
+        return ASSEMBLY
+    from .photos import load_photos, photos_help
+
+    root = photos if photos is not None else os.environ.get(PHOTOS_ENV)
+    if root is None:
+        raise UsageError(f"{PHOTO_CATEGORY} cuts its parts out of real photos: pass photos=DIR (--photos DIR, or set "
+                         f"{PHOTOS_ENV}), {photos_help()}")
+    pools = load_photos(str(Path(root).resolve()))
+    return LocoScene(partial(render_photo_loco, photos=pools), PHOTO_STRUCTURAL_DEFECTS, PHOTO_CONFIG, RULES)
+
+
+def render_pair(category: str, defect: str, seed: int = 0, index: int = 0, size: int = 256,
+                photos: str | os.PathLike | None = None):
     """Render one test scene without and with ``defect`` from the same random streams.
 
     Returns ``(clean, defective, mask)``: two RGB uint8 images with identical sensor noise and the
     bool union of the defect's masks. ``defective`` and the mask are exactly what :func:`generate`
     writes for that category, defect and index, so the pair shows which pixels a defect changed.
+    ``photos``: the real photos of the photo LOCO category (see :func:`generate`).
     """
     _check_size(size)
-    if category == LOCO_CATEGORY:
-        kinds = LOGICAL_DEFECTS + LOCO_STRUCTURAL_DEFECTS
+    if category in LOCO_CATEGORIES:
+        scene = loco_scene(category, photos)
+        kinds = LOGICAL_DEFECTS + scene.structural
         if defect not in kinds:
             raise UsageError(f"unknown {category} defect {defect!r}; expected one of {', '.join(kinds)}")
-        rendering = render_loco(loco_split(defect), loco_index(defect, index), seed, size, defect)
+        rendering = scene.render(loco_split(defect), loco_index(defect, index, scene.structural), seed, size, defect)
     else:
         _check_categories([category], MVTEC_CATEGORIES)
         if defect not in STRUCTURAL_DEFECTS:
@@ -41,7 +68,7 @@ def render_pair(category: str, defect: str, seed: int = 0, index: int = 0, size:
 
 def generate(out: str | Path, kind: str = "mvtec", seed: int = 0, size: int = 256, n_train: int = 40,
              n_test_good: int = 20, n_test_defect_per_type: int = 8, categories: Sequence[str] | str | None = None,
-             overwrite: bool = False) -> list[Path]:
+             overwrite: bool = False, photos: str | os.PathLike | None = None) -> list[Path]:
     """Write a synthetic dataset under ``out`` and return the category folders written.
 
     ``kind="mvtec"``: MVTec AD layout per category with ``n_test_defect_per_type`` images of each of
@@ -50,7 +77,11 @@ def generate(out: str | Path, kind: str = "mvtec", seed: int = 0, size: int = 25
     (the demo's set). Each category draws from its own random streams, so one category's files do
     not depend on which others are written. ``kind="loco"``: MVTec LOCO layout for "assembly" with
     ``max(1, n_train // 4)`` validation images, five logical and three structural anomaly types,
-    masks valued by ``defects_config.json``. Same arguments give byte-identical files. A non-empty
+    masks valued by ``defects_config.json``; ``categories`` may add (or be) "photo_assembly", the same
+    rules with every surface cut out of real photos: ``photos`` names a folder holding BSData
+    ``bsdata/ball_screw`` and DeepPCB ``deeppcb/pcb`` (default: the DEFECTLENS_PHOTOS variable), and
+    the elpv-dataset package must be installed; without them naming the category is a UsageError,
+    and ``"all"`` leaves it out with a warning. Same arguments give byte-identical files. A non-empty
     category folder is refused with FileExistsError unless ``overwrite`` (then it is replaced).
     """
     if kind not in ("mvtec", "loco"):
@@ -58,15 +89,28 @@ def generate(out: str | Path, kind: str = "mvtec", seed: int = 0, size: int = 25
     _check_size(size)
     if seed < 0 or min(n_train, n_test_good, n_test_defect_per_type) < 0:
         raise UsageError("seed and image counts must be non-negative")
-    known = MVTEC_CATEGORIES if kind == "mvtec" else (LOCO_CATEGORY,)
+    known = MVTEC_CATEGORIES if kind == "mvtec" else LOCO_CATEGORIES
+    every = categories == "all"
     if categories is None:
-        cats = list(DEFAULT_MVTEC_CATEGORIES if kind == "mvtec" else known)
+        cats = list(DEFAULT_MVTEC_CATEGORIES if kind == "mvtec" else (LOCO_CATEGORY,))
     elif isinstance(categories, str):  # "all" or "a,b,c", as the command line gives them
-        cats = list(known) if categories == "all" else [c.strip() for c in categories.split(",") if c.strip()]
+        cats = list(known) if every else [c.strip() for c in categories.split(",") if c.strip()]
     else:
         cats = list(categories)
     _check_categories(cats, known)
-    return write_dataset(Path(out), kind, cats, seed, size, n_train, n_test_good, n_test_defect_per_type, overwrite)
+    scenes = None
+    if kind == "loco":
+        scenes = {}
+        for category in cats:
+            try:
+                scenes[category] = loco_scene(category, photos)
+            except UsageError as error:
+                if not (every and category == PHOTO_CATEGORY):
+                    raise
+                warnings.warn(f"left out {category}: {error}", stacklevel=2)
+        cats = list(scenes)
+    return write_dataset(Path(out), kind, cats, seed, size, n_train, n_test_good, n_test_defect_per_type, overwrite,
+                         scenes)
 
 
 def _check_size(size: int) -> None:

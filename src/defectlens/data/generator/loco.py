@@ -425,6 +425,25 @@ def render_loco(split: str, index: int, seed: int, size: int, defect: str | None
     return Rendering(clean, image.astype(np.float32), tray.light, noise_stream, masks)
 
 
+ASSEMBLY_RULES = (
+    "Rules of a normal tray (2x3 compartments, read left to right, top row first): two silver screws;\n"
+    "one steel hex nut; one orange disc; one blue disc; one yellow disc (blue left of yellow); one green\n"
+    "cable. Positions within a compartment, small rotations, tray pose and lighting vary.\n"
+    "Logical anomalies break a rule (a missing part is marked by its whole compartment, one screw too\n"
+    "few or too many is a count violation that looks normal locally); structural ones are a scratch on\n"
+    "the tray, a bent screw / chipped disc / cut cable, or a contamination.\n")
+
+
+@dataclass(frozen=True)
+class LocoScene:
+    """What the writer needs of a LOCO-layout category: its renderer ``(split, index, seed, size,
+    defect) -> Rendering``, its structural defect types, its defects_config rows and its rules."""
+    render: Callable[[str, int, int, int, str | None], Rendering]
+    structural: tuple[str, ...]
+    config: tuple
+    rules: str
+
+
 def loco_split(defect: str | None) -> str:
     """The LOCO test folder (and ground-truth folder) of a defect type; "good" for normal images."""
     if defect is None:
@@ -432,7 +451,10 @@ def loco_split(defect: str | None) -> str:
     return "logical_anomalies" if defect in LOGICAL_DEFECTS else "structural_anomalies"
 
 
-def loco_index(defect: str, i: int) -> int:
+def loco_index(defect: str, i: int, structural: Sequence[str] = LOCO_STRUCTURAL_DEFECTS) -> int:
     """Stream index of the i-th image of a type: types share one numbering per test folder."""
-    kinds = LOGICAL_DEFECTS if defect in LOGICAL_DEFECTS else LOCO_STRUCTURAL_DEFECTS
+    kinds = LOGICAL_DEFECTS if defect in LOGICAL_DEFECTS else tuple(structural)
     return kinds.index(defect) * 100_000 + i
+
+
+ASSEMBLY = LocoScene(render_loco, LOCO_STRUCTURAL_DEFECTS, LOCO_CONFIG, ASSEMBLY_RULES)

@@ -16,7 +16,7 @@ import numpy as np
 
 from ...errors import OutputError, OutputExistsError
 from .defects import STRUCTURAL_DEFECTS
-from .loco import LOCO_CONFIG, LOCO_STRUCTURAL_DEFECTS, LOGICAL_DEFECTS, loco_index, loco_split, render_loco
+from .loco import LOGICAL_DEFECTS, LocoScene, loco_index, loco_split
 from .mvtec import DESCRIPTIONS, render_mvtec
 from .render import expose
 
@@ -26,9 +26,11 @@ _PNG_OPTIONS = [cv2.IMWRITE_PNG_COMPRESSION, 3, cv2.IMWRITE_PNG_STRATEGY, cv2.IM
 
 
 def write_dataset(out: Path, kind: str, categories: Sequence[str], seed: int, size: int, n_train: int,
-                  n_test_good: int, n_test_defect_per_type: int, overwrite: bool) -> list[Path]:
+                  n_test_good: int, n_test_defect_per_type: int, overwrite: bool,
+                  scenes: dict[str, LocoScene] | None = None) -> list[Path]:
     """Write every category folder of ``kind`` under ``out`` and a README; checks all folders
-    before writing any, so a refused run leaves everything as it was."""
+    before writing any, so a refused run leaves everything as it was. ``scenes``: the LOCO
+    categories' scenes by name (kind "loco")."""
     folders = [out / c for c in categories]
     readme = out / "README.txt"
     if readme.exists() and not overwrite and not _ours(readme):
@@ -43,9 +45,12 @@ def write_dataset(out: Path, kind: str, categories: Sequence[str], seed: int, si
         if folder.is_dir():
             shutil.rmtree(folder)
     counts = dict(n_train=n_train, n_test_good=n_test_good, n_test_defect_per_type=n_test_defect_per_type)
-    make_jobs = _mvtec_jobs if kind == "mvtec" else _loco_jobs
-    _run([job for folder in folders for job in make_jobs(folder, seed, size, **counts)])
-    readme.write_text(_readme(kind, categories, seed, size, **counts), encoding="utf-8")
+    if kind == "mvtec":
+        jobs = [job for folder in folders for job in _mvtec_jobs(folder, seed, size, **counts)]
+    else:
+        jobs = [job for folder in folders for job in _loco_jobs(folder, seed, size, scene=scenes[folder.name], **counts)]
+    _run(jobs)
+    readme.write_text(_readme(kind, categories, seed, size, scenes=scenes, **counts), encoding="utf-8")
     return folders
 
 
@@ -95,38 +100,39 @@ def _write_mvtec_image(folder: Path, split: str, i: int, seed: int, size: int, d
 
 
 def _loco_jobs(folder: Path, seed: int, size: int, n_train: int, n_test_good: int,
-                n_test_defect_per_type: int) -> list[Callable[[], None]]:
+                n_test_defect_per_type: int, scene: LocoScene) -> list[Callable[[], None]]:
     folder.mkdir(parents=True, exist_ok=True)
     config = [{"defect_name": name, "pixel_value": value,
                "saturation_threshold": threshold if relative else max(1, int(round(threshold * (size / 256) ** 2))),
-               "relative_saturation": relative} for name, value, threshold, relative in LOCO_CONFIG]
+               "relative_saturation": relative} for name, value, threshold, relative in scene.config]
     (folder / "defects_config.json").write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
     jobs = []
     goods = (("train/good", n_train), ("validation/good", max(1, n_train // 4)), ("test/good", n_test_good))
     for split, count in goods:
         (folder / split).mkdir(parents=True)
-        jobs += [partial(_write_loco_image, folder, split, f"{i:03d}", split, i, seed, size, None)
+        jobs += [partial(_write_loco_image, scene, folder, split, f"{i:03d}", split, i, seed, size, None)
                  for i in range(count)]
-    for kinds in (LOGICAL_DEFECTS, LOCO_STRUCTURAL_DEFECTS):
+    for kinds in (LOGICAL_DEFECTS, scene.structural):
         split = loco_split(kinds[0])
         (folder / "test" / split).mkdir(parents=True)
         for k, defect in enumerate(kinds):
-            jobs += [partial(_write_loco_image, folder, f"test/{split}", f"{k * n_test_defect_per_type + i:03d}", split,
-                             loco_index(defect, i), seed, size, defect) for i in range(n_test_defect_per_type)]
+            jobs += [partial(_write_loco_image, scene, folder, f"test/{split}", f"{k * n_test_defect_per_type + i:03d}",
+                             split, loco_index(defect, i, scene.structural), seed, size, defect)
+                     for i in range(n_test_defect_per_type)]
     return jobs
 
 
-def _write_loco_image(folder: Path, subfolder: str, stem: str, split: str, index: int, seed: int, size: int,
-                      defect: str | None) -> None:
-    r = render_loco(split, index, seed, size, defect)
+def _write_loco_image(scene: LocoScene, folder: Path, subfolder: str, stem: str, split: str, index: int, seed: int,
+                      size: int, defect: str | None) -> None:
+    r = scene.render(split, index, seed, size, defect)
     _write_png(folder / subfolder / f"{stem}.png", expose(r.defective, r.light, r.noise))
-    values = {name: value for name, value, _, _ in LOCO_CONFIG}
+    values = {name: value for name, value, _, _ in scene.config}
     for m, (name, mask) in enumerate(r.masks):
         _write_png(folder / "ground_truth" / split / stem / f"{m:03d}.png", mask.astype(np.uint8) * values[name])
 
 
 def _readme(kind: str, categories: Sequence[str], seed: int, size: int, n_train: int, n_test_good: int,
-             n_test_defect_per_type: int) -> str:
+             n_test_defect_per_type: int, scenes: dict[str, LocoScene] | None = None) -> str:
     head = (f"Synthetic {'MVTec AD' if kind == 'mvtec' else 'MVTec LOCO'}-layout dataset written by "
             f"defectlens.data.generator.generate(kind={kind!r}, seed={seed}, size={size}).\n"
             f"Images are {size}x{size} RGB PNG; the same arguments reproduce every file byte for byte.\n"
@@ -140,18 +146,15 @@ def _readme(kind: str, categories: Sequence[str], seed: int, size: int, n_train:
             + "".join(f"{name}: {DESCRIPTIONS[name]}\n" for name in categories)
             + "Normal images vary in texture phase, pose, lighting and sensor noise. Defects are small and\n"
             "low-contrast on purpose.\n")
-    return head + (
-        f"assembly/train/good: {n_train}, assembly/validation/good: {max(1, n_train // 4)}, "
-        f"assembly/test/good: {n_test_good} normal images\n"
-        f"assembly/test/logical_anomalies: {n_test_defect_per_type} each of "
-        f"{', '.join(LOGICAL_DEFECTS)}, in that order\n"
-        f"assembly/test/structural_anomalies: {n_test_defect_per_type} each of "
-        f"{', '.join(LOCO_STRUCTURAL_DEFECTS)}, in that order\n"
-        "assembly/ground_truth/<type>/<stem>/000.png, 001.png, ...: one mask per annotated region, valued\n"
-        "by the defect's pixel_value in assembly/defects_config.json (0 elsewhere).\n\n"
-        "Rules of a normal tray (2x3 compartments, read left to right, top row first): two silver screws;\n"
-        "one steel hex nut; one orange disc; one blue disc; one yellow disc (blue left of yellow); one green\n"
-        "cable. Positions within a compartment, small rotations, tray pose and lighting vary.\n"
-        "Logical anomalies break a rule (a missing part is marked by its whole compartment, one screw too\n"
-        "few or too many is a count violation that looks normal locally); structural ones are a scratch on\n"
-        "the tray, a bent screw / chipped disc / cut cable, or a contamination.\n")
+    parts = []
+    for name in categories:
+        scene = scenes[name]
+        parts.append(
+            f"{name}/train/good: {n_train}, {name}/validation/good: {max(1, n_train // 4)}, "
+            f"{name}/test/good: {n_test_good} normal images\n"
+            f"{name}/test/logical_anomalies: {n_test_defect_per_type} each of {', '.join(LOGICAL_DEFECTS)}, in that order\n"
+            f"{name}/test/structural_anomalies: {n_test_defect_per_type} each of {', '.join(scene.structural)}, "
+            "in that order\n"
+            f"{name}/ground_truth/<type>/<stem>/000.png, 001.png, ...: one mask per annotated region, valued\n"
+            f"by the defect's pixel_value in {name}/defects_config.json (0 elsewhere).\n\n{scene.rules}")
+    return head + "\n".join(parts)

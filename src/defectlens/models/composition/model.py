@@ -44,12 +44,14 @@ from tqdm.auto import tqdm
 
 from ...backbones import DEFAULT_BACKBONE
 from ...data.io import as_image
-from ..base import BackboneDetector, Prediction, register
+from ...errors import UsageError
+from ..base import REGISTRY, BackboneDetector, Prediction, register
 from ..calibration import calibrate, refit_folds
 from ..maps import upsample_map
 from ..params import BACKBONE, BLUR_SIGMA, INPUT_SIZE, SEED, Choice, Integer, ListOf, Optional, Real, Text
 from .parts import ImageParts, class_distances, describe, image_vectors, part_sizes
 from .segment import PartSegmenter, background_classes
+from .views import shot_views
 
 SCORES = ("agnostic", "aware", "foreground", "embedding", "histogram", "colour", "location")
 PATCH_SCORES = SCORES[:3]
@@ -79,6 +81,27 @@ CLASS_ARRAYS = ("area", "count", "colour", "location", "embedding")
 SHOTS_TO_CALIBRATE = 3
 #: At most this many references are left out when estimating per-class spreads (cost grows as R²).
 CLASS_LOO_MAX = 32
+#: Patch detectors that can be fused in for structural defects (``structural``).
+STRUCTURAL_METHODS = ("patchknn", "patchcore", "padim", "spade")
+#: The spread of held-out normal scores that fusion divides by is at least this share of their
+#: mean: a few held-out shots that happen to agree must not make every small rise a large one.
+FUSION_MIN_SPREAD = 0.02
+
+
+def spread(values: np.ndarray) -> float:
+    """Standard deviation of held-out normal scores, floored (see ``FUSION_MIN_SPREAD``)."""
+    deviation = float(np.std(values, ddof=1)) if len(values) > 1 else 0.0
+    return max(deviation, FUSION_MIN_SPREAD * abs(float(np.mean(values))), 1e-9)
+
+
+def pooled_spread(values: np.ndarray, pooled: bool) -> np.ndarray:
+    """Per column of (held-out, K) distances (nan: not comparable): their mean when ``pooled``,
+    else their largest; nan where a column has no value."""
+    finite = np.isfinite(values)
+    if not pooled:
+        return np.fmax.reduce(values, axis=0) if len(values) else np.full(values.shape[1:], np.nan)
+    counts = finite.sum(axis=0)
+    return np.where(counts > 0, np.where(finite, values, 0.0).sum(axis=0) / np.maximum(counts, 1), np.nan)
 
 
 def top_mean(distances: torch.Tensor, fraction: float) -> float:
@@ -112,26 +135,36 @@ class Memory:
     """The normal shots, ready for scoring: their stacked parts and per-class normalisers."""
 
     def __init__(self, refs: list[ImageParts], typical_area: np.ndarray, background: np.ndarray,
-                 usual_place: np.ndarray | None = None, pixels: int | None = None):
+                 usual_place: np.ndarray | None = None, pixels: int | None = None, sources: np.ndarray | None = None,
+                 pooled: bool = False):
         """``usual_place``: (K, S, S) bool, where each class lies in most references (for maps).
         ``pixels``: pixels of a part map; given, the class-wise scores are the write-up's
-        image-level vector distances instead of the per-class ones."""
+        image-level vector distances instead of the per-class ones. ``sources``: the shot each
+        reference shows (views of one shot share it; default: each its own). ``pooled``: per-class
+        spreads are the mean over left-out references instead of the largest."""
         self.refs, self.typical_area, self.background, self.usual_place = refs, typical_area, background, usual_place
         self.pixels = pixels
+        self.sources = np.arange(len(refs)) if sources is None else np.asarray(sources)
+        self.pooled = pooled
         self.stacked = ImageParts.stack(refs)
         self.class_norms = self._class_normalisers()
 
     def _class_normalisers(self) -> dict[str, np.ndarray]:
-        """Per quantity and class: the largest nearest-reference distance of a left-out
-        reference, at least the quantity's floor."""
+        """Per quantity and class: the nearest-reference distances of left-out shots (a shot and
+        its views are left out together, and all of them measured), their largest or, pooled,
+        their mean; at least the quantity's floor."""
         norms = {q: np.full(len(self.typical_area), floor) for q, floor in FLOORS.items()}
-        count = len(self.refs)
-        if count < SHOTS_TO_CALIBRATE:
+        shots = np.unique(self.sources)
+        if len(shots) < SHOTS_TO_CALIBRATE:
             return norms
-        for j in np.unique(np.linspace(0, count - 1, min(count, CLASS_LOO_MAX)).round().astype(int)):
-            others = ImageParts.stack(self.refs[:j] + self.refs[j + 1:])
-            for q, values in class_distances(self.refs[j], others, self.typical_area).items():
-                norms[q] = np.fmax(norms[q], values)
+        distances = {q: [] for q in FLOORS}
+        for j in shots[np.unique(np.linspace(0, len(shots) - 1, min(len(shots), CLASS_LOO_MAX)).round().astype(int))]:
+            others = ImageParts.stack([r for r, source in zip(self.refs, self.sources) if source != j])
+            for i in np.flatnonzero(self.sources == j):
+                for q, values in class_distances(self.refs[i], others, self.typical_area).items():
+                    distances[q].append(values)
+        for q, values in distances.items():
+            norms[q] = np.fmax(norms[q], pooled_spread(np.array(values), self.pooled))
         return norms
 
     def scores(self, test: ImageParts, top_fraction: float) -> tuple[dict[str, float], torch.Tensor, dict[str, np.ndarray]]:
@@ -165,18 +198,26 @@ class Composition(BackboneDetector):
                              "part_size": Integer(16, 1024), "scores": ListOf(Choice(SCORES)),
                              "top_fraction": Real(0.0, 1.0, open_low=True), "blur_sigma": BLUR_SIGMA,
                              "segmenter": Choice(("clusters", "sam")), "sam_model": Optional(Text()),
-                             "scoring": Choice(("refined", "published"))}
+                             "scoring": Choice(("refined", "published")), "views": Integer(0, 16),
+                             "normalise": Choice(("max", "pooled")), "structural": Optional(Choice(STRUCTURAL_METHODS))}
 
     def __init__(self, backbone: str = DEFAULT_BACKBONE, size: int = 256, seed: int = 0, parts: int = 12,
                  part_size: int = 128, scores: tuple[str, ...] = SCORES, top_fraction: float = 0.02,
                  blur_sigma: float = 4.0, segmenter: str = "clusters", sam_model: str | None = None,
-                 scoring: str = "refined"):
+                 scoring: str = "refined", views: int = 0, normalise: str = "max", structural: str | None = None):
         """``parts``: number of part classes. ``part_size``: side of the part maps in pixels.
         ``scores``: which of the seven scores to sum (all by default; one alone for an ablation).
         ``segmenter``: "clusters" (embedded, no weights) or "sam" (cluster classes voted inside
         SAM masks; needs ``sam_model``, a local SAM folder, or DEFECTLENS_SAM_MODEL).
         ``scoring``: "refined" (per-class matching and calibration, norm of the scores) or
-        "published" (the write-up's image-level vectors, leave-one-out weights, weighted sum)."""
+        "published" (the write-up's image-level vectors, leave-one-out weights, weighted sum).
+        ``views``: jittered views per shot (small pose and exposure changes, see :mod:`.views`)
+        added to the references and to the held-out images of the calibration. ``normalise``:
+        each score's spread from the held-out shots, their largest value ("max", the write-up)
+        or their mean ("pooled": every held-out shot and view counts, not only the most
+        extreme). ``structural``: a patch detector fused in for structural defects (fit on the
+        same shots and features); the image score is then the larger of the two detectors'
+        scores, each standardised by its own held-out normal scores."""
         self.backbone = backbone
         self.size = size
         self.seed = seed
@@ -188,7 +229,12 @@ class Composition(BackboneDetector):
         self.segmenter = segmenter
         self.sam_model = sam_model
         self.scoring = scoring
+        self.views = views
+        self.normalise = normalise
+        self.structural = structural
         self._sam = None
+        self.structural_member = None
+        self.fusion: list[float] | None = None  # composition mean, spread; member mean, spread
         self.part_segmenter = PartSegmenter(parts, part_size, seed)
         self.memory: Memory | None = None
         self.background: np.ndarray | None = None
@@ -214,6 +260,10 @@ class Composition(BackboneDetector):
     # -- contract ---------------------------------------------------------------------------
     def fit_images(self, images: list, masks: list, labels: list[int]) -> None:
         images = [as_image(image) for image in images]
+        if self.structural is not None and len(images) < 2:
+            raise UsageError(f"composition: structural={self.structural} is standardised by held-out normal scores; "
+                             "fit on at least 2 normal images")
+        images, sources = shot_views(images, self.views, self.seed)
         features = self.backbone_network.embed(images, progress="features", total=len(images))
         self.part_segmenter = PartSegmenter(self.parts, self.part_size, self.seed)
         self.part_segmenter.fit(images, features)
@@ -223,34 +273,70 @@ class Composition(BackboneDetector):
         self.min_part = part_sizes(maps, self.parts)
         refs = [describe(image, f, m, self.background, self.min_part) for image, f, m in zip(images, features, maps)]
         typical_area = np.median([r.area for r in refs], axis=0)
-        self._calibrate(refs, typical_area)
+        self._calibrate(refs, typical_area, sources, features)
         usual_place = np.mean([m[None] == np.arange(self.parts)[:, None, None] for m in maps], axis=0) >= USUAL_PLACE
-        self.memory = Memory(refs, typical_area, self.background, usual_place, pixels=self._published_pixels())
+        self.memory = Memory(refs, typical_area, self.background, usual_place, pixels=self._published_pixels(),
+                             sources=sources, pooled=self.normalise == "pooled")
 
-    def _calibrate(self, refs: list[ImageParts], typical_area: np.ndarray) -> None:
-        """Held-out shots: the patch scores' normalisers, the threshold and the map range."""
-        count = len(refs)
+    def _new_member(self):
+        return REGISTRY[self.structural](backbone=self.backbone, size=self.size, blur_sigma=self.blur_sigma, seed=self.seed)
+
+    def _calibrate(self, refs: list[ImageParts], typical_area: np.ndarray, sources: np.ndarray,
+                   features: torch.Tensor) -> None:
+        """Held-out shots (with their views): the patch scores' normalisers, the fusion's
+        standardisation, the threshold and the map range."""
+        count = len(np.unique(sources))
+        self.fusion = None
         if count < 2:
             self.normalisers = dict(NAIVE_WEIGHTS)
             return
-        held_out, patch_maps = [], []
+        held_out, patch_maps, member_scores, member_maps = [], [], [], []
         for fold in refit_folds(count, self.seed):  # the map range (and threshold) need these even when the naive weights stay
-            memory = Memory([refs[i] for i in range(count) if i not in fold], typical_area, self.background,
-                            pixels=self._published_pixels())
-            for i in fold:
+            kept, left_out = np.flatnonzero(~np.isin(sources, fold)), np.flatnonzero(np.isin(sources, fold))
+            memory = Memory([refs[i] for i in kept], typical_area, self.background, pixels=self._published_pixels(),
+                            sources=sources[kept], pooled=self.normalise == "pooled")
+            for i in left_out:
                 scores, distances, _ = memory.scores(refs[i], self.top_fraction)
                 held_out.append(scores)
                 patch_maps.append(distances)
+            if self.structural is not None:
+                member = self._new_member()
+                member.fit_features(features[kept])
+                fold_scores, fold_maps = member.score_feature_batch(features[left_out])
+                member_scores.extend(fold_scores)
+                member_maps.extend(fold_maps.flatten(1).numpy())
+        statistic = np.mean if self.normalise == "pooled" else np.max
         if self.scoring == "published":  # the largest leave-one-out score is each score's weight
-            self.normalisers = {s: max(max(h[s] for h in held_out), 1e-6) for s in SCORES}
+            self.normalisers = {s: max(float(statistic([h[s] for h in held_out])), 1e-6) for s in SCORES}
         elif count < SHOTS_TO_CALIBRATE:
             self.normalisers = dict(NAIVE_WEIGHTS)
         else:  # class-wise scores are already divided by their per-class leave-one-out spreads
-            self.normalisers = {s: max(max(h[s] for h in held_out), 1e-6) if s in PATCH_SCORES else 1.0 for s in SCORES}
+            self.normalisers = {s: max(float(statistic([h[s] for h in held_out])), 1e-6) if s in PATCH_SCORES else 1.0
+                                for s in SCORES}
         # The held-out shots were scored without their own per-class spreads: an honest, slightly
         # high estimate of what good images score, which keeps false alarms rare.
         normal_maps = [(patches / self.normalisers["agnostic"]).numpy() for patches in patch_maps]
-        self.set_calibration(calibrate([self._total(h) for h in held_out], normal_maps))
+        normal_scores = np.array([self._total(h) for h in held_out])
+        if self.structural is not None:
+            member_scores = np.asarray(member_scores, np.float64)
+            self.fusion = [float(np.mean(normal_scores)), spread(normal_scores), float(np.mean(member_scores)),
+                           spread(member_scores)]
+            self.structural_member = self._new_member()
+            self.structural_member.fit_features(features)
+            normal_maps = [np.maximum(own, member / self._member_map_scale()) for own, member in zip(normal_maps, member_maps)]
+            normal_scores = self._fuse(normal_scores, member_scores)
+        self.set_calibration(calibrate(normal_scores, normal_maps))
+
+    def _fuse(self, scores: np.ndarray, member_scores: np.ndarray) -> np.ndarray:
+        """The larger standardised score: an image is as anomalous as the detector that finds it
+        most so (logical and structural defects rarely raise both)."""
+        mean, deviation, member_mean, member_deviation = self.fusion
+        return np.maximum((np.asarray(scores) - mean) / deviation, (np.asarray(member_scores) - member_mean) / member_deviation)
+
+    def _member_map_scale(self) -> float:
+        """The member's patch distances are divided by its mean held-out normal image score, so
+        that, like the calibrated class-agnostic distances, a normal image's worst patches are near 1."""
+        return max(self.fusion[2], 1e-9)
 
     def _published_pixels(self) -> int | None:
         return self.part_size**2 if self.scoring == "published" else None
@@ -281,18 +367,24 @@ class Composition(BackboneDetector):
         compositions, part_maps = self.compose(images, features)
         scores, maps, parts = [], [], []
         height, width = features.shape[2:]
-        for image, composition, part_map in zip(images, compositions, part_maps):
+        member_scores, member_maps = (self.structural_member.score_feature_batch(features) if self.fusion is not None
+                                      else (None, None))
+        for index, (image, composition, part_map) in enumerate(zip(images, compositions, part_maps)):
             calibrated, distances, evidence = self.score_parts(composition)
             scores.append(self._combine_calibrated(calibrated))
-            patch_map = upsample_map(distances.reshape(height, width).numpy(), self.backbone_network.input_hw, image.shape[:2],
-                                     self.blur_sigma)
+            grid = distances.reshape(height, width).numpy()
+            if member_maps is not None:
+                grid = np.maximum(grid, member_maps[index].numpy() / self._member_map_scale())
+            patch_map = upsample_map(grid, self.backbone_network.input_hw, image.shape[:2], self.blur_sigma)
             parts_map = cv2.resize(self.evidence_map(part_map, evidence), (image.shape[1], image.shape[0]),
                                    interpolation=cv2.INTER_NEAREST)
             maps.append(np.maximum(patch_map, parts_map))
             parts.append(cv2.resize(part_map.astype(np.uint8), (image.shape[1], image.shape[0]),
                                     interpolation=cv2.INTER_NEAREST).astype(np.int64))
-        return Prediction(scores=np.array(scores, dtype=np.float64), maps=maps,
-                          part_maps=parts)
+        scores = np.array(scores, dtype=np.float64)
+        if member_scores is not None:
+            scores = self._fuse(scores, member_scores)
+        return Prediction(scores=scores, maps=maps, part_maps=parts)
 
     def evidence_map(self, part_map: np.ndarray, evidence: np.ndarray) -> np.ndarray:
         """(S, S) float32: each class whose evidence is far outside the normal range (above
@@ -317,13 +409,19 @@ class Composition(BackboneDetector):
             "usual_place": torch.from_numpy(self.memory.usual_place.astype(np.uint8)),
             "refs.patches": refs.patches, "refs.patch_class": refs.patch_class,
             "refs.foreground": refs.foreground.to(torch.uint8), "refs.owner": owner,
+            "refs.source": torch.from_numpy(self.memory.sources.astype(np.int64)),
         })
+        if self.structural_member is not None:
+            tensors.update({f"structural.{k}": v for k, v in self.structural_member.state_tensors().items()})
         for name in CLASS_ARRAYS:
             tensors[f"refs.{name}"] = torch.from_numpy(np.ascontiguousarray(getattr(refs, name), dtype=np.float64))
         return tensors
 
     def extra_state(self) -> dict:
-        return {"normalisers": self.normalisers}
+        extra = {"normalisers": self.normalisers, "fusion": self.fusion}
+        if self.structural_member is not None:
+            extra["structural"] = self.structural_member.extra_state()
+        return extra
 
     def load_state_tensors(self, tensors, extra) -> None:
         self.part_segmenter.load_state_tensors(tensors, "segmenter.")
@@ -337,7 +435,17 @@ class Composition(BackboneDetector):
                 patches=tensors["refs.patches"][mine].float(), patch_class=tensors["refs.patch_class"][mine].long(),
                 foreground=tensors["refs.foreground"][mine].bool(),
                 **{name: tensors[f"refs.{name}"][i].double().numpy() for name in CLASS_ARRAYS}))
+        sources = tensors["refs.source"].numpy() if "refs.source" in tensors else None  # older files: no views
         self.memory = Memory(refs, tensors["typical_area"].double().numpy(), self.background,
-                             tensors["usual_place"].numpy().astype(bool), pixels=self._published_pixels())
+                             tensors["usual_place"].numpy().astype(bool), pixels=self._published_pixels(),
+                             sources=sources, pooled=self.normalise == "pooled")
         self.normalisers = {s: float(v) for s, v in extra["normalisers"].items()}
+        self.fusion = extra.get("fusion")
+        self.structural_member = None
+        if self.fusion is not None:
+            self.structural_member = self._new_member()
+            prefix = "structural."
+            self.structural_member.load_state_tensors(
+                {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}, extra["structural"])
+            self.structural_member._fitted = True
 
