@@ -129,9 +129,10 @@ class _KCenter:
         self.order = torch.argsort(cell, stable=True)
         self.cell, self.to_anchor = cell[self.order], to_anchor[self.order]
         self.bounds = torch.cat([torch.zeros(1, dtype=torch.long), torch.bincount(cell, minlength=len(self.anchors)).cumsum(0)]).tolist()
-        # float32 rounding of the distances (a relative error of about 1e-6 on squared
-        # distances) must never prune a point that a centre does come closer to.
-        self.slack = 1e-3 * float(self.to_anchor.max()) + 1e-6
+        # float32 rounding of squared distances (about 1e-6 of the squared norms) must never
+        # prune a point that a centre does come closer to: its square root is 1e-3 of a norm.
+        largest = max(float(self.to_anchor.max()), float((points * points).sum(dim=1).max()) ** 0.5)
+        self.slack = 1e-3 * largest + 1e-6
         return points[self.order]
 
     def _update(self, centres: list[int]) -> None:
