@@ -1,6 +1,13 @@
 """PatchCore at scale: coreset time, exactness of its picks, fit time, and faiss search options.
 
     python benchmarks/coreset_scale.py [--images 300] [--size 256] [--repeats 3]
+    python benchmarks/coreset_scale.py --fit-only [--bank 32768] [--coreset NAME]
+
+--fit-only: issue 14's target alone: the whole PatchCore fit (embedding, calibration fold, final
+  coreset and index) of ``--images`` BSData training images with a ``--bank``-row bank, timed by
+  phase in wall and process CPU seconds (CPU time stays meaningful on a loaded machine when
+  DEFECTLENS_THREADS=1), printed and appended to ``--fit-json`` when given. Run it alone on a
+  quiet machine for the wall figure.
 
 coreset: `greedy_coreset` as PatchCore calls it (all patches of N images, per-image pool first),
   banks of 4096 and 32768 rows, median of ``--repeats`` runs; against the one-pass-per-pick loop
@@ -16,6 +23,7 @@ Writes benchmarks/results/coreset_scale.md.
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import platform
 import statistics
@@ -78,9 +86,16 @@ def main() -> None:
     parser.add_argument("--features", help="cache of the train features (.pt): read if present, else written")
     parser.add_argument("--no-fit", action="store_true", help="skip the end-to-end fit (it embeds the images again)")
     parser.add_argument("--out", default=str(HERE / "results" / "coreset_scale.md"))
+    parser.add_argument("--fit-only", action="store_true", help="time the whole PatchCore fit only (see above)")
+    parser.add_argument("--bank", type=int, default=32768, help="--fit-only: bank rows")
+    parser.add_argument("--coreset", default=None, help="--fit-only: PatchCore's coreset parameter (default: its default)")
+    parser.add_argument("--fit-json", help="--fit-only: append the timings to this JSON list")
     args = parser.parse_args()
     root = Path(args.data)
     train = sorted((root / "train" / "good").iterdir())[: args.images]
+    if args.fit_only:
+        time_fit(train, args)
+        return
     test = sorted((root / "test").rglob("*.[jp][pn]g"))[:20]
     backbone = get_backbone("efficientnet-lite0", args.size)
     if args.features and Path(args.features).is_file():
@@ -146,6 +161,46 @@ def main() -> None:
             lines.append(f"| {name} | {kind} | {build_s:.1f} | {search_s / len(test) * 1000:.1f} | {share:.3f} | {worst:.1%} |")
             print(lines[-1], flush=True)
     Path(args.out).write_text("\n".join(lines) + "\n")
+
+
+class Clock:
+    """Wall and process-CPU seconds of consecutive phases."""
+
+    def __init__(self):
+        self.phases: dict[str, tuple[float, float]] = {}
+        self._wall, self._cpu = time.perf_counter(), time.process_time()
+
+    def lap(self, name: str) -> None:
+        wall, cpu = time.perf_counter(), time.process_time()
+        self.phases[name] = (wall - self._wall, cpu - self._cpu)
+        self._wall, self._cpu = wall, cpu
+
+
+def time_fit(train: list[Path], args) -> None:
+    """PatchCore's whole fit (what ``fit`` runs: embedding, then calibration folds and the final
+    coreset), split into the embedding and the rest."""
+    params = {"size": args.size, "bank_size": args.bank}
+    if args.coreset:
+        params["coreset"] = args.coreset
+    detector = create_detector("patchcore", **params)
+    detector.backbone_network  # built before the clock starts: loading weights is not fitting
+    load = os.getloadavg()[0]
+    clock = Clock()
+    features = detector.embed_images(train, fit=True)
+    clock.lap("embedding")
+    detector.fit_from_features(features)
+    clock.lap("calibration + final coreset + index")
+    wall = sum(w for w, _ in clock.phases.values())
+    cpu = sum(c for _, c in clock.phases.values())
+    record = {"images": len(train), "size": args.size, "params": detector.get_params(), "bank_rows": int(detector.bank.shape[0]),
+              "threads": torch.get_num_threads(), "load_average_start": load, "load_average_end": os.getloadavg()[0],
+              "phases": {name: {"wall_s": w, "cpu_s": c} for name, (w, c) in clock.phases.items()},
+              "fit_wall_s": wall, "fit_cpu_s": cpu, "when": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime())}
+    print(json.dumps(record, indent=1), flush=True)
+    if args.fit_json:
+        path = Path(args.fit_json)
+        runs = json.loads(path.read_text()) if path.is_file() else []
+        path.write_text(json.dumps(runs + [record], indent=1) + "\n")
 
 
 def flatten(features: torch.Tensor) -> torch.Tensor:

@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 import torch
 
-from defectlens.models.memory import NearestNeighbours, _k_center, _KCenter, greedy_coreset
+from defectlens.models.memory import NearestNeighbours, _k_center, _KCenter, _plain_k_center, greedy_coreset
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -46,6 +46,59 @@ def test_batched_rounds_give_exactly_the_plain_loops_picks(candidates):
     points = centres[torch.randint(40, (3000,), generator=generator)] + torch.randn(3000, 16, generator=generator, dtype=torch.float64)
     expected = plain_k_center(points, 200, first=7)
     assert _KCenter(points, candidates=candidates, whole=0, chunk_elements=4096).run(first=7, size=200).tolist() == expected
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_cell_pruning_skips_work_but_never_changes_a_pick(dtype):
+    """The triangle-inequality pruning is exact: the plain loop's sequence in float64; in float32
+    (where the pruning's slack must absorb rounding, and BLAS rounding may swap near-ties) every
+    pick is still the farthest point from the previous picks. It does skip most of the work
+    once the picks are dense (a full pass per round would do all of it)."""
+    generator = torch.Generator().manual_seed(4)
+    centres = torch.randn(60, 12, generator=generator, dtype=torch.float64) * 5
+    points = (centres[torch.randint(60, (6000,), generator=generator)] + torch.randn(6000, 12, generator=generator,
+                                                                                    dtype=torch.float64)).to(dtype)
+    expected = plain_k_center(points.double(), 1500, first=11)
+    pruned = _KCenter(points, candidates=128, whole=1000, cells=40)
+    lowered = []
+    original = pruned._lower
+    pruned._lower = lambda rows, centre_points, norms: (lowered.append((rows.stop - rows.start) * len(centre_points)),
+                                                        original(rows, centre_points, norms))
+    picked = pruned.run(first=11, size=1500).tolist()
+    if dtype == torch.float64:
+        assert picked == expected
+    else:
+        distance = torch.cdist(points.double(), points[picked].double())
+        to_previous = distance[:, 0]
+        for step in range(1, len(picked)):
+            assert float(to_previous[picked[step]]) >= float(to_previous.max()) * (1 - 1e-4)
+            to_previous = torch.minimum(to_previous, distance[:, step])
+    assert sum(lowered) < 0.5 * 6000 * 1500
+
+
+def test_in_cache_loop_gives_the_plain_loops_picks():
+    generator = torch.Generator().manual_seed(5)
+    points = torch.randn(2000, 10, generator=generator, dtype=torch.float64) ** 3
+    assert _plain_k_center(points.numpy(), 9, 400) == plain_k_center(points, 400, first=9)
+    assert _plain_k_center(np.zeros((6, 2)), 0, 4) == [0]  # no distinct point left to pick
+
+
+def test_exact_coreset_covers_all_points_at_least_as_well_as_the_pooled_one():
+    """The pooled coreset (per-image k-center first) is an approximation of the exact greedy:
+    both are 2-approximate k-centers of what they see, the exact one of every point, so its
+    covering radius over all points is at most twice the optimum and never more than twice the
+    pooled one's (the pooled radius is at least the optimum)."""
+    generator = torch.Generator().manual_seed(6)
+    centres = torch.randn(30, 16, generator=generator) * 4
+    features = centres[torch.randint(30, (12 * 400,), generator=generator)] + torch.randn(12 * 400, 16, generator=generator)
+    radius = {}
+    for method in ("pooled", "exact"):
+        picked = greedy_coreset(features, 150, groups=12, pool_factor=2, method=method)
+        assert len(set(picked.tolist())) == 150
+        radius[method] = float(torch.cdist(features, features[picked]).amin(dim=1).max())
+    assert radius["exact"] <= 2.0 * radius["pooled"]
+    with pytest.raises(ValueError, match="method must be"):
+        greedy_coreset(features, 150, method="random")
 
 
 def test_k_center_stops_when_points_run_out_and_keeps_small_sets_whole():

@@ -8,8 +8,8 @@ import torch
 
 from ...backbones import DEFAULT_BACKBONE
 from ..base import register
-from ..memory import NearestNeighbours, greedy_coreset
-from ..params import Integer
+from ..memory import CORESETS, NearestNeighbours, greedy_coreset
+from ..params import Choice, Integer
 from ..patch import AUGMENT_MAX_IMAGES, DEFAULT_AUGMENT, PatchDetector
 
 
@@ -22,9 +22,10 @@ def flatten_patches(features: torch.Tensor) -> torch.Tensor:
 class PatchCore(PatchDetector):
     name = "patchcore"
     parameter_constraints = {"bank_size": Integer(1, 10**7), "reweight_neighbours": Integer(0, 1024),
-                             "top_k": Integer(1, 10**6)}
+                             "top_k": Integer(1, 10**6), "coreset": Choice(CORESETS)}
 
-    def __init__(self, bank_size: int = 4096, reweight_neighbours: int = 9, top_k: int = 1, backbone: str = DEFAULT_BACKBONE,
+    def __init__(self, bank_size: int = 4096, reweight_neighbours: int = 9, top_k: int = 1, coreset: str = "pooled",
+                 backbone: str = DEFAULT_BACKBONE,
                  size: int = 256, blur_sigma: float = 4.0, seed: int = 0, geometry: str = "square",
                  tile_size: int | None = None, tile_overlap: float = 0.25,
                  augment: str = DEFAULT_AUGMENT, augment_max_images: int = AUGMENT_MAX_IMAGES):
@@ -32,17 +33,21 @@ class PatchCore(PatchDetector):
         keeps prediction within budget on 2 cores (see benchmarks/). ``reweight_neighbours``:
         b in the paper's image-score re-weighting (0 disables it). ``top_k``: the image score
         reduces the top_k patch distances by their mean (1 = the paper's maximum); a mean is less
-        at the mercy of one noisy patch."""
+        at the mercy of one noisy patch. ``coreset``: "pooled" (each image's greedy k-center
+        first, about 4 × bank_size patches in all, then the greedy over that pool) or "exact"
+        (the paper's greedy over all patches; slower, see benchmarks/results/coreset_scale.md)."""
         super().__init__(backbone=backbone, size=size, blur_sigma=blur_sigma, seed=seed, geometry=geometry,
                          tile_size=tile_size, tile_overlap=tile_overlap, augment=augment,
                          augment_max_images=augment_max_images)
         self.bank_size = bank_size
         self.reweight_neighbours = reweight_neighbours
         self.top_k = top_k
+        self.coreset = coreset
 
     def fit_features(self, features: torch.Tensor) -> None:
         patches = flatten_patches(features)
-        keep = greedy_coreset(patches, self.bank_size, seed=self.seed, progress=True, groups=features.shape[0])
+        keep = greedy_coreset(patches, self.bank_size, seed=self.seed, progress=True, groups=features.shape[0],
+                              method=self.coreset)
         self._set_bank(patches[keep].contiguous())
 
     def _set_bank(self, bank: torch.Tensor) -> None:
