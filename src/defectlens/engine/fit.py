@@ -99,10 +99,13 @@ def with_category(method: str, dataset: Dataset, params: dict) -> dict:
 
 
 def fit_from_folder(data: str | os.PathLike, method: str = DEFAULT_METHOD, shots: int | None = None, seed: int = 0,
-                    params: dict | None = None) -> tuple[Detector, TrainingSet]:
+                    params: dict | None = None, runtime: str = "torch") -> tuple[Detector, TrainingSet]:
     """Fit ``method`` with ``params`` on what it learns from in DATA (see :func:`training_set`):
     normal images (all, or ``shots`` of them picked with ``seed``), plus, for methods that learn
-    from anomalies, labelled ones. ``seed`` also seeds the method itself."""
+    from anomalies, labelled ones. ``seed`` also seeds the method itself. ``runtime``: where the
+    backbone embeds the training images (see runtime.load_runtime); "auto" takes an exported
+    runtime only when one is in the cache already, since an export costs more than it saves on
+    a few hundred images."""
     if method not in REGISTRY:
         raise ParameterError(f"unknown method '{method}'; available: {', '.join(sorted(REGISTRY))}")
     params = {"seed": seed, **(params or {})}
@@ -119,4 +122,8 @@ def fit_from_folder(data: str | os.PathLike, method: str = DEFAULT_METHOD, shots
         training = training_set(dataset, learning_type, shots, seed, anomalies)
     if not training.images and learning_type != LearningType.ZERO_SHOT:
         raise DatasetError(f"{data}: no normal training images found (expected train/good or a folder of images)")
+    if runtime != "torch":
+        from ..runtime import load_runtime
+
+        detector = load_runtime(detector, runtime, export_missing=False)
     return training.fit(detector), training
