@@ -6,9 +6,7 @@ from __future__ import annotations
 
 import math
 import os
-from collections import deque
 from collections.abc import Callable, Iterator, Sequence
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
@@ -18,6 +16,7 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from ..data import io as image_io
+from ..data.ahead import mapped_ahead
 from ..data.io import ImageReadError, printable, read_image
 from ..errors import OutputError, UsageError
 from ..models import Detector
@@ -26,10 +25,6 @@ from .outputs import PredictionCsv, PredictionOutputs
 
 if TYPE_CHECKING:
     from ..report.html import ImageRecord
-
-#: Threads that decode the images ahead of the one scoring them: decoding (PIL, which lets go of
-#: the GIL) then overlaps the forward pass and the search of the batch before.
-DECODE_THREADS = 2
 
 
 @dataclass
@@ -46,8 +41,8 @@ def predict_paths(detector: Detector, paths: Sequence[Path], keep_images: bool =
                   progress: bool = True, max_pixels: int | None = None, maps: bool = True) -> Iterator[Result]:
     """Yield one Result per path, in order. Each image is decoded on its own, so that a corrupt
     file becomes an error row; the readable ones are scored in chunks of the detector's
-    ``predict_chunk`` (all together for transductive methods). Images are decoded by
-    ``DECODE_THREADS`` threads up to two chunks ahead of the chunk being scored. Images above
+    ``predict_chunk`` (all together for transductive methods). Images are decoded in threads
+    up to two chunks ahead of the chunk being scored. Images above
     ``max_pixels`` (default :data:`defectlens.data.io.MAX_IMAGE_PIXELS`) are refused; those with a
     side above :data:`defectlens.data.io.MAX_SCORING_SIDE` are decoded reduced, so their maps are
     too. ``maps=False``: scores only (``anomaly_map`` None), skipping what only maps need."""
@@ -81,24 +76,9 @@ def predict_paths(detector: Detector, paths: Sequence[Path], keep_images: bool =
 
 
 def decoded_ahead(paths: Sequence[Path], max_pixels: int | None, ahead: int) -> Iterator[tuple[Path, np.ndarray | ImageReadError]]:
-    """(path, image or its ImageReadError) for each path in order, decoded by a thread pool at
-    most ``ahead`` images before the one the caller takes. Any other exception is raised when
-    the caller reaches its path, as a decode in the caller's thread would be."""
-    with ThreadPoolExecutor(max_workers=DECODE_THREADS, thread_name_prefix="defectlens-decode") as pool:
-        queue: deque = deque()
-        remaining = iter(paths)
-        try:
-            for path in remaining:
-                queue.append((path, pool.submit(_read_or_error, path, max_pixels)))
-                if len(queue) > ahead:
-                    path, future = queue.popleft()
-                    yield path, future.result()
-            while queue:
-                path, future = queue.popleft()
-                yield path, future.result()
-        finally:
-            for _, future in queue:  # stopped early (an error, Ctrl-C): skip the decodes not started
-                future.cancel()
+    """(path, image or its ImageReadError) for each path in order, decoded in threads at most
+    ``ahead`` images before the one the caller takes (data.ahead)."""
+    return zip(paths, mapped_ahead(partial(_read_or_error, max_pixels=max_pixels), paths, ahead))
 
 
 def _read_or_error(path: Path, max_pixels: int | None) -> np.ndarray | ImageReadError:
