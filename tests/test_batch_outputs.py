@@ -142,11 +142,11 @@ def test_an_internal_error_keeps_the_finished_rows_and_says_it_is_a_bug(model, i
     monkeypatch.setattr(Detector, "predict_chunk", 1)
     real, calls = type(Detector.load(model)).predict, []
 
-    def failing_second(self, batch):
+    def failing_second(self, batch, **options):
         calls.append(1)
         if len(calls) == 2:
             raise TypeError("boom")
-        return real(self, batch)
+        return real(self, batch, **options)
 
     monkeypatch.setattr(type(Detector.load(model)), "predict", failing_second)
     assert predict(model, images, "--csv", out) == 3
@@ -274,3 +274,39 @@ def test_exit_status_is_zero_only_when_every_input_was_scored(model, images, tmp
     (images / "broken.png").write_bytes(b"\x89PNG not really")
     assert predict(model, images, "--csv", tmp_path / "b.csv") == 1
     assert len(rows_of(tmp_path / "b.csv")) == 5
+
+
+# -- scores only, decoding ahead --------------------------------------------------------------------
+def test_a_csv_run_skips_the_maps_but_not_a_score_and_a_bad_file_keeps_its_place(model, images, tmp_path, monkeypatch):
+    monkeypatch.setattr(Detector, "predict_chunk", 2)  # batches [img_0, bad], [img_1, img_2], [img_3]
+    (images / "img_0b.png").write_bytes(b"not a png")
+    plain, mapped = tmp_path / "plain.csv", tmp_path / "mapped.csv"
+    assert predict(model, images, "--csv", plain) == 1
+    assert predict(model, images, "--csv", mapped, "--maps", tmp_path / "maps") == 1
+    rows, rows_with_maps = rows_of(plain), rows_of(mapped)
+    assert [os.path.basename(r["path"]) for r in rows] == ["img_0.png", "img_0b.png", "img_1.png", "img_2.png", "img_3.png"]
+    assert [r["path"] for r in rows_with_maps] == [r["path"] for r in rows]
+    assert rows[1]["score"] == "" and "img_0b.png" in rows[1]["error"]
+    for row, row_with_maps in zip(rows, rows_with_maps):
+        assert row["label"] == row_with_maps["label"] and row["map"] == ""
+        if not row["error"]:
+            assert float(row["score"]) == pytest.approx(float(row_with_maps["score"]), rel=1e-5)
+            assert row_with_maps["map"]
+
+
+def test_decoding_ahead_keeps_the_input_order_and_each_files_error(tmp_path, normal_images):
+    paths = []
+    for i in range(11):
+        path = tmp_path / f"{i:02d}.png"
+        if i % 4 == 1:
+            path.write_bytes(b"broken")
+        else:
+            Image.fromarray(normal_images[i % 6]).save(path)
+        paths.append(path)
+    got = list(predict_module.decoded_ahead(paths, None, ahead=3))
+    assert [path for path, _ in got] == paths
+    for i, (path, image) in enumerate(got):
+        if i % 4 == 1:
+            assert isinstance(image, image_io.ImageReadError) and str(path) in str(image)
+        else:
+            assert np.array_equal(image, normal_images[i % 6])

@@ -100,3 +100,28 @@ def test_cli_fit_target_fpr_says_what_the_threshold_means(tmp_path, normal_image
     assert Detector.load(path).operating_fpr == 0.05
     assert main(["predict", str(path), str(folder), "--target-fpr", "0.2", "--threshold", "1"]) == 2
     assert "give one of them" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("method,params", [("patchcore", {"top_k": 3, "bank_size": 100}),
+                                           ("patchcore", {"geometry": "tiles", "tile_size": 48}),
+                                           ("padim", {}), ("composition", {"parts": 3})])
+def test_scores_without_maps_are_the_scores_with_maps(method, params, normal_images, defect_image):
+    """predict(maps=False) skips the maps (and PatchCore most of its exact search): same scores."""
+    detector = create_detector(method, size=64, **params).fit(normal_images[:4])
+    images = [*normal_images[4:], defect_image]
+    with_maps = detector.predict(images)
+    scores_only = detector.predict(images, maps=False)
+    assert scores_only.maps is None and with_maps.maps is not None
+    # PatchCore searches its most distant patches again: equal up to float32 rounding.
+    np.testing.assert_allclose(scores_only.scores, with_maps.scores, rtol=1e-5)
+    assert detector.predict([], maps=False).scores.shape == (0,)
+
+
+def test_patchcore_batch_scores_are_its_contract_scores(normal_images, defect_image):
+    """score_feature_batch reuses the search of every patch for the re-weighting: the same image
+    scores as score_features then image_scores, which search the worst patch again."""
+    detector = create_detector("patchcore", size=64, top_k=2, bank_size=120).fit(normal_images[:4])
+    features = detector.embed_images([*normal_images[4:], defect_image])
+    scores, patch_scores = detector.score_feature_batch(features)
+    assert torch.equal(patch_scores, detector.score_features(features))
+    np.testing.assert_allclose(scores, detector.image_scores(patch_scores, features).numpy(), rtol=1e-6)

@@ -151,3 +151,52 @@ def test_auto_index_switches_to_ivf_for_large_banks(monkeypatch):
     assert NearestNeighbours(bank, index="auto").kind == "ivf"
     with pytest.raises(ValueError, match="index must be"):
         NearestNeighbours(bank, index="lsh")
+
+
+def full_search_top(index, groups, count):
+    """The reference ``largest_nearest`` must match: every query searched, then a top-k per group."""
+    distances, nearest = index.search(groups.reshape(-1, groups.shape[2]), k=1)
+    distances, nearest = distances[:, 0].reshape(groups.shape[:2]), nearest[:, 0].reshape(groups.shape[:2])
+    columns = np.argsort(-distances, axis=1, kind="stable")[:, :count]
+    return np.take_along_axis(distances, columns, 1), columns, np.take_along_axis(nearest, columns, 1)
+
+
+@pytest.mark.parametrize("count", [1, 5])
+def test_largest_nearest_is_the_top_of_a_full_search_for_a_fraction_of_the_searches(count, monkeypatch):
+    from defectlens.models.memory import BOUND_DIMS
+
+    # Like backbone features, most of the variance in a few directions (clusters in 16 dims of 128).
+    rng = np.random.default_rng(1)
+    bank, queries = clustered_bank(1500, dim=16)
+    mixing = rng.normal(size=(16, 4 * BOUND_DIMS)).astype(np.float32)
+    bank = bank @ mixing + rng.normal(scale=0.1, size=(len(bank), 4 * BOUND_DIMS)).astype(np.float32)
+    queries = queries @ mixing + rng.normal(scale=0.1, size=(len(queries), 4 * BOUND_DIMS)).astype(np.float32)
+    groups = np.ascontiguousarray(queries[rng.permutation(len(queries))].reshape(4, 100, -1))  # distinct: no ties
+    groups[1, 17] += 6.0  # an anomalous patch: far from every bank row
+    index = NearestNeighbours(bank)
+    expected = full_search_top(index, groups, count)
+    searched = []
+    real_search = NearestNeighbours.search
+    monkeypatch.setattr(NearestNeighbours, "search", lambda self, q, k=1: searched.append(len(q)) or real_search(self, q, k))
+    top, columns, nearest = index.largest_nearest(groups, count)
+    np.testing.assert_allclose(top, expected[0], rtol=1e-5)
+    assert columns.tolist() == expected[1].tolist() and nearest.tolist() == expected[2].tolist()
+    assert columns[1, 0] == 17
+    assert sum(searched) < groups.shape[0] * groups.shape[1] / 4  # the point: most queries never searched exactly
+
+
+def test_largest_nearest_with_ties_and_exact_matches_searches_what_it_must():
+    from defectlens.models.memory import BOUND_DIMS
+
+    bank, _ = clustered_bank(500, dim=3 * BOUND_DIMS)
+    index = NearestNeighbours(bank)
+    # Queries that are bank rows (distance 0, where float32 rounding is largest relative to the
+    # distance), and one query repeated: equal distances everywhere.
+    groups = np.stack([bank[:50], np.repeat(bank[7:8] + 0.5, 50, axis=0)])
+    for count in (1, 3, 50):
+        top, columns, nearest = index.largest_nearest(groups, count)
+        expected = full_search_top(index, groups, count)
+        np.testing.assert_allclose(top, expected[0], rtol=1e-4, atol=0.05)  # |rows| ~ 30: rounding of 0 is ~0.01
+        np.testing.assert_allclose(top[1], expected[0][1, 0], rtol=1e-4)
+        assert set(nearest[1].tolist()) == {expected[2][1, 0]}
+        assert len(set(columns[1].tolist())) == count

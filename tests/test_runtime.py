@@ -67,3 +67,64 @@ def test_export_refuses_to_overwrite_and_mismatched_exports_are_an_error(export_
         load_runtime(detector, read_spec(export_dir)["format"], export_dir=export_dir)
     with pytest.raises(UsageError, match="not a defectlens export"):
         load_runtime(detector, "onnx", export_dir=export_dir.parent)
+
+
+@pytest.fixture()
+def cache_with(export_dir, tmp_path, monkeypatch):
+    """A private export cache; ``cache_with(detector)`` puts the module's export where the cache
+    keeps the export of that detector's backbone (no export made again)."""
+    import shutil
+
+    from defectlens.runtime import cached_export
+
+    monkeypatch.setenv("DEFECTLENS_CACHE", str(tmp_path / "cache"))
+
+    def place(detector):
+        shutil.copytree(export_dir, cached_export(detector, read_spec(export_dir)["format"]))
+    return place
+
+
+def test_fit_auto_embeds_on_a_cached_export_with_the_pytorch_fit_bank_and_threshold(cache_with, export_dir, tmp_path,
+                                                                                  normal_images, defect_image):
+    from PIL import Image
+
+    from defectlens.engine.fit import fit_from_folder
+    from defectlens.runtime import runtime_of
+
+    folder = tmp_path / "good"
+    folder.mkdir()
+    for i, image in enumerate(normal_images):
+        Image.fromarray(image).save(folder / f"{i}.png")
+    reference, _ = fit_from_folder(folder, params={"size": SIZE}, runtime="torch")
+    # An empty cache: "auto" keeps PyTorch rather than pay for an export.
+    detector, _ = fit_from_folder(folder, params={"size": SIZE}, runtime="auto")
+    assert runtime_of(detector) == "torch" and not (tmp_path / "cache").exists()
+    cache_with(detector)
+    detector, _ = fit_from_folder(folder, params={"size": SIZE}, runtime="auto")
+    assert runtime_of(detector) == read_spec(export_dir)["format"]
+    # Every patch kept (6 images × 8 × 8 < bank_size): the banks agree to the features' tolerance.
+    assert detector.bank.shape == reference.bank.shape
+    assert (detector.bank - reference.bank).abs().max() <= FEATURE_TOLERANCE
+    assert detector.threshold == pytest.approx(reference.threshold, rel=SCORE_RTOL)
+    np.testing.assert_allclose(detector.normal_scores, reference.normal_scores, rtol=SCORE_RTOL)
+
+
+def test_the_service_runs_its_models_on_the_runtime_it_is_given(cache_with, export_dir, tmp_path, normal_images,
+                                                                defect_image):
+    from concurrent.futures import ThreadPoolExecutor
+
+    from defectlens.runtime import runtime_of
+    from defectlens.serve.inspection import LoadedModel
+
+    path = create_detector("patchcore", size=SIZE).fit(normal_images).save(tmp_path / "m.dlmodel")
+    torch_model = LoadedModel.load("m", path)
+    cache_with(torch_model.detector)
+    model = LoadedModel.load("m", path, runtime=read_spec(export_dir)["format"])
+    assert runtime_of(model.detector) == read_spec(export_dir)["format"] and runtime_of(torch_model.detector) == "torch"
+    images = [*normal_images[:2], defect_image]
+    expected = torch_model.detector.predict(images).scores
+    # Several service workers share one detector: every thread gets the same scores.
+    with ThreadPoolExecutor(3) as pool:
+        for scores in pool.map(lambda _: model.detector.predict(images).scores, range(6)):
+            # The two normal images were trained on: distance 0 in PyTorch, ~1e-4 through the export.
+            np.testing.assert_allclose(scores, expected, rtol=SCORE_RTOL, atol=1e-3)

@@ -74,7 +74,8 @@ def cmd_fit(args) -> int:
                   f"{MANY_IMAGES} normal images; --method picks another)")
     params = method_params(args)
     started = time.perf_counter()
-    detector, training = fit_from_folder(args.data, method=args.method, shots=args.shots, seed=args.seed, params=params)
+    detector, training = fit_from_folder(args.data, method=args.method, shots=args.shots, seed=args.seed, params=params,
+                                         runtime=args.runtime)
     if args.target_fpr is not None:
         detector.set_operating_point(args.target_fpr)
     detector.save(output)
@@ -301,7 +302,7 @@ def cmd_serve(args) -> int:
                          host=args.host, port=args.port, tokens=tokens, insecure=args.insecure, workers=args.workers,
                          queue=args.queue, max_upload_bytes=int(args.max_upload_mb * 1024 * 1024),
                          max_pixels=int(args.max_pixels), max_batch=args.max_batch,
-                         cors_origins=tuple(args.cors_origin or ()))
+                         cors_origins=tuple(args.cors_origin or ()), runtime=args.runtime)
     if args.export_good:
         for name, count in export_good(config, args.export_good).items():
             print(f"{name}: {count} operator-confirmed good images in {Path(args.export_good) / name / 'train' / 'good'}")
@@ -366,6 +367,10 @@ def build_parser() -> argparse.ArgumentParser:
     fit.add_argument("--target-fpr", type=_fraction, default=None,
                      help="operating point: the share of good parts the threshold may flag (default 0.01)")
     fit.add_argument("--overwrite", action="store_true", help="replace an existing model file")
+    fit.add_argument("--runtime", default="torch", choices=["auto", "torch", "onnx", "openvino"],
+                     help="where the backbone embeds the training images; torch (default) makes the same model "
+                          "file every time; auto: an exported runtime when the cache has one (predict makes it), "
+                          "faster, but a coreset near-tie can pick a few other bank rows")
     fit.set_defaults(func=cmd_fit)
 
     predict = commands.add_parser("predict", help="score images with a saved model")
@@ -467,6 +472,9 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--max-pixels", type=float, default=40e6, help="pixels per image (default 40e6)")
     serve.add_argument("--max-batch", type=int, default=16, help="images per request (default 16)")
     serve.add_argument("--cors-origin", action="append", help="allow browser calls from this origin (default: none)")
+    serve.add_argument("--runtime", default="auto", choices=["auto", "torch", "onnx", "openvino"],
+                       help="where the backbone runs, as for predict; auto (default): the fastest installed, "
+                            "exported once into the cache")
     serve.add_argument("--export-good", metavar="DIR",
                        help="do not serve: write each model's operator-confirmed good images to DIR/MODEL/train/good and exit")
     serve.set_defaults(func=cmd_serve)

@@ -14,6 +14,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from ..data.ahead import mapped_ahead
 from ..data.io import as_image
 
 
@@ -64,6 +65,9 @@ class PatchBackbone:
         height, width = self.input_hw
         return cv2.resize(image, (width, height), interpolation=cv2.INTER_AREA)
 
+    def _prepare(self, item) -> np.ndarray:
+        return self.resize(as_image(item))
+
     def to_tensor(self, resized: np.ndarray) -> torch.Tensor:
         """(N, H, W, 3) uint8 -> normalised float (N, 3, H, W). Done in torch on the whole
         batch, channels-last (a view of the NHWC array): oneDNN convolutions run about 13 %
@@ -75,10 +79,12 @@ class PatchBackbone:
     def embed(self, images: Sequence | Iterable, progress: str | None = None, total: int | None = None) -> torch.Tensor:
         """Features for a list of images (arrays or paths), batched, without autograd."""
         batches, chunk = [], []
-        items = tqdm(images, desc=progress, total=total, unit="img", disable=progress is None, leave=False)
+        # Decoded and resized in threads while the batch before runs forward.
+        resized = mapped_ahead(self._prepare, images, ahead=2 * self.batch_size)
+        items = tqdm(resized, desc=progress, total=total, unit="img", disable=progress is None, leave=False)
         with torch.inference_mode():
             for item in items:
-                chunk.append(self.resize(as_image(item)))
+                chunk.append(item)
                 if len(chunk) == self.batch_size:
                     batches.append(self.forward(self.to_tensor(np.stack(chunk))))
                     chunk = []

@@ -42,13 +42,13 @@ def _worker_detector(token: str, model_bytes: bytes, runtime: str):
 
 
 def _score_chunk(token: str, model_bytes: bytes, runtime: str, paths: list[str], keep_images: bool,
-                 max_pixels: int | None) -> list[Result]:
+                 max_pixels: int | None, maps: bool = True) -> list[Result]:
     """Runs on a worker: one chunk of paths through the ordinary single-process path."""
     from .predict import predict_paths
 
     detector = _worker_detector(token, model_bytes, runtime)
     return list(predict_paths(detector, [Path(p) for p in paths], keep_images=keep_images, progress=False,
-                              max_pixels=max_pixels))
+                              max_pixels=max_pixels, maps=maps))
 
 
 def connect(scheduler: str):
@@ -72,7 +72,7 @@ def connect(scheduler: str):
 
 def predict_paths_dask(model_path: str | os.PathLike, paths: Sequence[Path], scheduler: str = "local", chunk: int = 8,
                        runtime: str = "torch", keep_images: bool = False, progress: bool = True,
-                       retries: int = 2, max_pixels: int | None = None) -> Iterator[Result]:
+                       retries: int = 2, max_pixels: int | None = None, maps: bool = True) -> Iterator[Result]:
     """Yield one Result per path, in input order, scored on the Dask cluster ``scheduler``
     (see :func:`connect`; a Client object is used as it is)."""
     from distributed import Client, as_completed
@@ -85,7 +85,7 @@ def predict_paths_dask(model_path: str | os.PathLike, paths: Sequence[Path], sch
         # One copy of the model on every worker, not one per task.
         model = client.scatter(model_bytes, broadcast=True, hash=False)
         chunks = [[str(p) for p in paths[start : start + chunk]] for start in range(0, len(paths), chunk)]
-        futures = [client.submit(_score_chunk, token, model, runtime, part, keep_images, max_pixels, retries=retries,
+        futures = [client.submit(_score_chunk, token, model, runtime, part, keep_images, max_pixels, maps, retries=retries,
                                  pure=False)
                    for part in chunks]
         order = {future.key: index for index, future in enumerate(futures)}

@@ -106,11 +106,14 @@ def default_method_for(data: str | os.PathLike, shots: int | None = None) -> str
 
 
 def fit_from_folder(data: str | os.PathLike, method: str | None = None, shots: int | None = None, seed: int = 0,
-                    params: dict | None = None) -> tuple[Detector, TrainingSet]:
+                    params: dict | None = None, runtime: str = "torch") -> tuple[Detector, TrainingSet]:
     """Fit ``method`` with ``params`` on what it learns from in DATA (see :func:`training_set`):
     normal images (all, or ``shots`` of them picked with ``seed``), plus, for methods that learn
     from anomalies, labelled ones. ``seed`` also seeds the method itself. Without ``method``, the
-    default for that many normal images (:func:`default_method_for`)."""
+    default for that many normal images (:func:`default_method_for`). ``runtime``: where the
+    backbone embeds the training images (see runtime.load_runtime); "auto" takes an exported
+    runtime only when one is in the cache already, since an export costs more than it saves on
+    a few hundred images."""
     method = method or default_method_for(data, shots)
     if method not in REGISTRY:
         raise ParameterError(f"unknown method '{method}'; available: {', '.join(sorted(REGISTRY))}")
@@ -128,4 +131,8 @@ def fit_from_folder(data: str | os.PathLike, method: str | None = None, shots: i
         training = training_set(dataset, learning_type, shots, seed, anomalies)
     if not training.images and learning_type != LearningType.ZERO_SHOT:
         raise DatasetError(f"{data}: no normal training images found (expected train/good or a folder of images)")
+    if runtime != "torch":
+        from ..runtime import load_runtime
+
+        detector = load_runtime(detector, runtime, export_missing=False)
     return training.fit(detector), training

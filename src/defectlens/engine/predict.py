@@ -10,17 +10,22 @@ from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 from tqdm.auto import tqdm
 
 from ..data import io as image_io
+from ..data.ahead import mapped_ahead
 from ..data.io import ImageReadError, printable, read_image
 from ..errors import OutputError, UsageError
 from ..models import Detector
-from ..report import ImageRecord, heatmap_overlay, prediction_record, save_png, write_report
 from ..models.products import UNKNOWN_PRODUCT
+from ..report.overlay import heatmap_overlay, save_png
 from .outputs import PredictionCsv, PredictionOutputs
+
+if TYPE_CHECKING:
+    from ..report.html import ImageRecord
 
 
 @dataclass
@@ -35,12 +40,14 @@ class Result:
 
 
 def predict_paths(detector: Detector, paths: Sequence[Path], keep_images: bool = False,
-                  progress: bool = True, max_pixels: int | None = None) -> Iterator[Result]:
-    """Yield one Result per path, in order. Images are decoded one by one so that a corrupt
+                  progress: bool = True, max_pixels: int | None = None, maps: bool = True) -> Iterator[Result]:
+    """Yield one Result per path, in order. Each image is decoded on its own, so that a corrupt
     file becomes an error row; the readable ones are scored in chunks of the detector's
-    ``predict_chunk`` (all together for transductive methods). Images above ``max_pixels``
-    (default :data:`defectlens.data.io.MAX_IMAGE_PIXELS`) are refused; those with a side above
-    :data:`defectlens.data.io.MAX_SCORING_SIDE` are decoded reduced, so their maps are too."""
+    ``predict_chunk`` (all together for transductive methods). Images are decoded in threads
+    up to two chunks ahead of the chunk being scored. Images above
+    ``max_pixels`` (default :data:`defectlens.data.io.MAX_IMAGE_PIXELS`) are refused; those with a
+    side above :data:`defectlens.data.io.MAX_SCORING_SIDE` are decoded reduced, so their maps are
+    too. ``maps=False``: scores only (``anomaly_map`` None), skipping what only maps need."""
     chunk = detector.predict_chunk or max(1, len(paths))
     pending: list[Result] = []
     bar = tqdm(total=len(paths), desc="predict", unit="img", disable=not progress, leave=False)
@@ -48,12 +55,12 @@ def predict_paths(detector: Detector, paths: Sequence[Path], keep_images: bool =
     def flush():
         readable = [r for r in pending if r.error is None]
         if readable:
-            prediction = detector.predict([r.image for r in readable])
-            maps = prediction.maps if prediction.maps is not None else [None] * len(readable)
+            prediction = detector.predict([r.image for r in readable], maps=maps)
+            scored_maps = prediction.maps if prediction.maps is not None else [None] * len(readable)
             part_maps = prediction.part_maps or [None] * len(readable)
             products = prediction.products or [""] * len(readable)
-            for result, score, anomaly_map, part_map, product in zip(readable, prediction.scores, maps, part_maps,
-                                                                     products):
+            for result, score, anomaly_map, part_map, product in zip(readable, prediction.scores, scored_maps,
+                                                                     part_maps, products):
                 result.score, result.anomaly_map, result.part_map = float(score), anomaly_map, part_map
                 result.product = UNKNOWN_PRODUCT if product is None else product
                 if not keep_images:
@@ -62,16 +69,28 @@ def predict_paths(detector: Detector, paths: Sequence[Path], keep_images: bool =
         bar.update(len(pending))
         pending.clear()
 
-    for path in paths:
-        try:
-            image = read_image(path, max_side=image_io.MAX_SCORING_SIDE, max_pixels=max_pixels)
+    for path, image in decoded_ahead(paths, max_pixels, ahead=2 * chunk if detector.predict_chunk else len(paths)):
+        if isinstance(image, ImageReadError):
+            pending.append(Result(path=path, error=str(image)))
+        else:
             pending.append(Result(path=path, image=image))
-        except ImageReadError as error:
-            pending.append(Result(path=path, error=str(error)))
         if len(pending) >= chunk:
             yield from flush()
     yield from flush()
     bar.close()
+
+
+def decoded_ahead(paths: Sequence[Path], max_pixels: int | None, ahead: int) -> Iterator[tuple[Path, np.ndarray | ImageReadError]]:
+    """(path, image or its ImageReadError) for each path in order, decoded in threads at most
+    ``ahead`` images before the one the caller takes (data.ahead)."""
+    return zip(paths, mapped_ahead(partial(_read_or_error, max_pixels=max_pixels), paths, ahead))
+
+
+def _read_or_error(path: Path, max_pixels: int | None) -> np.ndarray | ImageReadError:
+    try:
+        return read_image(path, max_side=image_io.MAX_SCORING_SIDE, max_pixels=max_pixels)
+    except ImageReadError as error:
+        return error
 
 
 @dataclass
@@ -107,6 +126,8 @@ def predict_to_outputs(detector: Detector, paths: Sequence[Path], outputs: Predi
     if threshold is not None and not math.isfinite(threshold):
         raise UsageError(f"threshold must be a finite number, not {threshold}")
     outputs.check(paths)
+    if outputs.report is not None:
+        from ..report.html import prediction_record, write_report  # matplotlib: imported only for a report
     outputs.prepare()
     summary, records = PredictSummary(), []
     table = PredictionCsv(outputs.csv, resume=outputs.resume) if outputs.csv is not None else None
@@ -122,7 +143,10 @@ def predict_to_outputs(detector: Detector, paths: Sequence[Path], outputs: Predi
             if outputs.report is not None:
                 records.append(_resumed_record(earlier))
         score = score_paths or partial(predict_paths, detector)
-        for result in score(todo, keep_images=outputs.overlays is not None, progress=progress, max_pixels=max_pixels):
+        # Maps cost time of their own (upsampling, and every patch's distance): only when written.
+        maps = outputs.maps is not None or outputs.overlays is not None or outputs.report is not None
+        for result in score(todo, keep_images=outputs.overlays is not None, progress=progress, max_pixels=max_pixels,
+                            maps=maps):
             # Read after each batch: zero-shot musc sets both from the batch it has just scored.
             summary.threshold = threshold if threshold is not None else detector.threshold
             row = _write_files(result, outputs, detector.map_range, summary.threshold)
@@ -171,6 +195,8 @@ def _write_files(result: Result, outputs: PredictionOutputs, map_range, threshol
 
 def _resumed_record(row: dict) -> ImageRecord:
     """An earlier run's row for the report: its score, and its map when the file is still there."""
+    from ..report.html import prediction_record
+
     anomaly_map = None
     if row.get("map") and os.path.isfile(row["map"]):
         anomaly_map = np.load(row["map"], mmap_mode="r")

@@ -189,15 +189,17 @@ class Detector:
         self._fitted = True
         return self
 
-    def predict(self, images: Sequence) -> Prediction:
+    def predict(self, images: Sequence, maps: bool = True) -> Prediction:
         """Scores and maps of ``images`` (paths or arrays: RGB, gray, RGBA, float in [0, 1] or
-        integer); maps at each image's own size. An empty input gives an empty prediction."""
+        integer); maps at each image's own size. An empty input gives an empty prediction.
+        ``maps=False``: the same scores without maps (``maps`` is None), for callers that write
+        none; methods whose maps cost time of their own skip that work (``score_images``)."""
         images = list(images)
         if not images:
-            return Prediction(scores=np.zeros(0), maps=[])
+            return Prediction(scores=np.zeros(0), maps=[] if maps else None)
         if not self._fitted:
             raise NotFittedError(f"{self.name}: call fit (or Detector.load) before predict")
-        prediction = self.predict_images(images)
+        prediction = self.predict_images(images) if maps else self.score_images(images)
         if len(prediction.scores) != len(images):
             raise RuntimeError(f"{self.name} returned {len(prediction.scores)} scores for {len(images)} images")
         return prediction
@@ -209,6 +211,12 @@ class Detector:
     def predict_images(self, images: list) -> Prediction:
         """Score a non-empty list of images."""
         raise NotImplementedError
+
+    def score_images(self, images: list) -> Prediction:
+        """The scores of ``predict_images`` without maps. Override where the maps (or what only
+        they need) cost time the scores do not; the scores must stay those of ``predict_images``."""
+        prediction = self.predict_images(images)
+        return Prediction(scores=prediction.scores)
 
     # -- state ----------------------------------------------------------------------------
     def state_tensors(self) -> dict[str, torch.Tensor]:

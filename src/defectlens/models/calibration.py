@@ -23,7 +23,6 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 
 import numpy as np
-from scipy.stats import t as student_t
 
 DEFAULT_FPR = 0.01
 MIN_SCORES = 3
@@ -78,6 +77,8 @@ def threshold_from_normal_scores(scores, fpr: float = DEFAULT_FPR) -> float | No
         raise ValueError(f"fpr must be between 0 and 1, not {fpr}")
     if scores.size < MIN_SCORES:
         return None
+    from scipy.stats import t as student_t  # here, not at the top: scipy.stats costs ~1 s of every CLI start
+
     count = scores.size
     gaussian = scores.mean() + student_t.ppf(1.0 - fpr, count - 1) * scores.std(ddof=1) * np.sqrt(1.0 + 1.0 / count)
     empirical = np.quantile(scores, 1.0 - fpr) if count * fpr >= 1.0 else scores.max()

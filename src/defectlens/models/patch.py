@@ -246,6 +246,16 @@ class PatchDetector(BackboneDetector):
         maps = [self.upsample_map(patch_map.numpy(), image.shape[:2]) for patch_map, image in zip(patch_scores, images)]
         return Prediction(scores=scores, maps=maps)
 
+    def score_images(self, images: list) -> Prediction:
+        """``predict_images``'s scores without maps: no map upsampling, and ``feature_scores``
+        may skip the patch scores the image scores do not depend on."""
+        return Prediction(scores=self.feature_scores(self.embed_images(images)))
+
+    def feature_scores(self, features: torch.Tensor) -> np.ndarray:
+        """The image scores of ``score_feature_batch`` alone; a method overrides it when it can
+        get them for less than every patch score."""
+        return self.score_feature_batch(features)[0]
+
     def score_feature_batch(self, features: torch.Tensor) -> tuple[np.ndarray, torch.Tensor]:
         """Image scores and patch maps for precomputed features (used by calibration and benchmarks)."""
         patch_scores = self.score_features(features)

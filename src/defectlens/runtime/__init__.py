@@ -4,8 +4,8 @@ PyTorch, behind the same backbone interface (scoring stays in faiss and torch)."
 from .backbones import ExportedBackbone, OnnxRuntimeBackbone, OpenVinoBackbone, open_exported
 from .export import (EXPORTABLE_METHODS, FEATURE_TOLERANCE, FORMATS, NotExportableError, check_exportable,
                      export_backbone, export_model, read_spec)
-from .load import RUNTIMES, installed, load_runtime
+from .load import RUNTIMES, cached_export, installed, load_runtime, runtime_of
 
 __all__ = ["EXPORTABLE_METHODS", "FEATURE_TOLERANCE", "FORMATS", "RUNTIMES", "ExportedBackbone", "NotExportableError",
            "OnnxRuntimeBackbone", "OpenVinoBackbone", "check_exportable", "export_backbone", "export_model", "installed",
-           "load_runtime", "open_exported", "read_spec"]
+           "load_runtime", "open_exported", "read_spec", "runtime_of", "cached_export"]

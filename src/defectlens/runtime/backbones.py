@@ -8,6 +8,7 @@ Their ``forward`` takes resized uint8 (N, H, W, 3) batches: normalisation is in 
 from __future__ import annotations
 
 import os
+import threading
 from pathlib import Path
 
 import numpy as np
@@ -80,11 +81,16 @@ class OpenVinoBackbone(ExportedBackbone):
         # f32 inference: OpenVINO would use bf16 on CPUs that have it, which breaks parity with PyTorch.
         self.compiled = core.compile_model(model, "CPU", {"INFERENCE_NUM_THREADS": self.threads, "INFERENCE_PRECISION_HINT": "f32",
                                                           "PERFORMANCE_HINT": "LATENCY"})
-        self.request = self.compiled.create_infer_request()
+        # One infer request per thread: a request is not safe to share, and the service predicts
+        # from several threads (serve --workers) on one detector.
+        self._requests = threading.local()
 
     def _run(self, images: np.ndarray) -> np.ndarray:
+        request = getattr(self._requests, "request", None)
+        if request is None:
+            request = self._requests.request = self.compiled.create_infer_request()
         # The request reuses its output buffer: copy before the next batch overwrites it.
-        return np.array(self.request.infer({0: images})[self.compiled.output(0)], copy=True)
+        return np.array(request.infer({0: images})[self.compiled.output(0)], copy=True)
 
 
 RUNTIME_BACKBONES = {"onnx": OnnxRuntimeBackbone, "openvino": OpenVinoBackbone}

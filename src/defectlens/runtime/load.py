@@ -28,12 +28,15 @@ def cache_dir() -> Path:
     return Path(os.environ.get("DEFECTLENS_CACHE") or Path.home() / ".cache" / "defectlens") / "exports"
 
 
-def load_runtime(detector, runtime: str = "auto", export_dir: str | os.PathLike | None = None):
+def load_runtime(detector, runtime: str = "auto", export_dir: str | os.PathLike | None = None,
+                 export_missing: bool = True):
     """Run ``detector``'s backbone on ``runtime`` and return the detector.
 
     "auto" takes the fastest installed runtime the detector can use and keeps PyTorch for
     methods that cannot be exported; naming a runtime makes those an error. Without
-    ``export_dir`` the backbone is exported once into the cache (about 10 s) and reused.
+    ``export_dir`` the backbone is exported once into the cache (about 10 s) and reused;
+    ``export_missing=False`` makes "auto" keep PyTorch instead when the cache has no export yet
+    (for work too short to pay for one, e.g. a fit on a few hundred images).
     """
     if runtime not in RUNTIMES:
         raise UsageError(f"runtime must be one of {', '.join(RUNTIMES)}, not {runtime!r}")
@@ -45,6 +48,8 @@ def load_runtime(detector, runtime: str = "auto", export_dir: str | os.PathLike 
         except NotExportableError:
             return detector
         formats = [read_spec(export_dir)["format"]] if export_dir is not None else PREFERENCE
+        if export_dir is None and not export_missing:
+            formats = [name for name in formats if (cached_export(detector, name) / SPEC_FILE).is_file()]
         runtime = next((name for name in formats if installed(name)), "torch")
         if runtime == "torch":
             return detector
@@ -54,7 +59,7 @@ def load_runtime(detector, runtime: str = "auto", export_dir: str | os.PathLike 
                            "(or defectlens[export] for both)")
     name, size = detector.backbone, detector.size
     if export_dir is None:
-        export_dir = cache_dir() / f"{name}-{size}-{runtime}-defectlens{__version__}-torch{torch.__version__}"
+        export_dir = cached_export(detector, runtime)
         if not (export_dir / SPEC_FILE).is_file():
             try:
                 export_backbone(name, size, export_dir, runtime)
@@ -68,3 +73,13 @@ def load_runtime(detector, runtime: str = "auto", export_dir: str | os.PathLike 
         raise UsageError(f"{export_dir} exports {spec['backbone']} at {spec['input_hw']} px; the model needs {name} at {expected}")
     detector.backbone_network = open_exported(export_dir)
     return detector
+
+
+def cached_export(detector, runtime: str) -> Path:
+    """Where the cache keeps the export of ``detector``'s backbone for ``runtime``."""
+    return cache_dir() / f"{detector.backbone}-{detector.size}-{runtime}-defectlens{__version__}-torch{torch.__version__}"
+
+
+def runtime_of(detector) -> str:
+    """The runtime ``detector``'s backbone runs on now: torch unless an export was loaded."""
+    return getattr(getattr(detector, "_backbone", None), "runtime", "torch")

@@ -77,7 +77,7 @@ def create_app(config: ServeConfig, models: dict[str, LoadedModel] | None = None
     """Build the service. ``models`` are loaded from ``config.models`` when not given."""
     config.check_exposure()
     if models is None:
-        models = {name: LoadedModel.load(name, path) for name, path in config.models.items()}
+        models = {name: LoadedModel.load(name, path, config.runtime) for name, path in config.models.items()}
     data_dir = Path(config.data_dir)
     store = InspectionStore(config.database_url)
     blobs = BlobStore(data_dir / "blobs")

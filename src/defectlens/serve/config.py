@@ -69,6 +69,8 @@ class ServeConfig:
     max_batch: int = 16
     #: Origins allowed to call the API from a browser; empty = CORS off (same origin only).
     cors_origins: tuple[str, ...] = ()
+    #: Where the models' backbones run: torch, onnx, openvino, or auto (runtime.load_runtime).
+    runtime: str = "torch"
     #: Seconds the service waits for in-flight requests when asked to stop.
     graceful_timeout: float = 30.0
     extra: dict = field(default_factory=dict)

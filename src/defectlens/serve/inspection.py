@@ -41,9 +41,14 @@ class LoadedModel:
     detector: Detector
 
     @classmethod
-    def load(cls, name: str, path: Path) -> LoadedModel:
+    def load(cls, name: str, path: Path, runtime: str = "torch") -> LoadedModel:
+        """The model file at ``path`` with its backbone on ``runtime`` (see runtime.load_runtime)."""
         detector = Detector.load(path)
         check_servable(detector, path)
+        if runtime != "torch":
+            from ..runtime import load_runtime
+
+            detector = load_runtime(detector, runtime)
         # One prediction now builds lazily created state (backbones) before requests arrive, so
         # the first camera does not wait for it and concurrent workers never race to build it.
         detector.predict([np.random.default_rng(0).integers(0, 256, (64, 64, 3), dtype=np.uint8)])

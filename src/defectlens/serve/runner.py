@@ -20,13 +20,16 @@ def run(config: ServeConfig, max_connections: int = 256, log_level: str = "info"
     finishes queued predictions and closes the database."""
     import uvicorn
 
+    from ..runtime import runtime_of
     from .app import create_app
 
     config.check_exposure()
     models = {}
     for name, path in config.models.items():
-        models[name] = LoadedModel.load(name, path)
-        print(f"loaded {name}: {models[name].detector.name} from {path}", flush=True)
+        models[name] = LoadedModel.load(name, path, config.runtime)
+        detector = models[name].detector
+        runtime = "" if config.runtime == "torch" else f" (backbone on {runtime_of(detector)})"
+        print(f"loaded {name}: {detector.name} from {path}{runtime}", flush=True)
     app = create_app(config, models)
     print(f"history in {config.database_url if config.db_url else Path(config.data_dir).resolve()}; "
           f"dashboard at http://{config.host}:{config.port}/", flush=True)

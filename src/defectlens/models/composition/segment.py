@@ -20,7 +20,6 @@ import cv2
 import numpy as np
 import torch
 import torch.nn.functional as F
-from sklearn.cluster import KMeans
 
 #: Reduced feature dimensions per pixel; more add noise, not parts.
 FEATURE_DIMS = 16
@@ -99,6 +98,8 @@ class PartSegmenter:
         pixels = np.concatenate([self.descriptors(image, f) for image, f in zip(images, features)])
         if len(pixels) > KMEANS_SAMPLES:
             pixels = pixels[np.random.default_rng(self.seed).choice(len(pixels), KMEANS_SAMPLES, replace=False)]
+        from sklearn.cluster import KMeans  # here: scikit-learn costs ~0.5 s of every CLI start
+
         kmeans = KMeans(self.parts, n_init=3, random_state=self.seed).fit(pixels)
         self.centroids = torch.from_numpy(kmeans.cluster_centers_.astype(np.float32))
         return self

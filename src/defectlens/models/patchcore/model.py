@@ -59,6 +59,28 @@ class PatchCore(PatchDetector):
         distances, _ = self._index.search(flatten_patches(features).numpy(), k=1)
         return torch.from_numpy(distances[:, 0]).reshape(count, height, width)
 
+    def score_feature_batch(self, features: torch.Tensor) -> tuple[np.ndarray, torch.Tensor]:
+        """``score_features`` and ``image_scores`` with one search: the nearest bank patch of the
+        worst patch, which the re-weighting needs, comes from the search that scored it."""
+        count, _, height, width = features.shape
+        patches = flatten_patches(features).numpy()
+        distances, nearest = self._index.search(patches, k=1)
+        patch_scores = torch.from_numpy(distances[:, 0]).reshape(count, height, width)
+        flat = patch_scores.flatten(1)
+        rows = flat.argmax(dim=1).numpy() + np.arange(count) * flat.shape[1]
+        reduced = flat.topk(min(self.top_k, flat.shape[1]), dim=1).values.mean(dim=1)
+        scores = self._reweighted(reduced, patches[rows], nearest[rows, 0])
+        return scores.numpy().astype(np.float64), patch_scores
+
+    def feature_scores(self, features: torch.Tensor) -> np.ndarray:
+        """The image scores of ``score_feature_batch`` without a patch map: only the patches that
+        may be among the ``top_k`` most distant are searched exactly (``largest_nearest``)."""
+        groups = features.permute(0, 2, 3, 1).reshape(features.shape[0], -1, features.shape[1]).numpy()
+        top, columns, nearest = self._index.largest_nearest(groups, self.top_k)
+        reduced = torch.from_numpy(top).mean(dim=1)
+        worst_patches = groups[np.arange(len(groups)), columns[:, 0]]
+        return self._reweighted(reduced, worst_patches, nearest[:, 0]).numpy().astype(np.float64)
+
     def image_scores(self, patch_scores: torch.Tensor, features: torch.Tensor) -> torch.Tensor:
         """Max patch distance (or the mean of the ``top_k`` largest), scaled down when the
         nearest bank patch m* of the worst patch sits in a dense region of the bank (its
@@ -67,14 +89,19 @@ class PatchCore(PatchDetector):
         flat = patch_scores.flatten(1)
         worst = flat.argmax(dim=1)
         reduced = flat.topk(min(self.top_k, flat.shape[1]), dim=1).values.mean(dim=1)
-        neighbours = self.reweight_neighbours
-        if neighbours <= 0 or self.bank.shape[0] <= neighbours:
-            return reduced
         patches = features.permute(0, 2, 3, 1).reshape(features.shape[0], -1, features.shape[1])
         worst_patches = patches[torch.arange(len(worst)), worst].numpy()
         _, nearest = self._index.search(worst_patches, k=1)
-        # Bank neighbours of m* (m* itself comes first), then distances from the test patch to them.
-        _, support = self._index.search(self.bank[nearest[:, 0]].numpy(), k=neighbours)
+        return self._reweighted(reduced, worst_patches, nearest[:, 0])
+
+    def _reweighted(self, reduced: torch.Tensor, worst_patches: np.ndarray, nearest: np.ndarray) -> torch.Tensor:
+        """``reduced`` scaled by 1 - softmax of the distances from each worst patch to m*
+        (``nearest``, its nearest bank row) and m*'s bank neighbours, m*'s term."""
+        neighbours = self.reweight_neighbours
+        if neighbours <= 0 or self.bank.shape[0] <= neighbours:
+            return reduced
+        # Bank neighbours of m* (m* itself comes first).
+        _, support = self._index.search(self.bank[nearest].numpy(), k=neighbours)
         to_support = np.linalg.norm(self.bank.numpy()[support] - worst_patches[:, None, :], axis=2)
         weights = 1.0 - torch.softmax(torch.from_numpy(to_support), dim=1)[:, 0]
         return weights.float() * reduced
