@@ -31,6 +31,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from defectlens.models import default_method
+
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
 DATA = ROOT.parent / "shared" / "datasets" / "bsdata" / "ball_screw"
@@ -96,9 +98,10 @@ def bare_ms(model: Path, paths: list[Path], runtime: str | None, repeats: int) -
 
 
 def benchmark_setup(name: str, params: dict, train: Path, test: Path, work: Path, env: dict, runtimes: list[str],
-                    repeats: int) -> list[tuple[str, str, str]]:
+                    repeats: int, method: str | None) -> list[tuple[str, str, str]]:
     cli = [sys.executable, "-m", "defectlens.cli"]
     options = ["--size", str(params["size"])] + [f"--param={k}={v}" for k, v in params.items() if k != "size"]
+    options += ["--method", method] if method else []
     model = work / f"{name}.dlens"
     subprocess.run(cli + ["fit", str(train), "-o", str(model), "--runtime", "torch", *options], env=env, check=True,
                    capture_output=True)
@@ -137,6 +140,7 @@ def main() -> None:
     parser.add_argument("--test", type=int, default=300)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--setups", default=",".join(SETUPS), help=f"comma list of {', '.join(SETUPS)}")
+    parser.add_argument("--method", default=None, help="default: what `fit` picks without --method for --train images")
     parser.add_argument("--out", default=str(HERE / "results" / "speed.md"))
     args = parser.parse_args()
     root = Path(args.data)
@@ -145,6 +149,7 @@ def main() -> None:
     train_files = sorted((root / "train" / "good").iterdir())[: args.train]
     test_files = sorted(p for p in (root / "test").rglob("*") if p.is_file())[: args.test]
     runtimes = installed_runtimes()
+    method = args.method or f"{default_method(len(train_files))} (the default for {len(train_files)} images)"
     sections = []
     with tempfile.TemporaryDirectory(prefix="defectlens-speed-") as folder:
         work = Path(folder)
@@ -156,14 +161,14 @@ def main() -> None:
         for name in args.setups.split(","):
             params = SETUPS[name]
             print(f"setup {name} ...", file=sys.stderr, flush=True)
-            rows = benchmark_setup(name, params, train, test, work / name, env, runtimes, args.repeats)
+            rows = benchmark_setup(name, params, train, test, work / name, env, runtimes, args.repeats, args.method)
             described = ", ".join(f"{k}={v}" for k, v in params.items())
             table = "\n".join(["| step | time | peak RSS |", "|---|---|---|"] + [f"| {' | '.join(r)} |" for r in rows])
-            sections.append(f"## {name}: patchcore ({described})\n\n{table}\n")
+            sections.append(f"## {name}: {method} ({described})\n\n{table}\n")
             print(sections[-1], flush=True)
     command = "python benchmarks/speed.py " + " ".join(sys.argv[1:])
     cores = len(os.sched_getaffinity(0))
-    text = (f"# Speed and memory of `defectlens fit` and `predict` (default patchcore)\n\n`{command}` on "
+    text = (f"# Speed and memory of `defectlens fit` and `predict`: {method}\n\n`{command}` on "
             f"{platform.machine()} ({platform.processor() or platform.platform()}), {cores} cores, "
             f"{time.strftime('%Y-%m-%d %H:%M %Z')}; BSData ball_screw, {len(train_files)} train and "
             f"{len(test_files)} test images (1130×460 JPEG); runtimes {', '.join(runtimes)}; medians of {args.repeats} runs. "

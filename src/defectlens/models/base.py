@@ -9,7 +9,7 @@ from __future__ import annotations
 import json
 import os
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from enum import Enum
 from pathlib import Path
 from typing import Any, ClassVar
@@ -215,8 +215,7 @@ class Detector:
     def score_images(self, images: list) -> Prediction:
         """The scores of ``predict_images`` without maps. Override where the maps (or what only
         they need) cost time the scores do not; the scores must stay those of ``predict_images``."""
-        prediction = self.predict_images(images)
-        return Prediction(scores=prediction.scores)
+        return replace(self.predict_images(images), maps=None)
 
     # -- state ----------------------------------------------------------------------------
     def state_tensors(self) -> dict[str, torch.Tensor]:
