@@ -31,7 +31,7 @@ FEATURE_TOLERANCE = 1e-3
 
 # Methods whose only use of the backbone is ``embed`` at one fixed input size: swapping in an
 # exported backbone gives them the same predictions. The others say why they cannot be exported.
-EXPORTABLE_METHODS = ("composition", "padim", "patchcore", "patchknn", "spade")
+EXPORTABLE_METHODS = ("composition", "ensemble", "padim", "patchcore", "patchknn", "spade")
 NOT_EXPORTABLE = {
     "gcad": "it trains its student networks on the backbone's torch modules and runs them in its own graph",
     "musc": "it picks the backbone's input size per batch from the images' aspect ratio",
