@@ -29,6 +29,8 @@ from __future__ import annotations
 import cv2
 import numpy as np
 
+from ..data.io import as_image
+
 AUGMENTS = ("none", "flips", "rot90", "flips+rot90", "shifts", "all")
 #: Longer over shorter side up to which an image counts as square (its 90° turns keep the layout).
 SQUARE_TOLERANCE = 1.05
@@ -86,3 +88,16 @@ def augments(augment: str, max_images: int, count: int) -> bool:
     are at most ``max_images`` of them (with many images the copies add little and cost a
     feature pass each)."""
     return augment != "none" and 0 < count <= max_images
+
+
+def augmented_set(images: list, augment: str, max_images: int) -> tuple[list[np.ndarray], np.ndarray] | None:
+    """The copies of the normal training ``images`` (paths or arrays) and, for each copy, the
+    index of the image it was made from; None when ``augment`` adds nothing for this many."""
+    if not augments(augment, max_images, len(images)):
+        return None
+    copies, sources = [], []
+    for index, image in enumerate(images):
+        made = augmented_copies(as_image(image), augment)
+        copies += made
+        sources += [index] * len(made)
+    return (copies, np.asarray(sources)) if copies else None

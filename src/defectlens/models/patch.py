@@ -38,7 +38,7 @@ from ..backbones import DEFAULT_BACKBONE, get_backbone
 from ..data.io import as_image
 from ..errors import UsageError
 from .base import BackboneDetector, Prediction
-from .augment import AUGMENTS, augmented_copies, augments
+from .augment import AUGMENTS, augmented_set
 from .calibration import calibrate, refit_folds
 from .maps import upsample_map
 from .params import BACKBONE, BLUR_SIGMA, INPUT_SIZE, SEED, Choice, Integer, Optional, Real
@@ -197,16 +197,11 @@ class PatchDetector(BackboneDetector):
         """Features of the augmented copies of ``images`` (the normal training images, after the
         layout is set) and, for each copy, the index of the image it was made from; None when
         ``augment`` adds nothing for this many images."""
-        if not augments(self.augment, self.augment_max_images, len(images)):
+        augmented = augmented_set(images, self.augment, self.augment_max_images)
+        if augmented is None:
             return None
-        copies, sources = [], []
-        for index, image in enumerate(images):
-            made = augmented_copies(as_image(image), self.augment)
-            copies += made
-            sources += [index] * len(made)
-        if not copies:
-            return None
-        return self.embed_images(copies, progress="augmented copies", total=len(copies)), np.asarray(sources)
+        copies, sources = augmented
+        return self.embed_images(copies, progress="augmented copies", total=len(copies)), sources
 
     def fit_from_features(self, features: torch.Tensor, canvas_hw: tuple[int, int] | None = None,
                           views: tuple[torch.Tensor, np.ndarray] | None = None) -> PatchDetector:

@@ -33,7 +33,7 @@ import torch
 
 from ...backbones.hf import ModelNotAvailable, load_clip, resolve_model
 from ...data.io import as_image
-from ..augment import AUGMENTS, augmented_copies, augments
+from ..augment import AUGMENTS, augmented_set
 from ..base import Detector, LearningType, Prediction, register
 from ..calibration import calibrate, refit_folds
 from ..params import INPUT_SIZE, SEED, Choice, Integer, ListOf, Optional, Real, Text
@@ -169,14 +169,11 @@ class WinCLIP(Detector):
 
     def _views(self, images: list) -> tuple[ImageFeatures, np.ndarray] | None:
         """Features of the augmented copies of the normal images and each copy's source index."""
-        if not augments(self.augment, self.augment_max_images, len(images)):
+        augmented = augmented_set(images, self.augment, self.augment_max_images)
+        if augmented is None:
             return None
-        copies, sources = [], []
-        for index, image in enumerate(images):
-            made = augmented_copies(as_image(image), self.augment)
-            copies += made
-            sources += [index] * len(made)
-        return (self.encoder.encode(copies, progress="winclip augmented copies"), np.asarray(sources)) if copies else None
+        copies, sources = augmented
+        return self.encoder.encode(copies, progress="winclip augmented copies"), sources
 
     def _calibrate(self, features: ImageFeatures, views: tuple[ImageFeatures, np.ndarray] | None = None) -> None:
         """Scores and maps of normal images against a memory of the other normal images (and of
