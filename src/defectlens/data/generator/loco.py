@@ -245,6 +245,17 @@ def _tray(rng: np.random.Generator, size: int) -> _Tray:
     return _Tray(image.astype(np.float32), lighting(rng, size), pose, tray)
 
 
+
+def _paste_part(image: np.ndarray, win, alpha: np.ndarray, rgb: np.ndarray, scale: float) -> np.ndarray:
+    """Paint a part (``alpha``, ``rgb`` over window ``win``) with its drop shadow into ``image``
+    in place; returns its dilated footprint (part or shadow), bool over the whole image."""
+    shadow = drop_shadow(alpha, 1.5 * scale, 2.5 * scale, 3 * scale)
+    patch = image[win.slices] * (1 - 0.35 * shadow[..., None])
+    image[win.slices] = patch * (1 - alpha[..., None]) + rgb * alpha[..., None]
+    footprint = np.zeros(image.shape[:2], bool)
+    footprint[win.slices] = (alpha > 0) | (shadow > 0)
+    return dilate(footprint)
+
 def _draw_parts(tray: _Tray, parts: Sequence[_Part], size: int):
     """Composite parts (with contact shadows) over the tray; returns the image, each part's
     footprint (part or its shadow, bool H×W) and the union part coverage."""
@@ -254,12 +265,7 @@ def _draw_parts(tray: _Tray, parts: Sequence[_Part], size: int):
     for part in parts:
         win = _part_window(part, tray.pose, size)
         alpha, rgb = _PART_RENDERERS[part.kind](part, tray.pose, win)
-        shadow = drop_shadow(alpha, 1.5 * s, 2.5 * s, 3 * s)
-        patch = image[win.slices] * (1 - 0.35 * shadow[..., None])
-        image[win.slices] = patch * (1 - alpha[..., None]) + rgb * alpha[..., None]
-        footprint = np.zeros((size, size), bool)
-        footprint[win.slices] = (alpha > 0) | (shadow > 0)
-        footprints.append(dilate(footprint))
+        footprints.append(_paste_part(image, win, alpha, rgb, s))
         cover[win.slices] = np.maximum(cover[win.slices], alpha)
     return image, footprints, cover
 

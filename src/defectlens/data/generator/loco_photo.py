@@ -22,7 +22,7 @@ from dataclasses import dataclass, replace
 import cv2
 import numpy as np
 
-from .loco import _SLOT_H, _SLOT_W, _SLOTS, LOGICAL_DEFECTS, _contamination, _Pose, _slot_polygon, _Tray
+from .loco import _SLOT_H, _SLOT_W, _SLOTS, LOGICAL_DEFECTS, _contamination, _paste_part, _Pose, _slot_polygon, _Tray
 from .photos import CELL_SIZE, PhotoPools
 from .render import Rendering, Win, circle, dilate, drop_shadow, lighting, polygon_alpha, rect, streams
 
@@ -229,12 +229,7 @@ def _draw_parts(tray: _Tray, parts, photos: PhotoPools, size: int):
     for part in parts:
         win = _part_window(part, tray.pose, size)
         alpha, rgb, pit = _render_part(part, photos, tray.pose, win)
-        shadow = drop_shadow(alpha, 1.5 * s, 2.5 * s, 3 * s)
-        patch = image[win.slices] * (1 - 0.35 * shadow[..., None])
-        image[win.slices] = patch * (1 - alpha[..., None]) + rgb * alpha[..., None]
-        footprint = np.zeros((size, size), bool)
-        footprint[win.slices] = (alpha > 0) | (shadow > 0)
-        footprints.append(dilate(footprint))
+        footprints.append(_paste_part(image, win, alpha, rgb, s))
         if pit is not None:
             pits[win.slices] = np.maximum(pits[win.slices], pit)
     return image, footprints, pits
