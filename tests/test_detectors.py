@@ -125,3 +125,27 @@ def test_patchcore_batch_scores_are_its_contract_scores(normal_images, defect_im
     scores, patch_scores = detector.score_feature_batch(features)
     assert torch.equal(patch_scores, detector.score_features(features))
     np.testing.assert_allclose(scores, detector.image_scores(patch_scores, features).numpy(), rtol=1e-6)
+
+
+def test_padim_blocks_of_positions_give_the_one_pass_gaussians(monkeypatch):
+    """Fitting and scoring a block of positions at a time (so tiled sets fit in memory) is the
+    same per-position Gaussian as all positions at once: a known answer on random features."""
+    from defectlens.models.padim import model as padim_model
+
+    features = torch.randn(6, 20, 5, 7, generator=torch.Generator().manual_seed(0))
+    queries = torch.randn(3, 20, 5, 7, generator=torch.Generator().manual_seed(1))
+    whole = create_detector("padim", feature_dims=8)
+    whole.fit_features(features)
+    monkeypatch.setattr(padim_model, "POSITIONS_PER_BLOCK", 4)  # 35 positions: 9 blocks, the last partial
+    blocked = create_detector("padim", feature_dims=8)
+    blocked.fit_features(features)
+    torch.testing.assert_close(blocked.mean, whole.mean)
+    torch.testing.assert_close(blocked.precision, whole.precision)
+    torch.testing.assert_close(blocked.score_features(queries), whole.score_features(queries))
+    # and the Mahalanobis distance at one position by hand
+    samples = features[:, whole.channels, 2, 3].double()
+    centred = samples - samples.mean(0)
+    covariance = centred.T @ centred / 5 + 0.01 * torch.eye(8, dtype=torch.float64)
+    offset = queries[0, whole.channels, 2, 3].double() - samples.mean(0)
+    expected = torch.sqrt(offset @ torch.linalg.inv(covariance) @ offset)
+    assert float(blocked.score_features(queries)[0, 2, 3]) == pytest.approx(float(expected), rel=1e-4)

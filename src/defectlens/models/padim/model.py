@@ -10,6 +10,10 @@ from ..base import register
 from ..params import Integer, Real
 from ..patch import AUGMENT_MAX_IMAGES, DEFAULT_AUGMENT, PatchDetector
 
+#: Patch positions whose Gaussians are estimated (and scored) together; bounds the float64
+#: working set to about blocks × images × feature_dims, whatever the tiling.
+POSITIONS_PER_BLOCK = 1024
+
 
 @register
 class PaDiM(PatchDetector):
@@ -34,21 +38,29 @@ class PaDiM(PatchDetector):
         keep = min(self.feature_dims, total)
         generator = torch.Generator().manual_seed(self.seed)
         self.channels = torch.randperm(total, generator=generator)[:keep].sort().values
-        # (positions, images, channels), in float64 for a stable covariance.
-        samples = features[:, self.channels].flatten(2).permute(2, 0, 1).double()
-        self.mean = samples.mean(dim=1)
-        centred = samples - self.mean[:, None, :]
-        count = samples.shape[1]
-        covariance = centred.transpose(1, 2) @ centred / max(count - 1, 1)
-        covariance += self.regularisation * torch.eye(keep, dtype=torch.float64)
-        self.precision = torch.linalg.inv(covariance).float()
-        self.mean = self.mean.float()
+        selected = features[:, self.channels].flatten(2)  # (images, channels, positions)
+        means, precisions = [], []
+        # A block of positions at a time, in float64 for a stable covariance: the whole
+        # (positions, images, channels) tensor of a tiled set would not fit in memory.
+        for start in range(0, selected.shape[2], POSITIONS_PER_BLOCK):
+            samples = selected[:, :, start : start + POSITIONS_PER_BLOCK].permute(2, 0, 1).double()
+            mean = samples.mean(dim=1)
+            centred = samples - mean[:, None, :]
+            covariance = centred.transpose(1, 2) @ centred / max(samples.shape[1] - 1, 1)
+            covariance += self.regularisation * torch.eye(keep, dtype=torch.float64)
+            means.append(mean.float())
+            precisions.append(torch.linalg.inv(covariance).float())
+        self.mean, self.precision = torch.cat(means), torch.cat(precisions)
 
     def score_features(self, features: torch.Tensor) -> torch.Tensor:
         count, _, height, width = features.shape
-        centred = features[:, self.channels].flatten(2).permute(2, 0, 1) - self.mean[:, None, :]
-        squared = torch.einsum("pnc,pcd,pnd->pn", centred, self.precision, centred).clamp_min(0)
-        return squared.sqrt().T.reshape(count, height, width)
+        selected = features[:, self.channels].flatten(2)
+        squared = []
+        for start in range(0, selected.shape[2], POSITIONS_PER_BLOCK):
+            block = slice(start, start + POSITIONS_PER_BLOCK)
+            centred = selected[:, :, block].permute(2, 0, 1) - self.mean[block, None, :]
+            squared.append(torch.einsum("pnc,pcd,pnd->pn", centred, self.precision[block], centred).clamp_min(0))
+        return torch.cat(squared).sqrt().T.reshape(count, height, width)
 
     def state_tensors(self) -> dict[str, torch.Tensor]:
         return {"channels": self.channels, "mean": self.mean, "precision": self.precision}
