@@ -197,13 +197,14 @@ def _finite(value) -> float | None:
 
 
 def measure(suite_set: SuiteSet, dataset: Dataset, method: str, params: dict, shots: str, seed: int,
-            max_test: int | None = None) -> dict:
+            max_test: int | None = None, memo: bool = True) -> dict:
     """One run of ``method`` on ``shots`` ("full", "0" or k) normal images picked with ``seed``."""
     train = normal_training_samples(dataset)
     if shots != "full":
         train = sample_shots(train, int(shots), seed)
     subset = dataclasses.replace(dataset, train=train)
-    MEMO.install(create_detector(method, **params))
+    if memo:
+        MEMO.install(create_detector(method, **params))
     started = time.perf_counter()
     result = run_benchmark(dataset.root, method=method, shots=["full"], seeds=[seed], params=params, dataset=subset)
     wall = time.perf_counter() - started
@@ -439,6 +440,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--json", default=str(RESULTS) + ".json")
     parser.add_argument("--md", default=str(RESULTS) + ".md")
     parser.add_argument("--report-only", action="store_true", help="rebuild the Markdown from the JSON and stop")
+    parser.add_argument("--no-memo", action="store_true",
+                        help="embed every run's images afresh instead of keeping each set's features for the next "
+                             "run: for tiled or high-resolution configurations, whose features would not fit twice in memory")
     args = parser.parse_args(argv)
     json_path, md_path = Path(args.json), Path(args.md)
     if not args.report_only:
@@ -462,7 +466,7 @@ def main(argv: list[str] | None = None) -> int:
                         continue
                     print(f"[{time.strftime('%H:%M:%S')}] {key} ...", flush=True)
                     try:
-                        entry = measure(suite_set, dataset, method, params, shots, seed, args.max_test)
+                        entry = measure(suite_set, dataset, method, params, shots, seed, args.max_test, memo=not args.no_memo)
                     except Exception as error:  # one failing run must not lose the others
                         print(f"  FAILED: {type(error).__name__}: {error}", file=sys.stderr, flush=True)
                         continue
