@@ -49,16 +49,20 @@ def test_tiling_stitches_the_map_peak_onto_the_defect():
 
 def test_tiles_layout_is_stored_in_the_model_file(tmp_path):
     detector = create_detector("patchknn", size=64, geometry="tiles", tile_size=96, bank_size=128)
-    detector.fit(plain_images(3, (100, 200)))
+    detector.fit(plain_images(3, (130, 200)))
     loaded = Detector.load(detector.save(tmp_path / "tiles.safetensors"))
-    assert loaded.canvas_hw == detector.canvas_hw == (100, 200)
+    assert loaded.canvas_hw == detector.canvas_hw == (130, 200)
     assert loaded.get_params()["geometry"] == "tiles" and loaded.tile_size == 96
-    image = plain_images(1, (100, 200), seed=3)
+    image = plain_images(1, (130, 200), seed=3)
     np.testing.assert_allclose(loaded.predict(image).scores, detector.predict(image).scores, rtol=1e-5)
 
 
-def test_a_smaller_image_is_scaled_up_to_one_tile():
+@pytest.mark.parametrize("shape, canvas, tiles", [((40, 80), (64, 128), 3),     # smaller: scaled up to one tile
+                                                  ((76, 150), (64, 126), 3),    # within the slack: down to one
+                                                  ((80, 80), (64, 64), 1),
+                                                  ((81, 160), (81, 160), 6)])   # beyond it: native
+def test_the_short_side_within_the_slack_of_a_tile_becomes_one_tile(shape, canvas, tiles):
     detector = create_detector("padim", size=64, geometry="tiles", feature_dims=8)
-    detector.fit(plain_images(3, (40, 80)))
-    assert detector.canvas_hw == (64, 128)
-    assert detector.predict(plain_images(1, (40, 80))).maps.shape == (1, 40, 80)
+    detector.fit(plain_images(3, shape))
+    assert detector.canvas_hw == canvas and len(detector._tiles()) == tiles
+    assert detector.predict(plain_images(1, shape)).maps.shape == (1, *shape)

@@ -12,6 +12,7 @@ Input geometry (the ``geometry`` parameter):
 - ``keep_aspect``: about ``size``² pixels at the aspect ratio of the training images, each side
   a multiple of the backbone's coarsest stride, so round defects stay round.
 - ``tiles``: the image at its native resolution is cut into overlapping ``tile_size`` squares
+  (a short side within ``TILE_SLACK`` of one tile, or under it, is scaled to one tile first)
   (each fed to the backbone at ``size``); the tiles' feature grids sit side by side in one
   feature map (N, C, h, tiles·w), so every detector scores all tiles together, the image score
   reduces over all of them, and the map is stitched back by averaging overlaps.
@@ -49,6 +50,8 @@ GEOMETRIES = ("square", "keep_aspect", "tiles")
 DEFAULT_AUGMENT = "none"
 #: Up to this many normal images are augmented; more are left as they are.
 AUGMENT_MAX_IMAGES = 16
+#: geometry=tiles: a short side up to this factor longer than a tile is shrunk to one tile.
+TILE_SLACK = 1.25
 
 
 def aspect_shape(height: int, width: int, size: int, multiple: int) -> tuple[int, int]:
@@ -123,8 +126,11 @@ class PatchDetector(BackboneDetector):
             multiple = max(stride for _, stride in self.backbone_network.levels)
             return aspect_shape(shape[0], shape[1], self.size, multiple)
         if self.geometry == "tiles":
-            # A side shorter than one tile is scaled up to it (aspect kept).
-            scale = max(1.0, self.tile_side / min(shape))
+            # The short side becomes one tile when it is shorter or at most TILE_SLACK longer
+            # (aspect kept): a second row of tiles overlapping the first almost entirely would
+            # double the cost for a few more pixels (a 300-px solar cell: 4 tiles of 256 or 1).
+            short = min(shape)
+            scale = self.tile_side / short if short <= TILE_SLACK * self.tile_side else 1.0
             return (max(self.tile_side, round(shape[0] * scale)), max(self.tile_side, round(shape[1] * scale)))
         return None
 
