@@ -4,6 +4,7 @@ from typing import ClassVar
 
 import numpy as np
 import pytest
+import torch
 
 from defectlens.data.io import as_image
 from defectlens.engine.benchmark import run_benchmark
@@ -126,3 +127,20 @@ def test_patch_path_in_another_geometry_scores_like_a_direct_fit_and_predict(syn
     direct = create_detector("patchcore", **params).fit([s.path for s in dataset.train if s.label == 0])
     expected = image_auroc(np.array([s.label for s in test]), direct.predict([s.path for s in test]).scores)
     assert result.runs[0]["metrics"]["all"]["image_auroc"] == pytest.approx(expected)
+
+
+@pytest.mark.parametrize("method", ["ensemble", "padim", "patchcore", "patchknn", "spade"])
+def test_scoring_in_blocks_of_images_is_scoring_all_at_once(method, normal_images, defect_image, monkeypatch):
+    """The benchmark scores a tiled test set a block of images at a time to bound memory: an
+    image's score and map must not depend on which other images share its block."""
+    from defectlens.engine.benchmark import _score_in_blocks
+    from defectlens.engine import benchmark as benchmark_module
+    from defectlens.models import create_detector
+
+    detector = create_detector(method, size=64).fit(normal_images[:4])
+    features = detector.embed_images([*normal_images[4:], defect_image])
+    whole_scores, whole_maps = detector.score_feature_batch(features)
+    monkeypatch.setattr(benchmark_module, "SCORE_BLOCK_IMAGES", 2)  # blocks of 2, the last one partial
+    scores, maps = _score_in_blocks(detector, features)
+    np.testing.assert_allclose(scores, whole_scores, rtol=1e-5)
+    torch.testing.assert_close(maps, whole_maps)

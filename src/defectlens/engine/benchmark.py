@@ -130,6 +130,19 @@ def _embed_test(detector: PatchDetector, test: TestSet, eval_side: int) -> torch
     return detector.embed_images(images(), progress="test features", total=len(test.samples))
 
 
+#: Test images scored together in a benchmark: a search's working copies of a whole tiled test
+#: set (BSData at native resolution: 609 images × 12 tiles × 1024 patches) exhausted 24 GB.
+SCORE_BLOCK_IMAGES = 32
+
+
+def _score_in_blocks(detector: PatchDetector, features: torch.Tensor) -> tuple[np.ndarray, torch.Tensor]:
+    """``score_feature_batch`` a block of images at a time; every image is scored on its own, so
+    the result is the same as one call on all of them."""
+    blocks = [detector.score_feature_batch(features[start : start + SCORE_BLOCK_IMAGES])
+              for start in range(0, features.shape[0], SCORE_BLOCK_IMAGES)]
+    return np.concatenate([scores for scores, _ in blocks]), torch.cat([maps for _, maps in blocks])
+
+
 def _threshold_rates(scores: np.ndarray, labels: np.ndarray, threshold: float | None) -> tuple[float, float]:
     if threshold is None:
         return math.nan, math.nan
@@ -272,7 +285,7 @@ def run_benchmark(data, kind: str = "auto", method: str = DEFAULT_METHOD, shots:
         started = time.perf_counter()
         part_maps = None
         if patch_path:
-            scores, patch_maps = detector.score_feature_batch(test_features)
+            scores, patch_maps = _score_in_blocks(detector, test_features)
             maps = [detector.upsample_map(m.numpy(), shape) for m, shape in zip(patch_maps, test_set.eval_shapes)]
         else:
             scores, maps, part_maps = _predict_generic(detector, test, test_set, eval_side)
