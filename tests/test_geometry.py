@@ -66,3 +66,13 @@ def test_the_short_side_within_the_slack_of_a_tile_becomes_one_tile(shape, canva
     detector.fit(plain_images(3, shape))
     assert detector.canvas_hw == canvas and len(detector._tiles()) == tiles
     assert detector.predict(plain_images(1, shape)).maps.shape == (1, *shape)
+
+
+def test_tiles_above_the_pixel_cap_are_cut_from_the_shrunk_image():
+    detector = create_detector("padim", size=64, geometry="tiles", tile_max_pixels=128 * 256, feature_dims=8)
+    detector.fit(plain_images(3, (200, 400)))
+    assert detector.canvas_hw == (128, 256) and len(detector._tiles()) == 3 * 5
+    assert detector.predict(plain_images(1, (200, 400))).maps.shape == (1, 200, 400)
+    native = create_detector("padim", size=64, geometry="tiles", tile_max_pixels=None, feature_dims=8)
+    native.fit(plain_images(3, (200, 400)))
+    assert native.canvas_hw == (200, 400)

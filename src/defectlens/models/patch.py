@@ -12,7 +12,8 @@ Input geometry (the ``geometry`` parameter):
 - ``keep_aspect``: about ``size``² pixels at the aspect ratio of the training images, each side
   a multiple of the backbone's coarsest stride, so round defects stay round.
 - ``tiles``: the image at its native resolution is cut into overlapping ``tile_size`` squares
-  (a short side within ``TILE_SLACK`` of one tile, or under it, is scaled to one tile first)
+  (an image above ``tile_max_pixels`` is shrunk to that many pixels first; a short side within
+  ``TILE_SLACK`` of one tile, or under it, is then scaled to one tile)
   (each fed to the backbone at ``size``); the tiles' feature grids sit side by side in one
   feature map (N, C, h, tiles·w), so every detector scores all tiles together, the image score
   reduces over all of them, and the map is stitched back by averaging overlaps.
@@ -52,6 +53,10 @@ DEFAULT_AUGMENT = "none"
 AUGMENT_MAX_IMAGES = 16
 #: geometry=tiles: a short side up to this factor longer than a tile is shrunk to one tile.
 TILE_SLACK = 1.25
+#: geometry=tiles: larger images are first shrunk to this many pixels (aspect kept), so the tile
+#: count stays bounded: a 5-megapixel camera frame would be 130 tiles of 256 at native size.
+#: Half a megapixel keeps every real set of the suite native (BSData 1130×460 is 0.52 MP).
+TILE_MAX_PIXELS = 2**19
 
 
 def aspect_shape(height: int, width: int, size: int, multiple: int) -> tuple[int, int]:
@@ -77,14 +82,16 @@ class PatchDetector(BackboneDetector):
     backbone input, pixels), ``blur_sigma`` (map smoothing in input pixels, 0 = none), ``seed``
     (which normal images are held out for calibration, and any random choice of the method),
     ``geometry`` (square, keep_aspect or tiles; see the module doc), ``tile_size`` (tile side in
-    image pixels; None = ``size``, i.e. native resolution) and ``tile_overlap`` (share of a tile
-    its neighbour overlaps), ``augment`` (copies of the normal images that join the training
+    image pixels; None = ``size``, i.e. native resolution), ``tile_overlap`` (share of a tile
+    its neighbour overlaps) and ``tile_max_pixels`` (larger images are shrunk to this many pixels
+    before tiling; None: always native), ``augment`` (copies of the normal images that join the training
     features, see models/augment.py) and ``augment_max_images`` (augment only fits on at most
     this many normal images, so full-shot fits are unchanged)."""
 
     parameter_constraints = {"backbone": BACKBONE, "size": INPUT_SIZE, "blur_sigma": BLUR_SIGMA, "seed": SEED,
                              "geometry": Choice(GEOMETRIES), "tile_size": Optional(Integer(32, 4096)),
-                             "tile_overlap": Real(0.0, 0.75), "augment": Choice(AUGMENTS),
+                             "tile_overlap": Real(0.0, 0.75), "tile_max_pixels": Optional(Integer(1024, 10**9)),
+                             "augment": Choice(AUGMENTS),
                              "augment_max_images": Integer(0, 10**6)}
 
     #: (height, width) all images are brought to before the backbone: the keep_aspect input or
@@ -93,6 +100,7 @@ class PatchDetector(BackboneDetector):
 
     def __init__(self, backbone: str = DEFAULT_BACKBONE, size: int = 256, blur_sigma: float = 4.0, seed: int = 0,
                  geometry: str = "square", tile_size: int | None = None, tile_overlap: float = 0.25,
+                 tile_max_pixels: int | None = TILE_MAX_PIXELS,
                  augment: str = DEFAULT_AUGMENT, augment_max_images: int = AUGMENT_MAX_IMAGES):
         self.backbone = backbone
         self.size = size
@@ -101,6 +109,7 @@ class PatchDetector(BackboneDetector):
         self.geometry = geometry
         self.tile_size = tile_size
         self.tile_overlap = tile_overlap
+        self.tile_max_pixels = tile_max_pixels
         self.augment = augment
         self.augment_max_images = augment_max_images
 
@@ -126,11 +135,14 @@ class PatchDetector(BackboneDetector):
             multiple = max(stride for _, stride in self.backbone_network.levels)
             return aspect_shape(shape[0], shape[1], self.size, multiple)
         if self.geometry == "tiles":
-            # The short side becomes one tile when it is shorter or at most TILE_SLACK longer
-            # (aspect kept): a second row of tiles overlapping the first almost entirely would
+            # Above tile_max_pixels the image is shrunk to it; then the short side becomes one
+            # tile when it is shorter or at most TILE_SLACK longer (aspect kept): a second row of tiles overlapping the first almost entirely would
             # double the cost for a few more pixels (a 300-px solar cell: 4 tiles of 256 or 1).
-            short = min(shape)
-            scale = self.tile_side / short if short <= TILE_SLACK * self.tile_side else 1.0
+            pixels = shape[0] * shape[1]
+            scale = 1.0 if self.tile_max_pixels is None else min(1.0, math.sqrt(self.tile_max_pixels / pixels))
+            short = min(shape) * scale
+            if short <= TILE_SLACK * self.tile_side:
+                scale *= self.tile_side / short
             return (max(self.tile_side, round(shape[0] * scale)), max(self.tile_side, round(shape[1] * scale)))
         return None
 

@@ -18,14 +18,14 @@ from ...errors import UsageError
 from ..base import REGISTRY, register
 from ..calibration import Calibration, calibrate
 from ..params import Choice, Constraint, ListOf, Optional, ParameterError
-from ..patch import AUGMENT_MAX_IMAGES, DEFAULT_AUGMENT, PatchDetector, subset_views
+from ..patch import AUGMENT_MAX_IMAGES, DEFAULT_AUGMENT, TILE_MAX_PIXELS, PatchDetector, subset_views
 
 MEMBER_METHODS = ("patchcore", "padim", "spade", "patchknn")
 # The pair with the best full-shot mean image AUROC over the real-data suite's four sets
 # (benchmarks/results/real_suite.md): 0.881, above either member alone (patchknn 0.867, padim 0.858).
 DEFAULT_MEMBERS = ("padim", "patchknn")
 #: Parameters the ensemble sets for all its members (one backbone pass, one layout).
-SHARED = ("backbone", "size", "blur_sigma", "seed", "geometry", "tile_size", "tile_overlap", "augment",
+SHARED = ("backbone", "size", "blur_sigma", "seed", "geometry", "tile_size", "tile_overlap", "tile_max_pixels", "augment",
           "augment_max_images")
 
 
@@ -49,11 +49,12 @@ class Ensemble(PatchDetector):
     def __init__(self, members: tuple[str, ...] = DEFAULT_MEMBERS, member_params: dict | None = None,
                  backbone: str = DEFAULT_BACKBONE, size: int = 256, blur_sigma: float = 4.0, seed: int = 0,
                  geometry: str = "square", tile_size: int | None = None, tile_overlap: float = 0.25,
+                 tile_max_pixels: int | None = TILE_MAX_PIXELS,
                  augment: str = DEFAULT_AUGMENT, augment_max_images: int = AUGMENT_MAX_IMAGES):
         """``members``: the patch detectors fused. ``member_params``: their own parameters by
         method name (backbone, size, geometry and the other shared ones are the ensemble's)."""
         super().__init__(backbone=backbone, size=size, blur_sigma=blur_sigma, seed=seed, geometry=geometry,
-                         tile_size=tile_size, tile_overlap=tile_overlap, augment=augment,
+                         tile_size=tile_size, tile_overlap=tile_overlap, tile_max_pixels=tile_max_pixels, augment=augment,
                          augment_max_images=augment_max_images)
         self.members = members
         self.member_params = member_params

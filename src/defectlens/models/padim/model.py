@@ -8,7 +8,7 @@ import torch
 from ...backbones import DEFAULT_BACKBONE
 from ..base import register
 from ..params import Integer, Real
-from ..patch import AUGMENT_MAX_IMAGES, DEFAULT_AUGMENT, PatchDetector
+from ..patch import AUGMENT_MAX_IMAGES, DEFAULT_AUGMENT, TILE_MAX_PIXELS, PatchDetector
 
 #: Patch positions whose Gaussians are estimated (and scored) together; bounds the float64
 #: working set to about blocks × images × feature_dims, whatever the tiling.
@@ -23,12 +23,13 @@ class PaDiM(PatchDetector):
     def __init__(self, feature_dims: int = 100, regularisation: float = 0.01, backbone: str = DEFAULT_BACKBONE,
                  size: int = 256, blur_sigma: float = 4.0, seed: int = 0, geometry: str = "square",
                  tile_size: int | None = None, tile_overlap: float = 0.25,
+                 tile_max_pixels: int | None = TILE_MAX_PIXELS,
                  augment: str = DEFAULT_AUGMENT, augment_max_images: int = AUGMENT_MAX_IMAGES):
         """``feature_dims``: random channels kept (the paper's dimensionality reduction, which
         keeps the per-position covariances small). ``regularisation``: εI added to each
         covariance so it stays invertible with few images (with one image it is εI alone)."""
         super().__init__(backbone=backbone, size=size, blur_sigma=blur_sigma, seed=seed, geometry=geometry,
-                         tile_size=tile_size, tile_overlap=tile_overlap, augment=augment,
+                         tile_size=tile_size, tile_overlap=tile_overlap, tile_max_pixels=tile_max_pixels, augment=augment,
                          augment_max_images=augment_max_images)
         self.feature_dims = feature_dims
         self.regularisation = regularisation

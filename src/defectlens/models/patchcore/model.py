@@ -10,7 +10,7 @@ from ...backbones import DEFAULT_BACKBONE
 from ..base import register
 from ..memory import CORESETS, NearestNeighbours, greedy_coreset
 from ..params import Choice, Integer
-from ..patch import AUGMENT_MAX_IMAGES, DEFAULT_AUGMENT, PatchDetector
+from ..patch import AUGMENT_MAX_IMAGES, DEFAULT_AUGMENT, TILE_MAX_PIXELS, PatchDetector
 
 
 def flatten_patches(features: torch.Tensor) -> torch.Tensor:
@@ -28,6 +28,7 @@ class PatchCore(PatchDetector):
                  backbone: str = DEFAULT_BACKBONE,
                  size: int = 256, blur_sigma: float = 4.0, seed: int = 0, geometry: str = "square",
                  tile_size: int | None = None, tile_overlap: float = 0.25,
+                 tile_max_pixels: int | None = TILE_MAX_PIXELS,
                  augment: str = DEFAULT_AUGMENT, augment_max_images: int = AUGMENT_MAX_IMAGES):
         """``bank_size``: patches kept by the coreset. Search time grows linearly with it; 4096
         keeps prediction within budget on 2 cores (see benchmarks/). ``reweight_neighbours``:
@@ -37,7 +38,7 @@ class PatchCore(PatchDetector):
         first, about 4 × bank_size patches in all, then the greedy over that pool) or "exact"
         (the paper's greedy over all patches; slower, see benchmarks/results/coreset_scale.md)."""
         super().__init__(backbone=backbone, size=size, blur_sigma=blur_sigma, seed=seed, geometry=geometry,
-                         tile_size=tile_size, tile_overlap=tile_overlap, augment=augment,
+                         tile_size=tile_size, tile_overlap=tile_overlap, tile_max_pixels=tile_max_pixels, augment=augment,
                          augment_max_images=augment_max_images)
         self.bank_size = bank_size
         self.reweight_neighbours = reweight_neighbours

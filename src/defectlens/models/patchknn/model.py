@@ -12,7 +12,7 @@ from ...backbones import DEFAULT_BACKBONE
 from ..base import register
 from ..memory import NearestNeighbours, greedy_coreset
 from ..params import Boolean, Integer, Optional, Real
-from ..patch import AUGMENT_MAX_IMAGES, DEFAULT_AUGMENT, PatchDetector
+from ..patch import AUGMENT_MAX_IMAGES, DEFAULT_AUGMENT, TILE_MAX_PIXELS, PatchDetector
 from ..patchcore.model import flatten_patches
 
 
@@ -35,13 +35,14 @@ class PatchKNN(PatchDetector):
     def __init__(self, foreground: bool = False, top_fraction: float = 0.01, bank_size: int | None = 16384,
                  backbone: str = DEFAULT_BACKBONE, size: int = 256, blur_sigma: float = 4.0, seed: int = 0,
                  geometry: str = "square", tile_size: int | None = None, tile_overlap: float = 0.25,
+                 tile_max_pixels: int | None = TILE_MAX_PIXELS,
                  augment: str = DEFAULT_AUGMENT, augment_max_images: int = AUGMENT_MAX_IMAGES):
         """``foreground``: mask the background (for objects on a plain background; leave off
         for textures, whose whole image is foreground). ``bank_size``: above this many normal
         patches (16 images at 256 px), keep each image's most distinct patches (per-image
         greedy coreset) so search time stays bounded; None keeps every patch."""
         super().__init__(backbone=backbone, size=size, blur_sigma=blur_sigma, seed=seed, geometry=geometry,
-                         tile_size=tile_size, tile_overlap=tile_overlap, augment=augment,
+                         tile_size=tile_size, tile_overlap=tile_overlap, tile_max_pixels=tile_max_pixels, augment=augment,
                          augment_max_images=augment_max_images)
         self.foreground = foreground
         self.top_fraction = top_fraction

@@ -9,7 +9,7 @@ from ...backbones import DEFAULT_BACKBONE
 from ..base import register
 from ..memory import NearestNeighbours
 from ..params import Integer
-from ..patch import AUGMENT_MAX_IMAGES, DEFAULT_AUGMENT, PatchDetector
+from ..patch import AUGMENT_MAX_IMAGES, DEFAULT_AUGMENT, TILE_MAX_PIXELS, PatchDetector
 from ..patchcore.model import flatten_patches
 
 
@@ -21,10 +21,11 @@ class SPADE(PatchDetector):
     def __init__(self, neighbour_images: int = 10, backbone: str = DEFAULT_BACKBONE, size: int = 256,
                  blur_sigma: float = 4.0, seed: int = 0, geometry: str = "square", tile_size: int | None = None,
                  tile_overlap: float = 0.25,
+                 tile_max_pixels: int | None = TILE_MAX_PIXELS,
                  augment: str = DEFAULT_AUGMENT, augment_max_images: int = AUGMENT_MAX_IMAGES):
         """``neighbour_images``: K, the normal images whose patches form each test image's gallery."""
         super().__init__(backbone=backbone, size=size, blur_sigma=blur_sigma, seed=seed, geometry=geometry,
-                         tile_size=tile_size, tile_overlap=tile_overlap, augment=augment,
+                         tile_size=tile_size, tile_overlap=tile_overlap, tile_max_pixels=tile_max_pixels, augment=augment,
                          augment_max_images=augment_max_images)
         self.neighbour_images = neighbour_images
 
