@@ -319,8 +319,11 @@ def greedy_coreset(features: torch.Tensor, size: int, projection_dim: int = 128,
     generator = torch.Generator().manual_seed(seed)
     if features.shape[1] > projection_dim:
         projection = torch.randn(features.shape[1], projection_dim, generator=generator) / projection_dim**0.5
-        # Projected block by block: a float copy of all the features is never made at once.
-        points = torch.cat([block.float() @ projection for block in torch.split(features, 65536)])
+        # Projected block by block into one buffer: neither a float copy of all the features
+        # nor a list of projected blocks beside their concatenation is ever held.
+        points = torch.empty(count, projection_dim)
+        for start in range(0, count, 65536):
+            torch.matmul(features[start : start + 65536].float(), projection, out=points[start : start + 65536])
     else:
         points = features.float()
     if method == "pooled" and groups > 1 and count > pool_factor * size:

@@ -251,7 +251,9 @@ class PatchDetector(BackboneDetector):
                    keep: np.ndarray) -> None:
         """Fit on the images ``keep`` indexes and on their augmented copies only."""
         views = subset_views(views, keep)
-        self.fit_features(features[keep] if views is None else torch.cat([features[keep], views[0]]))
+        # All images in order: the features as they are (an index copy of a tiled set is gigabytes).
+        kept = features if np.array_equal(keep, np.arange(features.shape[0])) else features[keep]
+        self.fit_features(kept if views is None else torch.cat([kept, views[0]]))
 
     def predict_images(self, images: list) -> Prediction:
         images = [as_image(image) for image in images]

@@ -82,7 +82,9 @@ class Ensemble(PatchDetector):
         copies), then keep its normalisation: (score mean, score std, map low, map high) of its
         held-out normal images."""
         self.fitted_members = self._new_members()
-        features, views = features[keep], subset_views(views, keep)
+        views = subset_views(views, keep)
+        if not np.array_equal(keep, np.arange(features.shape[0])):  # all in order: no index copy
+            features = features[keep]
         norms = []
         for member in self.fitted_members:
             member.fit_from_features(features, canvas_hw=self.canvas_hw, views=views)
