@@ -277,8 +277,10 @@ def run_benchmark(data, kind: str = "auto", method: str = DEFAULT_METHOD, shots:
         started = time.perf_counter()
         if patch_path:
             detector.canvas_hw = probe.canvas_hw  # the layout the augmented copies are brought to
-            detector.fit_from_features(train_features[[index_of[path] for path in training.images]], canvas_hw=probe.canvas_hw,
-                                       views=detector.embed_views(training.images))
+            rows = [index_of[path] for path in training.images]
+            # All training images in order (full shot): their features as they are, not an index copy.
+            run_features = train_features if rows == list(range(len(train))) else train_features[rows]
+            detector.fit_from_features(run_features, canvas_hw=probe.canvas_hw, views=detector.embed_views(training.images))
         else:
             training.fit(detector)
         fit_seconds = time.perf_counter() - started
