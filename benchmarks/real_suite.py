@@ -43,8 +43,7 @@ from defectlens.data.kshot import sample_shots
 from defectlens.data.generator import generate
 from defectlens.engine.benchmark import run_benchmark
 from defectlens.engine.fit import normal_training_samples
-from defectlens.models import MANY_IMAGES, REGISTRY, create_detector, default_method
-from defectlens.models.ensemble.model import DEFAULT_MEMBERS
+from defectlens.models import REGISTRY, create_detector, default_config
 from defectlens.models.base import LearningType
 
 HERE = Path(__file__).resolve().parent
@@ -102,12 +101,10 @@ def config_name(method: str, params: dict) -> str:
     return f"{method}[{','.join(f'{k}={json.dumps(v)}' for k, v in sorted(params.items()))}]"
 
 
-def default_config(regime: str) -> str:
-    """The configuration `fit` ships for a regime ("full-shot", "4-shot", ...): the baseline of every
-    comparison. Full sets hold more than MANY_IMAGES normal images."""
-    shots = 0 if regime == "zero-shot" else MANY_IMAGES if regime == "full-shot" else int(regime.split("-")[0])
-    method = default_method(shots)
-    return config_name(method, {"members": list(DEFAULT_MEMBERS)} if method == "ensemble" else {})
+def shipped_config() -> str:
+    """The configuration `fit` ships without --method (whatever the number of good images): the
+    baseline of every comparison."""
+    return config_name(*default_config())
 
 
 def run_key(config: str, set_name: str, shots: str, seed: int, max_test: int | None = None) -> str:
@@ -308,7 +305,7 @@ def leave_one_set_out(configs: dict, regime: str, metric: str = LOSO_METRIC) -> 
         if chosen is None:
             continue
         oracle = max(complete, key=lambda c: complete[c][left_out][metric][0])
-        default = complete.get(default_config(regime))
+        default = complete.get(shipped_config())
         rows.append({"left_out": left_out, "chosen": chosen, "chosen_value": complete[chosen][left_out][metric][0],
                      "oracle": oracle, "oracle_value": complete[oracle][left_out][metric][0],
                      "default_value": default[left_out][metric][0] if default else None})
@@ -373,7 +370,7 @@ def render(runs: dict) -> str:
         if loso:
             lines += ["", f"Leave-one-set-out ({regime}): the configuration with the best mean image AUROC over the "
                       "other three real sets, reported on the left-out set.", "",
-                      f"| left-out set | chosen on the others | its AUROC there | best there (oracle) | default `{default_config(regime)}` |",
+                      f"| left-out set | chosen on the others | its AUROC there | best there (oracle) | default `{shipped_config()}` |",
                       "|---|---|---|---|---|"]
             for row in loso:
                 default = "–" if row["default_value"] is None else f"{row['default_value']:.3f}"

@@ -2,7 +2,8 @@
 
     python benchmarks/speed.py [--train 200] [--test 300] [--repeats 3] [--setups 256,512,tiles]
 
-For each setup (256 px, 512 px, geometry=tiles at 256 px on BSData's native 1130×460), in one run:
+For each setup (256 px and 512 px squashed, geometry=tiles at 256 px on BSData's native 1130×460:
+the default's geometry), in one run:
 
 - fit: `defectlens fit` of --train BSData train images as a process, backbone on PyTorch and on
   the exported runtime that `--runtime auto` takes once an export is cached;
@@ -31,12 +32,13 @@ import tempfile
 import time
 from pathlib import Path
 
-from defectlens.models import default_method
+from defectlens.models import default_config, describe_config
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
 DATA = ROOT.parent / "shared" / "datasets" / "bsdata" / "ball_screw"
-SETUPS = {"256": {"size": 256}, "512": {"size": 512}, "tiles": {"size": 256, "geometry": "tiles"}}
+SETUPS = {"256": {"size": 256, "geometry": "square"}, "512": {"size": 512, "geometry": "square"},
+          "tiles": {"size": 256, "geometry": "tiles"}}
 RUNTIMES = ("torch", "onnx", "openvino")
 
 
@@ -149,7 +151,7 @@ def main() -> None:
     train_files = sorted((root / "train" / "good").iterdir())[: args.train]
     test_files = sorted(p for p in (root / "test").rglob("*") if p.is_file())[: args.test]
     runtimes = installed_runtimes()
-    method = args.method or f"{default_method(len(train_files))} (the default for {len(train_files)} images)"
+    method = args.method or f"{describe_config(*default_config())} (the default)"
     sections = []
     with tempfile.TemporaryDirectory(prefix="defectlens-speed-") as folder:
         work = Path(folder)

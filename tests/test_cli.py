@@ -130,22 +130,23 @@ def test_param_reaches_the_method_and_bad_params_are_one_line_errors(tmp_path, n
     refused("--size", "128", "--param", "size=64", expect="disagree")
 
 
-def test_fit_without_method_picks_the_default_by_the_number_of_normal_images(tmp_path, capsys):
-    """Few good images get patchknn, many get the padim + patchknn ensemble (the suite's winners);
-    --shots counts as the number given, and fit says which it chose and why."""
-    from defectlens.models import MANY_IMAGES, Detector
+def test_fit_without_method_takes_the_suite_default_says_so_and_lets_params_override(tmp_path, capsys):
+    """No --method: patchknn at native resolution in tiles (the suite's winner at 4 shots and
+    full-shot); fit names what it took; an explicit --param wins over the default's."""
+    from defectlens.models import DEFAULT_METHOD, DEFAULT_PARAMS, Detector
     from conftest import textured_image
 
     rng = np.random.default_rng(5)
     folder = tmp_path / "good"
     folder.mkdir()
-    for i in range(MANY_IMAGES):
-        Image.fromarray(textured_image(rng, 64)).save(folder / f"good_{i}.png")
-    many, few = tmp_path / "many.dlmodel", tmp_path / "few.dlmodel"
-    assert main(["fit", str(folder), "-o", str(many), "--size", "32"]) == 0
-    said = capsys.readouterr().out
-    assert "fitted ensemble (the default for at least" in said
-    assert tuple(Detector.load(many).members) == ("padim", "patchknn")
-    assert main(["fit", str(folder), "-o", str(few), "--size", "32", "--shots", str(MANY_IMAGES - 1)]) == 0
-    assert "fitted patchknn (the default for fewer than" in capsys.readouterr().out
-    assert Detector.load(few).name == "patchknn"
+    for i in range(6):
+        Image.fromarray(textured_image(rng, 96)).save(folder / f"good_{i}.png")
+    default, square = tmp_path / "default.dlmodel", tmp_path / "square.dlmodel"
+    assert main(["fit", str(folder), "-o", str(default), "--size", "32"]) == 0
+    assert f"fitted {DEFAULT_METHOD} with geometry=tiles (the default" in capsys.readouterr().out
+    loaded = Detector.load(default)
+    assert loaded.name == DEFAULT_METHOD and loaded.geometry == DEFAULT_PARAMS["geometry"] == "tiles"
+    assert len(loaded._tiles()) == 4 * 4  # 96 px at 32-px tiles overlapping by a quarter: 4 a side
+    assert main(["fit", str(folder), "-o", str(square), "--size", "32", "--param", "geometry=square"]) == 0
+    assert "with geometry=square (the default" in capsys.readouterr().out
+    assert Detector.load(square).geometry == "square"

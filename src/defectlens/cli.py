@@ -59,8 +59,8 @@ def method_params(args) -> dict:
 
 # -- fit ----------------------------------------------------------------------------------------
 def cmd_fit(args) -> int:
-    from .engine.fit import default_method_for, fit_from_folder
-    from .models import DEFAULT_METHOD, MANY_IMAGES, MANY_IMAGES_METHOD, REGISTRY, LearningType
+    from .engine.fit import fit_from_folder
+    from .models import DEFAULT_METHOD, REGISTRY, LearningType, default_config, describe_config
 
     from .engine.outputs import check_output_file
 
@@ -68,11 +68,13 @@ def cmd_fit(args) -> int:
     if args.update or hasattr(REGISTRY[args.method or DEFAULT_METHOD], "partial_fit"):
         return fit_products_command(args, output)
     chosen = ""
+    defaults = {}
     if args.method is None:
-        args.method = default_method_for(args.data, args.shots)
-        chosen = (f" (the default for {'at least' if args.method == MANY_IMAGES_METHOD else 'fewer than'} "
-                  f"{MANY_IMAGES} normal images; --method picks another)")
-    params = method_params(args)
+        args.method, defaults = default_config()
+    params = {**defaults, **method_params(args)}
+    if defaults:
+        chosen = (describe_config("", {key: params[key] for key in defaults})
+                  + " (the default: the best mean over the real-data suite; --method picks another)")
     started = time.perf_counter()
     detector, training = fit_from_folder(args.data, method=args.method, shots=args.shots, seed=args.seed, params=params,
                                          runtime=args.runtime)
@@ -213,6 +215,7 @@ def cmd_benchmark(args) -> int:
         run_benchmark,
     )
     from .engine.outputs import check_output_file
+    from .models import default_config
     from .report import table_columns, write_benchmark_json, write_benchmark_report
 
     for target, flag in ((args.json, "--json"), (args.report, "--report")):
@@ -220,7 +223,10 @@ def cmd_benchmark(args) -> int:
             check_output_file(target, overwrite=args.overwrite, what=flag)
     if args.incremental:
         return incremental_benchmark_command(args)
-    params = method_params(args)
+    defaults = {}
+    if args.method is None:
+        args.method, defaults = default_config()
+    params = {**defaults, **method_params(args)}
     result = run_benchmark(args.data, kind=args.dataset, method=args.method, shots=parse_shots(args.shots),
                            seeds=args.seeds, params=params)
     table = format_table(result.summary, result.n_train)
@@ -340,7 +346,7 @@ def _fraction(text: str) -> float:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from .models import DEFAULT_METHOD, MANY_IMAGES, MANY_IMAGES_METHOD, REGISTRY
+    from .models import DEFAULT_METHOD, DEFAULT_PARAMS, REGISTRY, describe_config
 
     parser = argparse.ArgumentParser(prog="defectlens", description="Industrial visual anomaly detection on a CPU.")
     parser.add_argument("--version", action="version", version=f"defectlens {__version__}")
@@ -352,8 +358,8 @@ def build_parser() -> argparse.ArgumentParser:
     fit.add_argument("data", help="an MVTec-style category folder (its train/good is used) or a folder of normal images")
     fit.add_argument("-o", "--output", required=True, help="model file to write")
     fit.add_argument("--method", default=None, choices=methods,
-                     help=f"default: {MANY_IMAGES_METHOD} (padim + patchknn) from {MANY_IMAGES} normal images, "
-                          f"{DEFAULT_METHOD} below; unified and iuf learn each category of DATA as a product")
+                     help=f"default: {describe_config(DEFAULT_METHOD, DEFAULT_PARAMS)} (the best mean over the real-data "
+                          "suite); unified and iuf learn each category of DATA as a product")
     fit.add_argument("--update", metavar="MODEL",
                      help="add the products (categories) of DATA to this unified/iuf model; -o names the new file")
     fit.add_argument("--shots", type=_count, default=None, help="use only K normal images (picked with --seed); 0 = zero-shot methods")
@@ -406,7 +412,8 @@ def build_parser() -> argparse.ArgumentParser:
     bench = commands.add_parser("benchmark", help="k-shot protocol on a labelled dataset: shots × seeds, mean ± std")
     bench.add_argument("data")
     bench.add_argument("--dataset", default="auto", choices=["auto", "mvtec", "loco", "visa", "folder"])
-    bench.add_argument("--method", default=DEFAULT_METHOD, choices=methods)
+    bench.add_argument("--method", default=None, choices=methods,
+                       help=f"default: {describe_config(DEFAULT_METHOD, DEFAULT_PARAMS)}, as for fit")
     bench.add_argument("--shots", default="1,2,4,8,full", help="comma list; 0 = zero-shot, 'full' = every training image (default 1,2,4,8,full)")
     bench.add_argument("--seeds", type=_positive, default=5)
     bench.add_argument("--size", type=int, default=None, help="input size in pixels (default: the method's own)")

@@ -14,7 +14,7 @@ from pathlib import Path
 from ..data.datasets import Dataset, Sample, load_dataset
 from ..data.kshot import sample_shots
 from ..errors import DatasetError
-from ..models import REGISTRY, Detector, LearningType, ParameterError, create_detector, default_method
+from ..models import REGISTRY, Detector, LearningType, ParameterError, create_detector, default_config
 
 
 @dataclass
@@ -98,23 +98,18 @@ def with_category(method: str, dataset: Dataset, params: dict) -> dict:
     return params
 
 
-def default_method_for(data: str | os.PathLike, shots: int | None = None) -> str:
-    """The method `fit` uses on DATA when none is named: by how many normal images it learns from
-    (``models.default_method``)."""
-    count = len(normal_training_samples(load_dataset(data)))
-    return default_method(count if shots is None else min(shots, count))
-
-
 def fit_from_folder(data: str | os.PathLike, method: str | None = None, shots: int | None = None, seed: int = 0,
                     params: dict | None = None, runtime: str = "torch") -> tuple[Detector, TrainingSet]:
     """Fit ``method`` with ``params`` on what it learns from in DATA (see :func:`training_set`):
     normal images (all, or ``shots`` of them picked with ``seed``), plus, for methods that learn
     from anomalies, labelled ones. ``seed`` also seeds the method itself. Without ``method``, the
-    default for that many normal images (:func:`default_method_for`). ``runtime``: where the
+    default configuration (``models.default_config``) under ``params``. ``runtime``: where the
     backbone embeds the training images (see runtime.load_runtime); "auto" takes an exported
     runtime only when one is in the cache already, since an export costs more than it saves on
     a few hundred images."""
-    method = method or default_method_for(data, shots)
+    if method is None:
+        method, defaults = default_config()
+        params = {**defaults, **(params or {})}
     if method not in REGISTRY:
         raise ParameterError(f"unknown method '{method}'; available: {', '.join(sorted(REGISTRY))}")
     params = {"seed": seed, **(params or {})}
