@@ -150,3 +150,29 @@ def test_fit_without_method_takes_the_suite_default_says_so_and_lets_params_over
     assert main(["fit", str(folder), "-o", str(square), "--size", "32", "--param", "geometry=square"]) == 0
     assert "with geometry=square (the default" in capsys.readouterr().out
     assert Detector.load(square).geometry == "square"
+
+
+def test_the_default_squashes_when_the_tiles_would_not_fit_the_feature_budget(tmp_path, capsys, monkeypatch):
+    """Hundreds of large images in tiles would exhaust memory: past TILED_FEATURE_BUDGET the
+    default takes the square input and says why; an explicit geometry is kept whatever it costs."""
+    from defectlens.engine import fit as fit_module
+    from defectlens.models import Detector
+    from conftest import textured_image
+
+    rng = np.random.default_rng(6)
+    folder = tmp_path / "good"
+    folder.mkdir()
+    for i in range(4):
+        Image.fromarray(textured_image(rng, 96)).save(folder / f"good_{i}.png")
+    # 4 images x 16 tiles x (152 channels x 4 x 4 patches x 4 bytes) = 622,592 bytes at 32-px tiles
+    monkeypatch.setattr(fit_module, "TILED_FEATURE_BUDGET", 600_000)
+    squashed, tiled = tmp_path / "squashed.dlmodel", tmp_path / "tiled.dlmodel"
+    assert main(["fit", str(folder), "-o", str(squashed), "--size", "32"]) == 0
+    said = capsys.readouterr().out
+    assert "with geometry=square (the default, squashed: 4 images in 16 tiles would hold" in said
+    assert Detector.load(squashed).geometry == "square"
+    assert main(["fit", str(folder), "-o", str(tiled), "--size", "32", "--param", "geometry=tiles"]) == 0
+    assert Detector.load(tiled).geometry == "tiles"
+    monkeypatch.setattr(fit_module, "TILED_FEATURE_BUDGET", 700_000)
+    assert main(["fit", str(folder), "-o", str(tmp_path / "fits.dlmodel"), "--size", "32"]) == 0
+    assert "with geometry=tiles (the default: the best mean" in capsys.readouterr().out

@@ -59,8 +59,8 @@ def method_params(args) -> dict:
 
 # -- fit ----------------------------------------------------------------------------------------
 def cmd_fit(args) -> int:
-    from .engine.fit import fit_from_folder
-    from .models import DEFAULT_METHOD, REGISTRY, LearningType, default_config, describe_config
+    from .engine.fit import default_config_for, fit_from_folder
+    from .models import DEFAULT_METHOD, REGISTRY, LearningType, describe_config
 
     from .engine.outputs import check_output_file
 
@@ -70,11 +70,11 @@ def cmd_fit(args) -> int:
     chosen = ""
     defaults = {}
     if args.method is None:
-        args.method, defaults = default_config()
+        args.method = DEFAULT_METHOD
+        args.method, defaults, reason = default_config_for(args.data, args.shots, method_params(args))
     params = {**defaults, **method_params(args)}
     if defaults:
-        chosen = (describe_config("", {key: params[key] for key in defaults})
-                  + " (the default: the best mean over the real-data suite; --method picks another)")
+        chosen = describe_config("", {key: params[key] for key in defaults}) + f" ({reason}; --method picks another)"
     started = time.perf_counter()
     detector, training = fit_from_folder(args.data, method=args.method, shots=args.shots, seed=args.seed, params=params,
                                          runtime=args.runtime)
@@ -214,8 +214,9 @@ def cmd_benchmark(args) -> int:
         parse_shots,
         run_benchmark,
     )
+    from .engine.fit import default_config_for
     from .engine.outputs import check_output_file
-    from .models import default_config
+    from .models import DEFAULT_METHOD, describe_config
     from .report import table_columns, write_benchmark_json, write_benchmark_report
 
     for target, flag in ((args.json, "--json"), (args.report, "--report")):
@@ -225,7 +226,9 @@ def cmd_benchmark(args) -> int:
         return incremental_benchmark_command(args)
     defaults = {}
     if args.method is None:
-        args.method, defaults = default_config()
+        args.method = DEFAULT_METHOD
+        args.method, defaults, reason = default_config_for(args.data, None, method_params(args))
+        print(f"{describe_config(args.method, defaults)} ({reason})")
     params = {**defaults, **method_params(args)}
     result = run_benchmark(args.data, kind=args.dataset, method=args.method, shots=parse_shots(args.shots),
                            seeds=args.seeds, params=params)

@@ -98,6 +98,43 @@ def with_category(method: str, dataset: Dataset, params: dict) -> dict:
     return params
 
 
+#: The default keeps native resolution in tiles while the training images' features fit in this
+#: many bytes. A fit holds about five times its features at its peak (7.4 GB for 200 BSData images
+#: in 12 tiles, benchmarks/results/speed_tiles.md), so hundreds of large images in tiles would
+#: exhaust a 24 GB machine: beyond the budget the default squashes to ``size`` and says so.
+TILED_FEATURE_BUDGET = 2 * 2**30
+
+
+def default_config_for(data: str | os.PathLike | Dataset, shots: int | None = None, params: dict | None = None
+                       ) -> tuple[str, dict, str]:
+    """The method and parameters `fit` uses on DATA when none is named (``models.default_config``
+    under the user's ``params``), and why, in words. The default's tiles give way to the square
+    input when ``shots`` (None: all) normal images in tiles would exceed TILED_FEATURE_BUDGET."""
+    from PIL import Image
+
+    method, defaults = default_config()
+    chosen = {**defaults, **(params or {})}
+    reason = "the default: the best mean over the real-data suite"
+    if chosen.get("geometry") != "tiles":
+        return method, defaults, reason
+    dataset = data if isinstance(data, Dataset) else load_dataset(data)
+    samples = normal_training_samples(dataset)
+    count = len(samples) if shots is None else min(shots, len(samples))
+    if not count:
+        return method, defaults, reason
+    with Image.open(samples[0].path) as first:
+        width, height = first.size
+    probe = create_detector(method, **chosen)
+    probe.canvas_hw = probe.layout_for((height, width))
+    feature_h, feature_w = probe.backbone_network.feature_hw
+    needed = count * len(probe._tiles()) * probe.backbone_network.feature_dim * feature_h * feature_w * 4
+    if needed <= TILED_FEATURE_BUDGET or "geometry" in (params or {}):
+        return method, defaults, reason
+    return method, {**defaults, "geometry": "square"}, (
+        f"the default, squashed: {count} images in {len(probe._tiles())} tiles would hold "
+        f"{needed / 2**30:.1f} GiB of features, over the {TILED_FEATURE_BUDGET / 2**30:.0f} GiB budget for tiles")
+
+
 def fit_from_folder(data: str | os.PathLike, method: str | None = None, shots: int | None = None, seed: int = 0,
                     params: dict | None = None, runtime: str = "torch") -> tuple[Detector, TrainingSet]:
     """Fit ``method`` with ``params`` on what it learns from in DATA (see :func:`training_set`):
@@ -108,7 +145,7 @@ def fit_from_folder(data: str | os.PathLike, method: str | None = None, shots: i
     runtime only when one is in the cache already, since an export costs more than it saves on
     a few hundred images."""
     if method is None:
-        method, defaults = default_config()
+        method, defaults, _ = default_config_for(data, shots, params)
         params = {**defaults, **(params or {})}
     if method not in REGISTRY:
         raise ParameterError(f"unknown method '{method}'; available: {', '.join(sorted(REGISTRY))}")

@@ -24,7 +24,8 @@ for _module in pkgutil.iter_modules(__path__):
 # square, 0.924 tiled; at 4 shots 0.588 -> 0.810) while the other sets keep or gain (ELPV's 300-px
 # cells are one tile either way). Full-shot it leads the square padim + patchknn ensemble, the
 # previous default, and at 4 shots every configuration measured, so one default serves any number
-# of good images. PatchCore, the default until 2026-11-30, was last of the memory-bank detectors.
+# of good images (squashed when its tiles would not fit engine.fit.TILED_FEATURE_BUDGET).
+# PatchCore, the default until 2026-11-30, was last of the memory-bank detectors.
 DEFAULT_METHOD = "patchknn"
 DEFAULT_PARAMS = {"geometry": "tiles"}
 
