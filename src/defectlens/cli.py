@@ -57,24 +57,34 @@ def method_params(args) -> dict:
     return params
 
 
+def resolved_params(args, shots: int | None) -> tuple[dict, str]:
+    """The method's parameters (see method_params); without --method, args.method becomes the
+    default's and its parameters join (see engine.fit.default_config_for), with the reason in
+    words ("" when a method was named)."""
+    from .engine.fit import default_config_for
+    from .models import DEFAULT_METHOD
+
+    if args.method is not None:
+        return method_params(args), ""
+    args.method = DEFAULT_METHOD  # method_params checks the given values against it
+    given = method_params(args)
+    args.method, defaults, reason = default_config_for(args.data, shots, given)
+    return {**defaults, **given}, reason
+
+
 # -- fit ----------------------------------------------------------------------------------------
 def cmd_fit(args) -> int:
-    from .engine.fit import default_config_for, fit_from_folder
-    from .models import DEFAULT_METHOD, REGISTRY, LearningType, describe_config
+    from .engine.fit import fit_from_folder
+    from .models import DEFAULT_METHOD, DEFAULT_PARAMS, REGISTRY, LearningType, describe_config
 
     from .engine.outputs import check_output_file
 
     output = check_output_file(args.output, overwrite=args.overwrite, what="model file")
     if args.update or hasattr(REGISTRY[args.method or DEFAULT_METHOD], "partial_fit"):
         return fit_products_command(args, output)
-    chosen = ""
-    defaults = {}
-    if args.method is None:
-        args.method = DEFAULT_METHOD
-        args.method, defaults, reason = default_config_for(args.data, args.shots, method_params(args))
-    params = {**defaults, **method_params(args)}
-    if defaults:
-        chosen = describe_config("", {key: params[key] for key in defaults}) + f" ({reason}; --method picks another)"
+    params, reason = resolved_params(args, args.shots)
+    chosen = (describe_config("", {key: params[key] for key in DEFAULT_PARAMS})
+              + f" ({reason}; --method picks another)") if reason else ""
     started = time.perf_counter()
     detector, training = fit_from_folder(args.data, method=args.method, shots=args.shots, seed=args.seed, params=params,
                                          runtime=args.runtime)
@@ -214,9 +224,8 @@ def cmd_benchmark(args) -> int:
         parse_shots,
         run_benchmark,
     )
-    from .engine.fit import default_config_for
     from .engine.outputs import check_output_file
-    from .models import DEFAULT_METHOD, describe_config
+    from .models import DEFAULT_PARAMS, describe_config
     from .report import table_columns, write_benchmark_json, write_benchmark_report
 
     for target, flag in ((args.json, "--json"), (args.report, "--report")):
@@ -224,12 +233,9 @@ def cmd_benchmark(args) -> int:
             check_output_file(target, overwrite=args.overwrite, what=flag)
     if args.incremental:
         return incremental_benchmark_command(args)
-    defaults = {}
-    if args.method is None:
-        args.method = DEFAULT_METHOD
-        args.method, defaults, reason = default_config_for(args.data, None, method_params(args))
-        print(f"{describe_config(args.method, defaults)} ({reason})")
-    params = {**defaults, **method_params(args)}
+    params, reason = resolved_params(args, None)
+    if reason:
+        print(f"{describe_config(args.method, {key: params[key] for key in DEFAULT_PARAMS})} ({reason})")
     result = run_benchmark(args.data, kind=args.dataset, method=args.method, shots=parse_shots(args.shots),
                            seeds=args.seeds, params=params)
     table = format_table(result.summary, result.n_train)
