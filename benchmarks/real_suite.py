@@ -4,6 +4,7 @@ k-shot × seeds, with a headline (mean over the real sets), the worst set and a 
     python benchmarks/real_suite.py --methods patchcore,padim --shots full --seeds 1
     python benchmarks/real_suite.py --config "patchcore:bank_size=16384,reweight_neighbours=0" --shots 4 --seeds 3
     python benchmarks/real_suite.py --report-only
+    python benchmarks/real_suite.py --methods padim --sets bsdata --rerun   # replace cached runs
 
 Sets: bsdata (metal, tiny pits, masks), deeppcb (PCB scans, small defects, box masks), elpv-mono and
 elpv-poly (solar cells, image labels only; `pip install -e ".[bench]"`), plus the generator's
@@ -437,6 +438,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--json", default=str(RESULTS) + ".json")
     parser.add_argument("--md", default=str(RESULTS) + ".md")
     parser.add_argument("--report-only", action="store_true", help="rebuild the Markdown from the JSON and stop")
+    parser.add_argument("--rerun", action="store_true",
+                        help="measure the named runs again and replace their cached results (after a change that moves them)")
     parser.add_argument("--no-memo", action="store_true",
                         help="embed every run's images afresh instead of keeping each set's features for the next "
                              "run: for tiled or high-resolution configurations, whose features would not fit twice in memory")
@@ -459,7 +462,7 @@ def main(argv: list[str] | None = None) -> int:
             for shots, method, params in plan:
                 for seed in range(1 if shots in ("full", "0") else args.seeds):
                     key = run_key(config_name(method, params), set_name, shots, seed, args.max_test)
-                    if key in load_runs(json_path):
+                    if key in load_runs(json_path) and not args.rerun:
                         continue
                     print(f"[{time.strftime('%H:%M:%S')}] {key} ...", flush=True)
                     try:

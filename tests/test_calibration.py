@@ -41,12 +41,14 @@ def test_needs_three_scores_and_a_valid_rate():
         threshold_from_normal_scores([1.0, 2.0], fpr=1.5)
 
 
-def test_refit_folds_leave_one_out_then_one_fifth():
+def test_refit_folds_leave_one_out_then_five_folds_that_hold_out_every_image_once():
     assert refit_folds(1, 0) == []
     folds = refit_folds(7, 3)
     assert sorted(int(f[0]) for f in folds) == list(range(7)) and all(len(f) == 1 for f in folds)
-    (fold,) = refit_folds(50, 3)
-    assert len(fold) == 10 and len(set(fold.tolist())) == 10
+    folds = refit_folds(53, 3)
+    assert len(folds) == 5 and sorted(len(f) for f in folds) == [10, 10, 11, 11, 11]
+    assert sorted(np.concatenate(folds).tolist()) == list(range(53))
+    assert not np.array_equal(np.concatenate(folds), np.arange(53))  # random, not the first images first
 
 
 def test_held_out_split_holds_out_only_what_can_set_a_threshold():
