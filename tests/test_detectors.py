@@ -149,3 +149,21 @@ def test_padim_blocks_of_positions_give_the_one_pass_gaussians(monkeypatch):
     offset = queries[0, whole.channels, 2, 3].double() - samples.mean(0)
     expected = torch.sqrt(offset @ torch.linalg.inv(covariance) @ offset)
     assert float(blocked.score_features(queries)[0, 2, 3]) == pytest.approx(float(expected), rel=1e-4)
+
+
+@pytest.mark.parametrize("method", ["patchcore", "patchknn"])
+@pytest.mark.parametrize("search", ["ivf", "hnsw"])
+def test_approximate_search_never_scores_below_the_exact_one_and_keeps_the_defect_on_top(
+        method, search, normal_images, defect_image, tmp_path):
+    """An approximate index finds real bank rows, so a patch distance is never below the exact
+    one; on a clear defect the ranking holds, and the index kind survives the model file."""
+    exact = create_detector(method, size=128, bank_size=2000).fit(normal_images[:5])
+    approximate = create_detector(method, size=128, bank_size=2000, search=search).fit(normal_images[:5])
+    assert approximate._index.kind == search
+    features = exact.embed_images([normal_images[5], defect_image])
+    assert torch.all(approximate.score_features(features) >= exact.score_features(features) - 1e-4)
+    prediction = approximate.predict([normal_images[5], defect_image])
+    assert prediction.scores[1] > prediction.scores[0]
+    loaded = Detector.load(approximate.save(tmp_path / "model.dlmodel"))
+    assert loaded._index.kind == search
+    np.testing.assert_allclose(loaded.predict([defect_image]).scores, approximate.predict([defect_image]).scores, rtol=1e-5)

@@ -15,6 +15,8 @@ from ..backbones.base import configure_threads
 # query patch, IVF about (rows / lists) × probes × dim, HNSW about log(rows) × neighbours × dim.
 APPROXIMATE_FROM_ROWS = 65536
 
+#: Index kinds of :class:`NearestNeighbours` (the ``search`` parameter of the kNN detectors).
+SEARCHES = ("flat", "ivf", "hnsw", "auto")
 #: Coreset algorithms (PatchCore's ``coreset`` parameter), see :func:`greedy_coreset`.
 CORESETS = ("pooled", "exact")
 #: Up to this many points (8 MB at 128 dims) a pass over all of them stays in cache, so the
@@ -37,7 +39,7 @@ class NearestNeighbours:
     def __init__(self, bank: np.ndarray, metric: str = "l2", index: str = "flat", probes: int = 16, seed: int = 0):
         if metric not in ("l2", "cosine"):
             raise ValueError(f"metric must be 'l2' or 'cosine', not {metric!r}")
-        if index not in ("flat", "ivf", "hnsw", "auto"):
+        if index not in SEARCHES:
             raise ValueError(f"index must be 'flat', 'ivf', 'hnsw' or 'auto', not {index!r}")
         faiss.omp_set_num_threads(configure_threads())
         self.metric = metric

@@ -8,7 +8,7 @@ import torch
 
 from ...backbones import DEFAULT_BACKBONE
 from ..base import register
-from ..memory import CORESETS, NearestNeighbours, greedy_coreset
+from ..memory import CORESETS, SEARCHES, NearestNeighbours, greedy_coreset
 from ..params import Choice, Integer
 from ..patch import AUGMENT_MAX_IMAGES, DEFAULT_AUGMENT, TILE_MAX_PIXELS, PatchDetector
 
@@ -22,9 +22,11 @@ def flatten_patches(features: torch.Tensor) -> torch.Tensor:
 class PatchCore(PatchDetector):
     name = "patchcore"
     parameter_constraints = {"bank_size": Integer(1, 10**7), "reweight_neighbours": Integer(0, 1024),
-                             "top_k": Integer(1, 10**6), "coreset": Choice(CORESETS)}
+                             "top_k": Integer(1, 10**6), "coreset": Choice(CORESETS),
+                             "search": Choice(SEARCHES)}
 
     def __init__(self, bank_size: int = 4096, reweight_neighbours: int = 9, top_k: int = 1, coreset: str = "pooled",
+                 search: str = "flat",
                  backbone: str = DEFAULT_BACKBONE,
                  size: int = 256, blur_sigma: float = 4.0, seed: int = 0, geometry: str = "square",
                  tile_size: int | None = None, tile_overlap: float = 0.25,
@@ -36,7 +38,10 @@ class PatchCore(PatchDetector):
         reduces the top_k patch distances by their mean (1 = the paper's maximum); a mean is less
         at the mercy of one noisy patch. ``coreset``: "pooled" (each image's greedy k-center
         first, about 4 × bank_size patches in all, then the greedy over that pool) or "exact"
-        (the paper's greedy over all patches; slower, see benchmarks/results/coreset_scale.md)."""
+        (the paper's greedy over all patches; slower, see benchmarks/results/coreset_scale.md).
+        ``search``: the bank's nearest-neighbour index, "flat" (exact) or "ivf" / "hnsw"
+        (approximate: a patch's distance is never below the exact one, sometimes above), or
+        "auto" (IVF from 65,536 bank rows up); see benchmarks/results/real_suite.md for the cost."""
         super().__init__(backbone=backbone, size=size, blur_sigma=blur_sigma, seed=seed, geometry=geometry,
                          tile_size=tile_size, tile_overlap=tile_overlap, tile_max_pixels=tile_max_pixels, augment=augment,
                          augment_max_images=augment_max_images)
@@ -44,6 +49,7 @@ class PatchCore(PatchDetector):
         self.reweight_neighbours = reweight_neighbours
         self.top_k = top_k
         self.coreset = coreset
+        self.search = search
 
     def fit_features(self, features: torch.Tensor) -> None:
         patches = flatten_patches(features)
@@ -53,7 +59,7 @@ class PatchCore(PatchDetector):
 
     def _set_bank(self, bank: torch.Tensor) -> None:
         self.bank = bank
-        self._index = NearestNeighbours(bank.numpy())
+        self._index = NearestNeighbours(bank.numpy(), index=self.search, seed=self.seed)
 
     def score_features(self, features: torch.Tensor) -> torch.Tensor:
         count, _, height, width = features.shape

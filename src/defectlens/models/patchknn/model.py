@@ -10,8 +10,8 @@ import torch
 
 from ...backbones import DEFAULT_BACKBONE
 from ..base import register
-from ..memory import NearestNeighbours, greedy_coreset
-from ..params import Boolean, Integer, Optional, Real
+from ..memory import SEARCHES, NearestNeighbours, greedy_coreset
+from ..params import Boolean, Choice, Integer, Optional, Real
 from ..patch import AUGMENT_MAX_IMAGES, DEFAULT_AUGMENT, TILE_MAX_PIXELS, PatchDetector
 from ..patchcore.model import flatten_patches
 
@@ -30,9 +30,10 @@ def pca_foreground(features: torch.Tensor, axis: torch.Tensor, mean: torch.Tenso
 class PatchKNN(PatchDetector):
     name = "patchknn"
     parameter_constraints = {"foreground": Boolean(), "top_fraction": Real(0.0, 1.0),
-                             "bank_size": Optional(Integer(1, 10**7))}
+                             "bank_size": Optional(Integer(1, 10**7)), "search": Choice(SEARCHES)}
 
     def __init__(self, foreground: bool = False, top_fraction: float = 0.01, bank_size: int | None = 16384,
+                 search: str = "flat",
                  backbone: str = DEFAULT_BACKBONE, size: int = 256, blur_sigma: float = 4.0, seed: int = 0,
                  geometry: str = "square", tile_size: int | None = None, tile_overlap: float = 0.25,
                  tile_max_pixels: int | None = TILE_MAX_PIXELS,
@@ -40,13 +41,17 @@ class PatchKNN(PatchDetector):
         """``foreground``: mask the background (for objects on a plain background; leave off
         for textures, whose whole image is foreground). ``bank_size``: above this many normal
         patches (16 images at 256 px), keep each image's most distinct patches (per-image
-        greedy coreset) so search time stays bounded; None keeps every patch."""
+        greedy coreset) so search time stays bounded; None keeps every patch.
+        ``search``: the bank's nearest-neighbour index, "flat" (exact) or "ivf" / "hnsw"
+        (approximate: a patch's distance is never below the exact one, sometimes above), or
+        "auto" (IVF from 65,536 bank rows up); see benchmarks/results/real_suite.md for the cost."""
         super().__init__(backbone=backbone, size=size, blur_sigma=blur_sigma, seed=seed, geometry=geometry,
                          tile_size=tile_size, tile_overlap=tile_overlap, tile_max_pixels=tile_max_pixels, augment=augment,
                          augment_max_images=augment_max_images)
         self.foreground = foreground
         self.top_fraction = top_fraction
         self.bank_size = bank_size
+        self.search = search
         self.pca_axis: torch.Tensor | None = None
         self.pca_mean: torch.Tensor | None = None
 
@@ -75,7 +80,7 @@ class PatchKNN(PatchDetector):
 
     def _set_bank(self, bank: torch.Tensor) -> None:
         self.bank = bank
-        self._index = NearestNeighbours(bank.numpy(), metric="cosine")
+        self._index = NearestNeighbours(bank.numpy(), metric="cosine", index=self.search, seed=self.seed)
 
     def score_features(self, features: torch.Tensor) -> torch.Tensor:
         count, _, height, width = features.shape
