@@ -1,6 +1,6 @@
 """Speed and memory of the default detector as a user meets it: CLI processes against the bare forward.
 
-    python benchmarks/speed.py [--train 200] [--test 300] [--repeats 3] [--setups 256,512,tiles]
+    python benchmarks/speed.py [--train 200] [--test 300] [--repeats 3] [--setups 256,512,tiles] [--param search=ivf]
 
 For each setup (256 px and 512 px squashed, geometry=tiles at 256 px on BSData's native 1130×460:
 the default's geometry), in one run:
@@ -143,8 +143,11 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--setups", default=",".join(SETUPS), help=f"comma list of {', '.join(SETUPS)}")
     parser.add_argument("--method", default=None, help="default: what `fit` picks without --method for --train images")
+    parser.add_argument("--param", action="append", default=[], metavar="KEY=VALUE",
+                        help="a detector parameter added to every setup (repeatable), as `fit --param` takes it")
     parser.add_argument("--out", default=str(HERE / "results" / "speed.md"))
     args = parser.parse_args()
+    extra = dict(pair.split("=", 1) for pair in args.param)
     root = Path(args.data)
     if not (root / "train" / "good").is_dir():
         sys.exit(f"{root}: no train/good folder (BSData ball_screw in MVTec layout expected)")
@@ -161,7 +164,7 @@ def main() -> None:
                "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT / "src"), os.environ.get("PYTHONPATH")]))}
         os.environ["DEFECTLENS_CACHE"] = env["DEFECTLENS_CACHE"]  # the in-process bare forwards use the same exports
         for name in args.setups.split(","):
-            params = SETUPS[name]
+            params = {**SETUPS[name], **extra}
             print(f"setup {name} ...", file=sys.stderr, flush=True)
             rows = benchmark_setup(name, params, train, test, work / name, env, runtimes, args.repeats, args.method)
             described = ", ".join(f"{k}={v}" for k, v in params.items())

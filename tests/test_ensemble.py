@@ -58,3 +58,29 @@ def test_threshold_is_set_on_the_members_held_out_scores_in_the_final_normalisat
     np.testing.assert_allclose(ensemble.normal_scores, expected, rtol=1e-9)
     assert ensemble.threshold == pytest.approx(threshold_from_normal_scores(expected, ensemble.operating_fpr))
     assert abs(float(np.mean(ensemble.normal_scores))) < 1e-9  # z-scores of the very scores that set the norms
+
+
+def test_max_fusion_takes_each_images_largest_member_z_score_and_map(normal_images, defect_image):
+    """fusion="max": the fused score is the larger of the members' z-scores, image by image (a
+    member blind to a defect cannot dilute the other's evidence), held-out scores alike; the map
+    is the larger of the members' scaled maps, pixel by pixel."""
+    params = dict(size=64, members=["patchknn", "padim"],
+                  member_params={"patchknn": {"bank_size": 256}, "padim": {"feature_dims": 16}})
+    mean = create_detector("ensemble", **params).fit(normal_images[:5])
+    largest = create_detector("ensemble", fusion="max", **params).fit(normal_images[:5])
+    tests = [normal_images[5], defect_image]
+    features = largest.embed_images(tests)
+    z, maps = [], []
+    for member, (centre, spread, low, high) in zip(largest.fitted_members, largest.norms.tolist()):
+        member_scores, member_maps = member.score_feature_batch(features)
+        z.append((member_scores - centre) / spread)
+        maps.append((member_maps.double() - low) / (high - low))
+    scores, fused_maps = largest.score_feature_batch(features)
+    np.testing.assert_allclose(scores, np.max(z, axis=0), rtol=1e-9)
+    np.testing.assert_allclose(fused_maps.numpy(), np.max([m.numpy() for m in maps], axis=0), rtol=1e-5)
+    held_out = np.max([(np.asarray(m.normal_scores) - centre) / spread
+                       for m, (centre, spread, _, _) in zip(largest.fitted_members, largest.norms.tolist())], axis=0)
+    np.testing.assert_allclose(largest.normal_scores, held_out, rtol=1e-9)
+    # Same members, same norms: only the combination differs.
+    np.testing.assert_allclose(mean.score_feature_batch(features)[0], np.mean(z, axis=0), rtol=1e-6)
+    assert largest.predict([defect_image]).scores[0] > largest.threshold
