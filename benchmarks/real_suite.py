@@ -26,7 +26,6 @@ import json
 import math
 import os
 import platform
-import re
 import sys
 import time
 from collections.abc import Callable
@@ -89,12 +88,19 @@ SETS = {
 
 def parse_config(text: str) -> tuple[str, dict]:
     """"patchcore:bank_size=16384,reweight_neighbours=0" -> ("patchcore", {...}); commas inside
-    [...] belong to a list value: "ensemble:members=["padim","patchknn"]"."""
+    [...] or {...} belong to a JSON value: 'ensemble:members=["padim","patchknn"],member_params={"patchknn":
+    {"bank_size":65536,"search":"ivf"}}'."""
     method, _, rest = text.partition(":")
     method = method.strip()
     if method not in REGISTRY:
         raise SystemExit(f"--config {text!r}: unknown method {method!r}; available: {', '.join(sorted(REGISTRY))}")
-    return method, parse_params([pair for pair in re.split(r",(?![^\[]*\])", rest) if pair.strip()])
+    pairs, depth, start = [], 0, 0
+    for index, char in enumerate(rest + ","):
+        depth += (char in "[{") - (char in "]}")
+        if char == "," and depth == 0:
+            pairs.append(rest[start:index])
+            start = index + 1
+    return method, parse_params([pair for pair in pairs if pair.strip()])
 
 
 def config_name(method: str, params: dict) -> str:
