@@ -143,13 +143,37 @@ def test_fit_without_method_takes_the_suite_default_says_so_and_lets_params_over
         Image.fromarray(textured_image(rng, 96)).save(folder / f"good_{i}.png")
     default, square = tmp_path / "default.dlmodel", tmp_path / "square.dlmodel"
     assert main(["fit", str(folder), "-o", str(default), "--size", "32"]) == 0
-    assert f"fitted {DEFAULT_METHOD} with geometry=tiles (the default" in capsys.readouterr().out
+    assert f"took {DEFAULT_METHOD} with geometry=tiles (the default below 32 good images" in capsys.readouterr().out
     loaded = Detector.load(default)
     assert loaded.name == DEFAULT_METHOD and loaded.geometry == DEFAULT_PARAMS["geometry"] == "tiles"
     assert len(loaded._tiles()) == 4 * 4  # 96 px at 32-px tiles overlapping by a quarter: 4 a side
     assert main(["fit", str(folder), "-o", str(square), "--size", "32", "--param", "geometry=square"]) == 0
-    assert "with geometry=square (the default" in capsys.readouterr().out
+    assert "with geometry=square (the default below 32" in capsys.readouterr().out
     assert Detector.load(square).geometry == "square"
+
+
+def test_fit_without_method_takes_the_fused_ensemble_from_many_good_images(tmp_path, capsys, monkeypatch):
+    """From MANY_IMAGES good images the default is the tiled padim + patchknn ensemble fused by
+    the larger z-score; fit says so, and a --param valid for it overrides its value."""
+    import defectlens.models as models
+    from defectlens.models import MANY_IMAGES_PARAMS, Detector
+    from conftest import textured_image
+
+    monkeypatch.setattr(models, "MANY_IMAGES", 5)
+    rng = np.random.default_rng(7)
+    folder = tmp_path / "good"
+    folder.mkdir()
+    for i in range(6):
+        Image.fromarray(textured_image(rng, 64)).save(folder / f"good_{i}.png")
+    path = tmp_path / "many.dlmodel"
+    assert main(["fit", str(folder), "-o", str(path), "--size", "32", "--param", "fusion=mean"]) == 0
+    said = capsys.readouterr().out
+    assert "took ensemble with geometry=tiles, fusion=mean, members=" in said and "(the default from 5 good images" in said
+    loaded = Detector.load(path)
+    assert loaded.name == "ensemble" and loaded.fusion == "mean" and loaded.geometry == "tiles"
+    assert loaded.member_params == MANY_IMAGES_PARAMS["member_params"]
+    assert main(["fit", str(folder), "-o", str(tmp_path / "few.dlmodel"), "--size", "32", "--shots", "4"]) == 0
+    assert "took patchknn with geometry=tiles (the default below 5 good images" in capsys.readouterr().out
 
 
 def test_the_default_squashes_when_the_tiles_would_not_fit_the_feature_budget(tmp_path, capsys, monkeypatch):
@@ -169,10 +193,10 @@ def test_the_default_squashes_when_the_tiles_would_not_fit_the_feature_budget(tm
     squashed, tiled = tmp_path / "squashed.dlmodel", tmp_path / "tiled.dlmodel"
     assert main(["fit", str(folder), "-o", str(squashed), "--size", "32"]) == 0
     said = capsys.readouterr().out
-    assert "with geometry=square (the default, squashed: 4 images in 16 tiles would hold" in said
+    assert "with geometry=square (the default below 32 good images, squashed: 4 images in 16 tiles would hold" in said
     assert Detector.load(squashed).geometry == "square"
     assert main(["fit", str(folder), "-o", str(tiled), "--size", "32", "--param", "geometry=tiles"]) == 0
     assert Detector.load(tiled).geometry == "tiles"
     monkeypatch.setattr(fit_module, "TILED_FEATURE_BUDGET", 700_000)
     assert main(["fit", str(folder), "-o", str(tmp_path / "fits.dlmodel"), "--size", "32"]) == 0
-    assert "with geometry=tiles (the default: the best mean" in capsys.readouterr().out
+    assert "with geometry=tiles (the default below 32 good images: the best mean" in capsys.readouterr().out

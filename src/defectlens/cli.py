@@ -39,11 +39,9 @@ def parse_params(pairs: list[str] | None) -> dict:
     return params
 
 
-def method_params(args) -> dict:
-    """The method's parameters from --param and the flags that are shortcuts for some of them
-    (--size, --backbone), checked against the method's parameters before any work starts."""
-    from .models import REGISTRY
-
+def given_params(args) -> dict:
+    """The parameters the user gave: --param and the flags that are shortcuts for some of them
+    (--size, --backbone), not yet checked against a method."""
     params = parse_params(args.param)
     if "seed" in params:
         raise UsageError("--param seed: pass --seed S instead (it picks the shots and seeds the method)")
@@ -53,38 +51,43 @@ def method_params(args) -> dict:
             if flag in params and params[flag] != value:
                 raise UsageError(f"--{flag} {value} and --param {flag}={params[flag]} disagree: give one of them")
             params[flag] = value
+    return params
+
+
+def method_params(args) -> dict:
+    """``given_params``, checked against the method's parameters before any work starts."""
+    from .models import REGISTRY
+
+    params = given_params(args)
     REGISTRY[args.method].check_params({"seed": getattr(args, "seed", 0), **params})
     return params
 
 
 def resolved_params(args, shots: int | None) -> tuple[dict, str]:
     """The method's parameters (see method_params); without --method, args.method becomes the
-    default's and its parameters join (see engine.fit.default_config_for), with the reason in
-    words ("" when a method was named)."""
+    default's for that many good images and its parameters join (engine.fit.default_config_for),
+    and the second value says in words what was taken and why ("" when a method was named)."""
     from .engine.fit import default_config_for
-    from .models import DEFAULT_METHOD
+    from .models import describe_config
 
     if args.method is not None:
         return method_params(args), ""
-    args.method = DEFAULT_METHOD  # method_params checks the given values against it
-    given = method_params(args)
-    args.method, defaults, reason = default_config_for(args.data, shots, given)
-    return {**defaults, **given}, reason
+    args.method, defaults, reason = default_config_for(args.data, shots, given_params(args))
+    params = {**defaults, **method_params(args)}  # the given values, checked against the default's method
+    return params, f"{describe_config(args.method, {key: params[key] for key in defaults})} ({reason})"
 
 
 # -- fit ----------------------------------------------------------------------------------------
 def cmd_fit(args) -> int:
     from .engine.fit import fit_from_folder
-    from .models import DEFAULT_METHOD, DEFAULT_PARAMS, REGISTRY, LearningType, describe_config
+    from .models import DEFAULT_METHOD, REGISTRY, LearningType
 
     from .engine.outputs import check_output_file
 
     output = check_output_file(args.output, overwrite=args.overwrite, what="model file")
     if args.update or hasattr(REGISTRY[args.method or DEFAULT_METHOD], "partial_fit"):
         return fit_products_command(args, output)
-    params, reason = resolved_params(args, args.shots)
-    chosen = (describe_config("", {key: params[key] for key in DEFAULT_PARAMS})
-              + f" ({reason}; --method picks another)") if reason else ""
+    params, chosen = resolved_params(args, args.shots)
     started = time.perf_counter()
     detector, training = fit_from_folder(args.data, method=args.method, shots=args.shots, seed=args.seed, params=params,
                                          runtime=args.runtime)
@@ -101,7 +104,9 @@ def cmd_fit(args) -> int:
     kind = (f"{training.normal_count} normal and {anomalous} anomalous" if anomalous
             else f"{training.normal_count} normal")
     zero = " (zero-shot)" if not training.images and detector.learning_type == LearningType.ZERO_SHOT else ""
-    print(f"fitted {detector.name}{chosen} on {kind} images{zero} in {time.perf_counter() - started:.1f} s; "
+    if chosen:
+        print(f"took {chosen}; --method picks another")
+    print(f"fitted {detector.name} on {kind} images{zero} in {time.perf_counter() - started:.1f} s; "
           f"threshold {threshold}; saved {output}")
     return 0
 
@@ -225,7 +230,6 @@ def cmd_benchmark(args) -> int:
         run_benchmark,
     )
     from .engine.outputs import check_output_file
-    from .models import DEFAULT_PARAMS, describe_config
     from .report import table_columns, write_benchmark_json, write_benchmark_report
 
     for target, flag in ((args.json, "--json"), (args.report, "--report")):
@@ -233,9 +237,11 @@ def cmd_benchmark(args) -> int:
             check_output_file(target, overwrite=args.overwrite, what=flag)
     if args.incremental:
         return incremental_benchmark_command(args)
-    params, reason = resolved_params(args, None)
-    if reason:
-        print(f"{describe_config(args.method, {key: params[key] for key in DEFAULT_PARAMS})} ({reason})")
+    # Without --method: the default for the fewest images asked for, which every run can fit.
+    counts = [int(shots) for shots in args.shots.split(",") if shots.strip() not in ("", "full", "0")]
+    params, chosen = resolved_params(args, min(counts) if counts else None)
+    if chosen:
+        print(f"took {chosen}")
     result = run_benchmark(args.data, kind=args.dataset, method=args.method, shots=parse_shots(args.shots),
                            seeds=args.seeds, params=params)
     table = format_table(result.summary, result.n_train)
@@ -355,8 +361,10 @@ def _fraction(text: str) -> float:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from .models import DEFAULT_METHOD, DEFAULT_PARAMS, REGISTRY, describe_config
+    from .models import DEFAULT_METHOD, DEFAULT_PARAMS, MANY_IMAGES, REGISTRY, default_config, describe_config
 
+    default_help = (f"{describe_config(DEFAULT_METHOD, DEFAULT_PARAMS)} below {MANY_IMAGES} good images, "
+                    f"{describe_config(*default_config())} from {MANY_IMAGES} (the best means over the real-data suite)")
     parser = argparse.ArgumentParser(prog="defectlens", description="Industrial visual anomaly detection on a CPU.")
     parser.add_argument("--version", action="version", version=f"defectlens {__version__}")
     parser.add_argument("--debug", action="store_true", help=DEBUG_HELP)
@@ -367,8 +375,7 @@ def build_parser() -> argparse.ArgumentParser:
     fit.add_argument("data", help="an MVTec-style category folder (its train/good is used) or a folder of normal images")
     fit.add_argument("-o", "--output", required=True, help="model file to write")
     fit.add_argument("--method", default=None, choices=methods,
-                     help=f"default: {describe_config(DEFAULT_METHOD, DEFAULT_PARAMS)} (the best mean over the real-data "
-                          "suite); unified and iuf learn each category of DATA as a product")
+                     help=f"default: {default_help}; unified and iuf learn each category of DATA as a product")
     fit.add_argument("--update", metavar="MODEL",
                      help="add the products (categories) of DATA to this unified/iuf model; -o names the new file")
     fit.add_argument("--shots", type=_count, default=None, help="use only K normal images (picked with --seed); 0 = zero-shot methods")
@@ -422,7 +429,7 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("data")
     bench.add_argument("--dataset", default="auto", choices=["auto", "mvtec", "loco", "visa", "folder"])
     bench.add_argument("--method", default=None, choices=methods,
-                       help=f"default: {describe_config(DEFAULT_METHOD, DEFAULT_PARAMS)}, as for fit")
+                       help=f"default: as for fit, for the fewest --shots given ({default_help})")
     bench.add_argument("--shots", default="1,2,4,8,full", help="comma list; 0 = zero-shot, 'full' = every training image (default 1,2,4,8,full)")
     bench.add_argument("--seeds", type=_positive, default=5)
     bench.add_argument("--size", type=int, default=None, help="input size in pixels (default: the method's own)")

@@ -14,6 +14,7 @@ from pathlib import Path
 from ..data.datasets import Dataset, Sample, load_dataset
 from ..data.kshot import sample_shots
 from ..errors import DatasetError
+from .. import models
 from ..models import REGISTRY, Detector, LearningType, ParameterError, create_detector, default_config
 
 
@@ -108,19 +109,19 @@ TILED_FEATURE_BUDGET = 2 * 2**30
 def default_config_for(data: str | os.PathLike | Dataset, shots: int | None = None, params: dict | None = None
                        ) -> tuple[str, dict, str]:
     """The method and parameters `fit` uses on DATA when none is named (``models.default_config``
-    under the user's ``params``), and why, in words. The default's tiles give way to the square
-    input when ``shots`` (None: all) normal images in tiles would exceed TILED_FEATURE_BUDGET."""
+    for that many good images, under the user's ``params``), and why, in words. The default's tiles
+    give way to the square input when ``shots`` (None: all) normal images in tiles would exceed
+    TILED_FEATURE_BUDGET."""
     from PIL import Image
 
-    method, defaults = default_config()
-    chosen = {**defaults, **(params or {})}
-    reason = "the default: the best mean over the real-data suite"
-    if chosen.get("geometry") != "tiles":
-        return method, defaults, reason
     dataset = data if isinstance(data, Dataset) else load_dataset(data)
     samples = normal_training_samples(dataset)
     count = len(samples) if shots is None else min(shots, len(samples))
-    if not count:
+    method, defaults = default_config(count)
+    chosen = {**defaults, **(params or {})}
+    regime = f"{'from' if count >= models.MANY_IMAGES else 'below'} {models.MANY_IMAGES} good images"
+    reason = f"the default {regime}: the best mean over the real-data suite"
+    if chosen.get("geometry") != "tiles" or not count:
         return method, defaults, reason
     with Image.open(samples[0].path) as first:
         width, height = first.size
@@ -131,7 +132,7 @@ def default_config_for(data: str | os.PathLike | Dataset, shots: int | None = No
     if needed <= TILED_FEATURE_BUDGET or "geometry" in (params or {}):
         return method, defaults, reason
     return method, {**defaults, "geometry": "square"}, (
-        f"the default, squashed: {count} images in {len(probe._tiles())} tiles would hold "
+        f"the default {regime}, squashed: {count} images in {len(probe._tiles())} tiles would hold "
         f"{needed / 2**30:.1f} GiB of features, over the {TILED_FEATURE_BUDGET / 2**30:.0f} GiB budget for tiles")
 
 

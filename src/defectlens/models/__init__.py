@@ -7,7 +7,9 @@ optional packages (transformers, diffusers) import them inside their functions.
 
 from __future__ import annotations
 
+import copy
 import importlib
+import json
 import pkgutil
 
 from .base import REGISTRY, Detector, LearningType, ModelFileError, NotFittedError, Prediction
@@ -17,28 +19,40 @@ for _module in pkgutil.iter_modules(__path__):
     if _module.ispkg:
         importlib.import_module(f"{__name__}.{_module.name}")
 
-# What `fit` uses without --method: the best mean image AUROC over the real-data suite's four sets
-# (BSData, DeepPCB, ELPV mono and poly), full-shot and at 4 shots, leave-one-set-out checked
-# (benchmarks/results/real_suite.md). Native resolution in tiles is what generalised: DeepPCB's
-# defects, a few pixels across, vanish when its 640-px scans are squashed to 256 (patchknn 0.685
-# square, 0.924 tiled; at 4 shots 0.588 -> 0.810) while the other sets keep or gain (ELPV's 300-px
-# cells are one tile either way). Full-shot it leads the square padim + patchknn ensemble, the
-# previous default, and at 4 shots every configuration measured, so one default serves any number
-# of good images (squashed when its tiles would not fit engine.fit.TILED_FEATURE_BUDGET).
-# PatchCore, the default until 2026-11-30, was last of the memory-bank detectors.
+# What `fit` uses without --method, by how many good images it learns from: the best mean image
+# AUROC over the real-data suite's four sets (BSData, DeepPCB, ELPV mono and poly), leave-one-set-out
+# checked (benchmarks/results/real_suite.md). Native resolution in tiles is what generalised:
+# DeepPCB's defects, a few pixels across, vanish when its 640-px scans are squashed to 256
+# (patchknn 0.685 square, 0.924 tiled; at 4 shots 0.588 -> 0.810; ELPV's 300-px cells are one tile
+# either way). With few images, tiled patchknn leads every configuration measured (4-shot mean
+# 0.880). From MANY_IMAGES on, the padim + patchknn ensemble in tiles, fused by the larger member
+# z-score, with patchknn's bank at 65,536 rows searched by IVF, leads full-shot (see
+# MANY_IMAGES_PARAMS): PaDiM adds what patchknn misses on the aligned sets (BSData, ELPV) and the
+# maximum keeps patchknn's lead where PaDiM is blind (DeepPCB). Either is squashed when its tiles
+# would not fit engine.fit.TILED_FEATURE_BUDGET. PatchCore, the default until 2026-11-30, was last.
 DEFAULT_METHOD = "patchknn"
 DEFAULT_PARAMS = {"geometry": "tiles"}
+#: From this many good images the default is the ensemble below (PaDiM's per-position Gaussians
+#: need images to estimate; an ensemble cannot be normalised on one).
+MANY_IMAGES = 32
+MANY_IMAGES_METHOD = "ensemble"
+MANY_IMAGES_PARAMS = {"geometry": "tiles", "fusion": "max", "members": ["padim", "patchknn"],
+                      "member_params": {"patchknn": {"bank_size": 65536, "search": "ivf"}}}
 
 
-def default_config() -> tuple[str, dict]:
-    """The method and parameters `fit` and `benchmark` use when no method is named (explicit
-    parameters override these)."""
+def default_config(normal_images: int | None = None) -> tuple[str, dict]:
+    """The method and parameters `fit` and `benchmark` use when no method is named, for
+    ``normal_images`` good training images (None: many); explicit parameters override these."""
+    if normal_images is None or normal_images >= MANY_IMAGES:
+        return MANY_IMAGES_METHOD, copy.deepcopy(MANY_IMAGES_PARAMS)
     return DEFAULT_METHOD, dict(DEFAULT_PARAMS)
 
 
 def describe_config(method: str, params: dict) -> str:
-    """"patchknn with geometry=tiles": how the CLI names the configuration it took."""
-    return method + (" with " + ", ".join(f"{key}={value}" for key, value in params.items()) if params else "")
+    """"patchknn with geometry=tiles": how the CLI names the configuration it took (values as
+    --param takes them)."""
+    return method + (" with " + ", ".join(f"{key}={value if isinstance(value, str) else json.dumps(value)}"
+                                           for key, value in params.items()) if params else "")
 
 
 def create_detector(method: str = DEFAULT_METHOD, **params) -> Detector:
@@ -50,5 +64,5 @@ def create_detector(method: str = DEFAULT_METHOD, **params) -> Detector:
     return REGISTRY[method](**params)
 
 
-__all__ = ["DEFAULT_METHOD", "DEFAULT_PARAMS", "REGISTRY", "Detector", "LearningType", "ModelFileError", "NotFittedError", "ParameterError",
+__all__ = ["DEFAULT_METHOD", "DEFAULT_PARAMS", "MANY_IMAGES", "MANY_IMAGES_METHOD", "MANY_IMAGES_PARAMS", "REGISTRY", "Detector", "LearningType", "ModelFileError", "NotFittedError", "ParameterError",
            "Prediction", "create_detector", "default_config", "describe_config"]
