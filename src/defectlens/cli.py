@@ -238,12 +238,12 @@ def cmd_benchmark(args) -> int:
     if args.incremental:
         return incremental_benchmark_command(args)
     # Without --method: the default for the fewest images asked for, which every run can fit.
-    counts = [int(shots) for shots in args.shots.split(",") if shots.strip() not in ("", "full", "0")]
+    shots = parse_shots(args.shots)
+    counts = [count for count in shots if count not in ("full", 0)]
     params, chosen = resolved_params(args, min(counts) if counts else None)
     if chosen:
         print(f"took {chosen}")
-    result = run_benchmark(args.data, kind=args.dataset, method=args.method, shots=parse_shots(args.shots),
-                           seeds=args.seeds, params=params)
+    result = run_benchmark(args.data, kind=args.dataset, method=args.method, shots=shots, seeds=args.seeds, params=params)
     table = format_table(result.summary, result.n_train)
     print(f"{result.method} on {result.dataset} ({result.n_train} train, {result.n_test} test, size {result.params.get('size')})")
     print(markdown_table(table, table_columns(table)))
