@@ -133,9 +133,8 @@ class Ensemble(PatchDetector):
             member_scores, member_maps = member.score_feature_batch(features)
             scores.append((member_scores - mean) / spread)
             maps.append((member_maps.double() - low) / (high - low))
-        if self.fusion == "max":
-            return np.max(scores, axis=0), torch.stack(maps).amax(dim=0).float()
-        return np.mean(scores, axis=0), torch.stack(maps).mean(dim=0).float()
+        fuse = FUSIONS[self.fusion]
+        return fuse(scores, axis=0), torch.from_numpy(fuse(torch.stack(maps).numpy(), axis=0)).float()
 
     def state_tensors(self) -> dict[str, torch.Tensor]:
         tensors = {"norms": self.norms}
