@@ -109,11 +109,15 @@ def config_name(method: str, params: dict) -> str:
     return f"{method}[{','.join(f'{k}={json.dumps(v)}' for k, v in sorted(params.items()))}]"
 
 
-def shipped_config(regime: str = "full-shot") -> str:
-    """The configuration `fit` ships without --method for this regime's number of good images:
-    the baseline of every comparison."""
+def shipped(regime: str = "full-shot") -> tuple[str, dict]:
+    """(method, params) `fit` ships without --method for this regime's number of good images."""
     shots = regime.split("-")[0]
-    return config_name(*default_config(int(shots) if shots.isdigit() else None))
+    return default_config(int(shots) if shots.isdigit() else None)
+
+
+def shipped_config(regime: str = "full-shot") -> str:
+    """The name of ``shipped(regime)``: the baseline of every comparison."""
+    return config_name(*shipped(regime))
 
 
 AS_FIT_TAKES_IT = "the default as fit takes it"
@@ -123,21 +127,15 @@ def shipped_cells(configs: dict, regime: str) -> dict:
     """{set: (config, cell)} of the default as `fit` takes it: its tiled configuration, or the same
     squashed (no geometry parameter) on a set where only that was run, as fit squashes tiles whose
     features would exceed engine.fit.TILED_FEATURE_BUDGET (BSData's 426 images in 12 tiles)."""
-    method, params = parse_config_name(shipped_config(regime))
-    squashed = config_name(method, {k: v for k, v in params.items() if k != "geometry"})
+    method, params = shipped(regime)
+    candidates = (config_name(method, params), config_name(method, {k: v for k, v in params.items() if k != "geometry"}))
     cells = {}
     for name in REAL_SETS:
-        for config in (shipped_config(regime), squashed):
+        for config in candidates:
             if configs.get(config, {}).get(name, {}).get(LOSO_METRIC):
                 cells[name] = (config, configs[config][name])
                 break
     return cells
-
-
-def parse_config_name(name: str) -> tuple[str, dict]:
-    """The inverse of config_name."""
-    method, _, rest = name.partition("[")
-    return method, parse_config(f"{method}:{rest[:-1]}")[1] if rest else {}
 
 
 def run_key(config: str, set_name: str, shots: str, seed: int, max_test: int | None = None) -> str:
