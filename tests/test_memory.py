@@ -101,6 +101,19 @@ def test_exact_coreset_covers_all_points_at_least_as_well_as_the_pooled_one():
         greedy_coreset(features, 150, method="random")
 
 
+def test_per_image_coreset_shares_the_size_out_and_keeps_each_images_own_greedy_picks():
+    """pool_factor=1 (patchknn): the coreset is the per-image stage alone, ``size`` rows shared
+    out evenly (the first images one more), each image's picks its own greedy k-center's."""
+    generator = torch.Generator().manual_seed(8)
+    features = torch.randn(7 * 300, 12, generator=generator)
+    picked = greedy_coreset(features, 100, groups=7, pool_factor=1)
+    assert len(set(picked.tolist())) == 100
+    assert np.bincount(picked.numpy() // 300, minlength=7).tolist() == [15, 15] + [14] * 5
+    # The same per-image picks as the image's own greedy from its first pick.
+    image = picked[picked // 300 == 3] - 900
+    assert image.tolist() == _plain_k_center(features[900:1200].numpy(), int(image[0]), 14)
+
+
 def test_k_center_stops_when_points_run_out_and_keeps_small_sets_whole():
     points = torch.tensor([[0.0, 0.0], [1.0, 1.0]]).repeat(50, 1)
     picked = _KCenter(points).run(first=0, size=10)

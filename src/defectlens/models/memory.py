@@ -36,7 +36,8 @@ class NearestNeighbours:
     true bank rows, so a distance is never smaller than the exact one, only sometimes larger.
     """
 
-    def __init__(self, bank: np.ndarray, metric: str = "l2", index: str = "flat", probes: int = 16, seed: int = 0):
+    def __init__(self, bank: np.ndarray, metric: str = "l2", index: str = "flat", probes: int = 16, seed: int = 0,
+                 centroids: np.ndarray | None = None):
         if metric not in ("l2", "cosine"):
             raise ValueError(f"metric must be 'l2' or 'cosine', not {metric!r}")
         if index not in SEARCHES:
@@ -55,16 +56,30 @@ class NearestNeighbours:
             self.index = faiss.IndexHNSWFlat(dim, 32, faiss_metric)
             self.index.hnsw.efSearch = 64
         else:
-            # About sqrt(rows) lists (faiss's rule of thumb), each trained from at most 256 rows of the bank.
-            lists = max(1, min(int(4 * rows**0.5), rows // 39))
+            # About sqrt(rows) lists (faiss's rule of thumb), each trained from at most 256 rows of the
+            # bank, unless ``centroids`` (an earlier k-means, see ``centroids``) say where the lists are.
+            lists = max(1, min(int(4 * rows**0.5), rows // 39)) if centroids is None else len(centroids)
             quantizer = faiss.IndexFlatL2(dim) if metric == "l2" else faiss.IndexFlatIP(dim)
             self.index = faiss.IndexIVFFlat(quantizer, dim, lists, faiss_metric)
-            self.index.cp.seed = seed
-            self.index.train(self.bank)
+            if centroids is None:
+                self.index.cp.seed = seed
+                self.index.train(self.bank)
+            else:
+                quantizer.add(np.ascontiguousarray(centroids, dtype=np.float32))
+                self.index.is_trained = True
             self.index.nprobe = min(probes, lists)
         self.index.add(self.bank)
         self._bounds: _UpperBounds | None = None
         self._bounds_lock = threading.Lock()
+
+    @property
+    def centroids(self) -> np.ndarray | None:
+        """(lists, dim) the IVF partition's k-means centroids, None for other indexes. Passed back
+        to the constructor they rebuild the same partition without the k-means (most of an IVF
+        index's build time); they only route the search, the distances are to the bank's rows."""
+        if self.kind != "ivf":
+            return None
+        return self.index.quantizer.reconstruct_n(0, self.index.nlist)
 
     def _prepare(self, vectors: np.ndarray) -> np.ndarray:
         vectors = np.ascontiguousarray(vectors, dtype=np.float32)
@@ -307,11 +322,14 @@ def greedy_coreset(features: torch.Tensor, size: int, projection_dim: int = 128,
 
     Distances are computed on a random projection, which preserves them approximately
     (Johnson-Lindenstrauss). ``method="pooled"`` with many points (``groups`` > 1 consecutive
-    blocks, one per image) first keeps the k-center of each image (about ``pool_factor`` ×
-    ``size`` points in all), then runs the global k-center on that pool: a patch far from every
-    other patch is also far from those of its own image, so the points that matter survive the
-    first stage. ``method="exact"`` (or ``groups=1``) is the paper's greedy over all points.
-    Both pick exactly what the one-pass-per-pick loop would (see ``_KCenter``).
+    blocks, one per image) first keeps the k-center of each image (``pool_factor`` × ``size``
+    points in all, shared out evenly, the first images one more where it does not divide), then
+    runs the global k-center on that pool: a patch far from every other patch is also far from
+    those of its own image, so the points that matter survive the first stage. With
+    ``pool_factor=1`` the pool is the coreset (each image's most distinct patches; a global pass
+    would only drop a handful of points at the cost of a full greedy). ``method="exact"`` (or
+    ``groups=1``) is the paper's greedy over all points. Both pick exactly what the
+    one-pass-per-pick loop would (see ``_KCenter``).
     """
     if method not in CORESETS:
         raise ValueError(f"method must be one of {', '.join(CORESETS)}, not {method!r}")
@@ -329,8 +347,8 @@ def greedy_coreset(features: torch.Tensor, size: int, projection_dim: int = 128,
     else:
         points = features.float()
     if method == "pooled" and groups > 1 and count > pool_factor * size:
-        keep = -(-pool_factor * size // groups)
-        pool = torch.cat([block[_k_center(points[block], keep, generator)]
-                          for block in torch.tensor_split(torch.arange(count), groups)])
-        return pool[_k_center(points[pool], size, generator, progress)]
+        quota, extra = divmod(pool_factor * size, groups)
+        pool = torch.cat([block[_k_center(points[block], quota + (index < extra), generator)]
+                          for index, block in enumerate(torch.tensor_split(torch.arange(count), groups))])
+        return pool if len(pool) <= size else pool[_k_center(points[pool], size, generator, progress)]
     return _k_center(points, size, generator, progress)
