@@ -152,6 +152,24 @@ def test_padim_blocks_of_positions_give_the_one_pass_gaussians(monkeypatch):
 
 
 @pytest.mark.parametrize("method", ["patchcore", "patchknn"])
+def test_ivf_partition_is_trained_once_per_fit_and_loaded_from_the_model_file(method, normal_images, tmp_path,
+                                                                              monkeypatch):
+    """The held-out folds' fits and the final one share one k-means; loading runs none."""
+    import faiss
+
+    trainings = []
+    train = faiss.IndexIVFFlat.train
+    monkeypatch.setattr(faiss.IndexIVFFlat, "train", lambda index, x: trainings.append(len(x)) or train(index, x))
+    detector = create_detector(method, size=128, bank_size=2000, search="ivf").fit(normal_images[:5])
+    assert len(detector.normal_scores) == 5 and len(trainings) == 1  # six fits (five held out, one final)
+    loaded = Detector.load(detector.save(tmp_path / "model.dlmodel"))
+    assert len(trainings) == 1
+    np.testing.assert_array_equal(loaded._index.centroids, detector._index.centroids)
+    features = detector.embed_images(normal_images[5:7])
+    np.testing.assert_array_equal(loaded.score_features(features), detector.score_features(features))
+
+
+@pytest.mark.parametrize("method", ["patchcore", "patchknn"])
 @pytest.mark.parametrize("search", ["ivf", "hnsw"])
 def test_approximate_search_never_scores_below_the_exact_one_and_keeps_the_defect_on_top(
         method, search, normal_images, defect_image, tmp_path):

@@ -7,8 +7,9 @@ import numpy as np
 import torch
 
 from ...backbones import DEFAULT_BACKBONE
+from ..bank import SearchedBank
 from ..base import register
-from ..memory import CORESETS, SEARCHES, NearestNeighbours, greedy_coreset
+from ..memory import CORESETS, SEARCHES, greedy_coreset
 from ..params import Choice, Integer
 from ..patch import AUGMENT_MAX_IMAGES, DEFAULT_AUGMENT, TILE_MAX_PIXELS, PatchDetector
 
@@ -19,7 +20,7 @@ def flatten_patches(features: torch.Tensor) -> torch.Tensor:
 
 
 @register
-class PatchCore(PatchDetector):
+class PatchCore(SearchedBank, PatchDetector):
     name = "patchcore"
     parameter_constraints = {"bank_size": Integer(1, 10**7), "reweight_neighbours": Integer(0, 1024),
                              "top_k": Integer(1, 10**6), "coreset": Choice(CORESETS),
@@ -56,10 +57,6 @@ class PatchCore(PatchDetector):
         keep = greedy_coreset(patches, self.bank_size, seed=self.seed, progress=True, groups=features.shape[0],
                               method=self.coreset)
         self._set_bank(patches[keep].contiguous())
-
-    def _set_bank(self, bank: torch.Tensor) -> None:
-        self.bank = bank
-        self._index = NearestNeighbours(bank.numpy(), index=self.search, seed=self.seed)
 
     def score_features(self, features: torch.Tensor) -> torch.Tensor:
         count, _, height, width = features.shape
@@ -114,8 +111,8 @@ class PatchCore(PatchDetector):
         return weights.float() * reduced
 
     def state_tensors(self) -> dict[str, torch.Tensor]:
-        return {"bank": self.bank}
+        return self.bank_tensors()
 
     def load_state_tensors(self, tensors, extra) -> None:
         super().load_state_tensors(tensors, extra)
-        self._set_bank(tensors["bank"].float())
+        self.load_bank(tensors)

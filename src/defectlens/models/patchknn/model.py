@@ -9,8 +9,9 @@ import numpy as np
 import torch
 
 from ...backbones import DEFAULT_BACKBONE
+from ..bank import SearchedBank
 from ..base import register
-from ..memory import SEARCHES, NearestNeighbours, greedy_coreset
+from ..memory import SEARCHES, greedy_coreset
 from ..params import Boolean, Choice, Integer, Optional, Real
 from ..patch import AUGMENT_MAX_IMAGES, DEFAULT_AUGMENT, TILE_MAX_PIXELS, PatchDetector
 from ..patchcore.model import flatten_patches
@@ -27,8 +28,9 @@ def pca_foreground(features: torch.Tensor, axis: torch.Tensor, mean: torch.Tenso
 
 
 @register
-class PatchKNN(PatchDetector):
+class PatchKNN(SearchedBank, PatchDetector):
     name = "patchknn"
+    metric = "cosine"
     parameter_constraints = {"foreground": Boolean(), "top_fraction": Real(0.0, 1.0),
                              "bank_size": Optional(Integer(1, 10**7)), "search": Choice(SEARCHES)}
 
@@ -78,10 +80,6 @@ class PatchKNN(PatchDetector):
             axis = -axis
         self.pca_axis = axis
 
-    def _set_bank(self, bank: torch.Tensor) -> None:
-        self.bank = bank
-        self._index = NearestNeighbours(bank.numpy(), metric="cosine", index=self.search, seed=self.seed)
-
     def score_features(self, features: torch.Tensor) -> torch.Tensor:
         count, _, height, width = features.shape
         distances, _ = self._index.search(flatten_patches(features).numpy(), k=1)
@@ -96,7 +94,7 @@ class PatchKNN(PatchDetector):
         return flat.topk(top, dim=1).values.mean(dim=1)
 
     def state_tensors(self) -> dict[str, torch.Tensor]:
-        tensors = {"bank": self.bank}
+        tensors = self.bank_tensors()
         if self.foreground:
             tensors.update(pca_axis=self.pca_axis, pca_mean=self.pca_mean)
         return tensors
@@ -105,4 +103,4 @@ class PatchKNN(PatchDetector):
         super().load_state_tensors(tensors, extra)
         self.pca_axis = tensors.get("pca_axis")
         self.pca_mean = tensors.get("pca_mean")
-        self._set_bank(tensors["bank"].float())
+        self.load_bank(tensors)
