@@ -29,6 +29,7 @@ import json
 import math
 import os
 import platform
+import sys
 import time
 from pathlib import Path
 
@@ -45,6 +46,9 @@ from defectlens.metrics import image_auroc
 from defectlens.models import REGISTRY, create_detector
 from defectlens.models.composition.model import SCORES, combine
 from defectlens.report.benchmark import json_default
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from real_suite import parse_config as method_config  # noqa: E402
 
 HERE = Path(__file__).resolve().parent
 PHOTOS = HERE.parents[1] / "shared" / "datasets"
@@ -108,16 +112,10 @@ def ablation(folder: Path, shots: int, seeds: int) -> list[dict]:
 
 
 def parse_config(text: str) -> tuple[str, str, dict]:
-    """LABEL=METHOD[:KEY=VALUE,...] -> (label, method, params); a bare METHOD is its own label."""
+    """LABEL=METHOD[:KEY=VALUE,...] -> (label, method, params); a bare METHOD is its own label.
+    Values are JSON where they parse, objects included (real_suite.py's rule)."""
     label, _, spec = text.partition("=") if "=" in text.split(":")[0] else (text, "", text)
-    method, _, pairs = spec.partition(":")
-    params = {}
-    for pair in filter(None, pairs.split(",")):
-        key, _, value = pair.partition("=")
-        try:
-            params[key] = json.loads(value)
-        except json.JSONDecodeError:
-            params[key] = value
+    method, params = method_config(spec)
     return label, method, params
 
 

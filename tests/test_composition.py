@@ -160,17 +160,20 @@ def test_views_and_pooled_spreads_give_every_shot_and_view_a_held_out_score():
     assert min(missing, swapped) > goods.max()
 
 
-def test_structural_fusion_is_the_larger_standardised_score_and_round_trips(tmp_path):
+@pytest.mark.parametrize("structural_params", [None, {"size": 192, "top_fraction": 0.005}])
+def test_structural_fusion_is_the_larger_standardised_score_and_round_trips(tmp_path, structural_params):
     rng = np.random.default_rng(2)
-    detector = create_detector("composition", structural="patchknn", views=1, **PARAMS).fit(
-        [normal(rng) for _ in range(4)])
+    detector = create_detector("composition", structural="patchknn", views=1, structural_params=structural_params,
+                               **PARAMS).fit([normal(rng) for _ in range(4)])
     crumb = normal(rng)
     cv2.circle(crumb, (48, 20), 4, (30, 20, 10), -1)  # a dark crumb on the tray: structural, no rule broken
     images = [normal(rng), normal(rng), crumb, scene(rng, [(RED, (28, 48))])]
     prediction = detector.predict(images)
     # Known answer: each detector's score standardised by its own held-out normal scores, the larger kept.
     own = np.array([detector._combine_calibrated(c) for c in calibrated_scores(detector, images)])
-    member, _ = detector.structural_member.score_feature_batch(detector.backbone_network.embed(images))
+    member_network = detector.structural_member.backbone_network  # its own pass at its own size, if given
+    assert member_network.input_hw == (((structural_params or PARAMS)["size"],) * 2)
+    member, _ = detector.structural_member.score_feature_batch(member_network.embed(images))
     mean, deviation, member_mean, member_deviation = detector.fusion
     np.testing.assert_allclose(prediction.scores, np.maximum((own - mean) / deviation, (member - member_mean) / member_deviation))
     assert min(prediction.scores[2:]) > max(prediction.scores[:2])
@@ -181,6 +184,18 @@ def test_structural_fusion_is_the_larger_standardised_score_and_round_trips(tmp_
     np.testing.assert_allclose(again.maps, prediction.maps, rtol=1e-5, atol=1e-6)
     with pytest.raises(UsageError, match="at least 2 normal images"):
         create_detector("composition", structural="patchknn", **PARAMS).fit([normal(rng)])
+
+
+@pytest.mark.parametrize("params, message", [
+    ({"structural_params": {"size": 512}}, "needs structural"),
+    ({"structural": "patchknn", "structural_params": {"seed": 3}}, "sets seed: set those on the composition"),
+    ({"structural": "patchknn", "structural_params": {"geometry": "tiles"}}, "not its geometry"),
+    ({"structural": "patchknn", "structural_params": {"top_fraction": 2.0}}, "top_fraction"),
+    ({"structural": "padim", "structural_params": {"bank_size": 10}}, "bank_size"),
+])
+def test_structural_params_are_checked(params, message):
+    with pytest.raises(ValueError, match=message):
+        create_detector("composition", **params).fit([np.zeros((32, 32, 3), np.uint8)] * 2)
 
 
 def test_bad_parameters_are_refused():

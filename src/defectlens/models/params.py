@@ -113,6 +113,17 @@ class ListOf(Constraint):
 
 
 @dataclass(frozen=True)
+class Params(Constraint):
+    """Another detector's parameters, {name: value}; that detector checks the values."""
+
+    def accepts(self, value):
+        return isinstance(value, dict) and all(isinstance(key, str) for key in value)
+
+    def describe(self):
+        return 'an object {parameter: value}, e.g. {"size": 512}'
+
+
+@dataclass(frozen=True)
 class Optional(Constraint):
     """``inner`` or None (None meaning the method's automatic choice)."""
 

@@ -48,7 +48,7 @@ from ...errors import UsageError
 from ..base import REGISTRY, BackboneDetector, Prediction, register
 from ..calibration import calibrate, refit_folds
 from ..maps import upsample_map
-from ..params import BACKBONE, BLUR_SIGMA, INPUT_SIZE, SEED, Choice, Integer, ListOf, Optional, Real, Text
+from ..params import BACKBONE, BLUR_SIGMA, INPUT_SIZE, SEED, Choice, Integer, ListOf, Optional, ParameterError, Params, Real, Text
 from .parts import ImageParts, class_distances, describe, image_vectors, part_sizes
 from .segment import PartSegmenter, background_classes
 from .views import shot_views
@@ -83,9 +83,20 @@ SHOTS_TO_CALIBRATE = 3
 CLASS_LOO_MAX = 32
 #: Patch detectors that can be fused in for structural defects (``structural``).
 STRUCTURAL_METHODS = ("patchknn", "patchcore", "padim", "spade")
+#: Parameters the structural member takes from the composition.
+STRUCTURAL_SHARED = ("backbone", "blur_sigma", "seed")
 #: The spread of held-out normal scores that fusion divides by is at least this share of their
 #: mean: a few held-out shots that happen to agree must not make every small rise a large one.
 FUSION_MIN_SPREAD = 0.02
+
+
+def finer_maximum(first: np.ndarray, second: np.ndarray) -> np.ndarray:
+    """The pixel-wise larger of two patch grids over the same view, on the finer of the two."""
+    if first.size < second.size:
+        first = cv2.resize(first.astype(np.float32), second.shape[::-1], interpolation=cv2.INTER_LINEAR)
+    elif second.size < first.size:
+        second = cv2.resize(second.astype(np.float32), first.shape[::-1], interpolation=cv2.INTER_LINEAR)
+    return np.maximum(first, second)
 
 
 def spread(values: np.ndarray) -> float:
@@ -199,12 +210,14 @@ class Composition(BackboneDetector):
                              "top_fraction": Real(0.0, 1.0, open_low=True), "blur_sigma": BLUR_SIGMA,
                              "segmenter": Choice(("clusters", "sam")), "sam_model": Optional(Text()),
                              "scoring": Choice(("refined", "published")), "views": Integer(0, 16),
-                             "normalise": Choice(("max", "pooled")), "structural": Optional(Choice(STRUCTURAL_METHODS))}
+                             "normalise": Choice(("max", "pooled")), "structural": Optional(Choice(STRUCTURAL_METHODS)),
+                             "structural_params": Optional(Params())}
 
     def __init__(self, backbone: str = DEFAULT_BACKBONE, size: int = 256, seed: int = 0, parts: int = 12,
                  part_size: int = 128, scores: tuple[str, ...] = SCORES, top_fraction: float = 0.02,
                  blur_sigma: float = 4.0, segmenter: str = "clusters", sam_model: str | None = None,
-                 scoring: str = "refined", views: int = 0, normalise: str = "max", structural: str | None = None):
+                 scoring: str = "refined", views: int = 0, normalise: str = "max", structural: str | None = None,
+                 structural_params: dict | None = None):
         """``parts``: number of part classes. ``part_size``: side of the part maps in pixels.
         ``scores``: which of the seven scores to sum (all by default; one alone for an ablation).
         ``segmenter``: "clusters" (embedded, no weights) or "sam" (cluster classes voted inside
@@ -217,7 +230,10 @@ class Composition(BackboneDetector):
         or their mean ("pooled": every held-out shot and view counts, not only the most
         extreme). ``structural``: a patch detector fused in for structural defects (fit on the
         same shots and features); the image score is then the larger of the two detectors'
-        scores, each standardised by its own held-out normal scores."""
+        scores, each standardised by its own held-out normal scores. ``structural_params``: the
+        member's own parameters (backbone, seed and blur_sigma are the composition's); a ``size``
+        or ``geometry`` other than the composition's makes the member embed the images itself:
+        structural defects are often a few pixels wide while parts and their layout are not."""
         self.backbone = backbone
         self.size = size
         self.seed = seed
@@ -232,6 +248,7 @@ class Composition(BackboneDetector):
         self.views = views
         self.normalise = normalise
         self.structural = structural
+        self.structural_params = structural_params
         self._sam = None
         self.structural_member = None
         self.fusion: list[float] | None = None  # composition mean, spread; member mean, spread
@@ -273,16 +290,37 @@ class Composition(BackboneDetector):
         self.min_part = part_sizes(maps, self.parts)
         refs = [describe(image, f, m, self.background, self.min_part) for image, f, m in zip(images, features, maps)]
         typical_area = np.median([r.area for r in refs], axis=0)
-        self._calibrate(refs, typical_area, sources, features)
+        self._calibrate(refs, typical_area, sources, features, images)
         usual_place = np.mean([m[None] == np.arange(self.parts)[:, None, None] for m in maps], axis=0) >= USUAL_PLACE
         self.memory = Memory(refs, typical_area, self.background, usual_place, pixels=self._published_pixels(),
                              sources=sources, pooled=self.normalise == "pooled")
 
+    @classmethod
+    def check_params(cls, params) -> None:
+        super().check_params(params)
+        own = params.get("structural_params")
+        if own is None:
+            return
+        if params.get("structural") is None:
+            raise ParameterError("composition: structural_params needs structural (the member method) set")
+        set_here = sorted(set(own) & set(STRUCTURAL_SHARED))
+        if set_here:
+            raise ParameterError(f"composition: structural_params sets {', '.join(set_here)}: set those on the composition")
+        if own.get("geometry", "square") != "square":
+            raise ParameterError("composition: the structural member sees the composition's square view; "
+                                 "structural_params may set its size, not its geometry")
+        REGISTRY[params["structural"]].check_params(own)
+
     def _new_member(self):
-        return REGISTRY[self.structural](backbone=self.backbone, size=self.size, blur_sigma=self.blur_sigma, seed=self.seed)
+        shared = {name: getattr(self, name) for name in STRUCTURAL_SHARED}
+        return REGISTRY[self.structural](**{"size": self.size, **shared, **(self.structural_params or {})})
+
+    def _member_features(self, member, images: list[np.ndarray], features: torch.Tensor) -> torch.Tensor:
+        """The composition's features, or the member's own backbone pass at its own size."""
+        return features if member.size == self.size else member.embed_images(images)
 
     def _calibrate(self, refs: list[ImageParts], typical_area: np.ndarray, sources: np.ndarray,
-                   features: torch.Tensor) -> None:
+                   features: torch.Tensor, images: list[np.ndarray]) -> None:
         """Held-out shots (with their views): the patch scores' normalisers, the fusion's
         standardisation, the threshold and the map range."""
         count = len(np.unique(sources))
@@ -291,6 +329,9 @@ class Composition(BackboneDetector):
             self.normalisers = dict(NAIVE_WEIGHTS)
             return
         held_out, patch_maps, member_scores, member_maps = [], [], [], []
+        if self.structural is not None:
+            self.structural_member = self._new_member()
+            member_features = self._member_features(self.structural_member, images, features)
         for fold in refit_folds(count, self.seed):  # the map range (and threshold) need these even when the naive weights stay
             kept, left_out = np.flatnonzero(~np.isin(sources, fold)), np.flatnonzero(np.isin(sources, fold))
             memory = Memory([refs[i] for i in kept], typical_area, self.background, pixels=self._published_pixels(),
@@ -301,10 +342,10 @@ class Composition(BackboneDetector):
                 patch_maps.append(distances)
             if self.structural is not None:
                 member = self._new_member()
-                member.fit_features(features[kept])
-                fold_scores, fold_maps = member.score_feature_batch(features[left_out])
+                member.fit_features(member_features[kept])
+                fold_scores, fold_maps = member.score_feature_batch(member_features[left_out])
                 member_scores.extend(fold_scores)
-                member_maps.extend(fold_maps.flatten(1).numpy())
+                member_maps.extend(fold_maps.numpy())
         statistic = np.mean if self.normalise == "pooled" else np.max
         if self.scoring == "published":  # the largest leave-one-out score is each score's weight
             self.normalisers = {s: max(float(statistic([h[s] for h in held_out])), 1e-6) for s in SCORES}
@@ -321,9 +362,10 @@ class Composition(BackboneDetector):
             member_scores = np.asarray(member_scores, np.float64)
             self.fusion = [float(np.mean(normal_scores)), spread(normal_scores), float(np.mean(member_scores)),
                            spread(member_scores)]
-            self.structural_member = self._new_member()
-            self.structural_member.fit_features(features)
-            normal_maps = [np.maximum(own, member / self._member_map_scale()) for own, member in zip(normal_maps, member_maps)]
+            self.structural_member.fit_features(member_features)
+            grid = features.shape[2:]
+            normal_maps = [finer_maximum(own.reshape(grid), member / self._member_map_scale())
+                           for own, member in zip(normal_maps, member_maps)]
             normal_scores = self._fuse(normal_scores, member_scores)
         self.set_calibration(calibrate(normal_scores, normal_maps))
 
@@ -367,14 +409,14 @@ class Composition(BackboneDetector):
         compositions, part_maps = self.compose(images, features)
         scores, maps, parts = [], [], []
         height, width = features.shape[2:]
-        member_scores, member_maps = (self.structural_member.score_feature_batch(features) if self.fusion is not None
-                                      else (None, None))
+        member_scores, member_maps = (None, None) if self.fusion is None else self.structural_member.score_feature_batch(
+            self._member_features(self.structural_member, images, features))
         for index, (image, composition, part_map) in enumerate(zip(images, compositions, part_maps)):
             calibrated, distances, evidence = self.score_parts(composition)
             scores.append(self._combine_calibrated(calibrated))
             grid = distances.reshape(height, width).numpy()
             if member_maps is not None:
-                grid = np.maximum(grid, member_maps[index].numpy() / self._member_map_scale())
+                grid = finer_maximum(grid, member_maps[index].numpy() / self._member_map_scale())
             patch_map = upsample_map(grid, self.backbone_network.input_hw, image.shape[:2], self.blur_sigma)
             parts_map = cv2.resize(self.evidence_map(part_map, evidence), (image.shape[1], image.shape[0]),
                                    interpolation=cv2.INTER_NEAREST)
