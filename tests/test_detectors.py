@@ -127,6 +127,31 @@ def test_patchcore_batch_scores_are_its_contract_scores(normal_images, defect_im
     np.testing.assert_allclose(scores, detector.image_scores(patch_scores, features).numpy(), rtol=1e-6)
 
 
+def test_padim_model_file_keeps_the_precisions_upper_triangles_and_loads_them_exactly(normal_images, tmp_path):
+    detector = create_detector("padim", size=128).fit(normal_images[:4])
+    assert torch.equal(detector.precision, detector.precision.transpose(1, 2))
+    stored = detector.state_tensors()
+    dims = detector.precision.shape[1]
+    assert "precision" not in stored and stored["precision_upper"].shape[1] == dims * (dims + 1) // 2
+    path = detector.save(tmp_path / "padim.dlmodel")
+    loaded = Detector.load(path)
+    assert torch.equal(loaded.precision, detector.precision)
+    np.testing.assert_array_equal(loaded.predict(normal_images[4:6]).scores, detector.predict(normal_images[4:6]).scores)
+    # A version 1 file (whole precisions) still loads.
+    import json
+
+    from safetensors import safe_open
+    from safetensors.torch import load_file, save_file
+
+    with safe_open(str(path), framework="pt") as handle:
+        config = json.loads(handle.metadata()["defectlens"])
+    tensors = load_file(str(path))
+    tensors["precision"] = detector.precision
+    del tensors["precision_upper"]
+    save_file(tensors, str(tmp_path / "v1.dlmodel"), metadata={"defectlens": json.dumps({**config, "format_version": 1})})
+    assert torch.equal(Detector.load(tmp_path / "v1.dlmodel").precision, detector.precision)
+
+
 def test_padim_blocks_of_positions_give_the_one_pass_gaussians(monkeypatch):
     """Fitting and scoring a block of positions at a time (so tiled sets fit in memory) is the
     same per-position Gaussian as all positions at once: a known answer on random features."""

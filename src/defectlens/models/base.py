@@ -25,7 +25,9 @@ from .calibration import DEFAULT_FPR, NONE, Calibration, threshold_from_normal_s
 from .params import Constraint, ParameterError, check_names, check_values, get_param_names
 
 FORMAT = "defectlens-model"
-FORMAT_VERSION = 1
+#: 2: PaDiM keeps its precisions' upper triangles, patchknn / patchcore an IVF index's centroids
+#: (version 1 files still load; version 1 readers refuse version 2 files by name instead of failing).
+FORMAT_VERSION = 2
 
 REGISTRY: dict[str, type[Detector]] = {}
 

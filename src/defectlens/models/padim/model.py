@@ -49,8 +49,10 @@ class PaDiM(PatchDetector):
             centred = samples - mean[:, None, :]
             covariance = centred.transpose(1, 2) @ centred / max(samples.shape[1] - 1, 1)
             covariance += self.regularisation * torch.eye(keep, dtype=torch.float64)
+            precision = torch.linalg.inv(covariance)
             means.append(mean.float())
-            precisions.append(torch.linalg.inv(covariance).float())
+            # Exactly symmetric, as a precision is: the model file keeps only its upper triangle.
+            precisions.append(((precision + precision.transpose(1, 2)) / 2).float())
         self.mean, self.precision = torch.cat(means), torch.cat(precisions)
 
     def score_features(self, features: torch.Tensor) -> torch.Tensor:
@@ -64,8 +66,20 @@ class PaDiM(PatchDetector):
         return torch.cat(squared).sqrt().T.reshape(count, height, width)
 
     def state_tensors(self) -> dict[str, torch.Tensor]:
-        return {"channels": self.channels, "mean": self.mean, "precision": self.precision}
+        """The precisions' upper triangles only: half the file (a tiled PaDiM holds one 100 × 100
+        matrix per position of every tile, hundreds of megabytes)."""
+        rows, columns = torch.triu_indices(*self.precision.shape[1:])
+        return {"channels": self.channels, "mean": self.mean, "precision_upper": self.precision[:, rows, columns]}
 
     def load_state_tensors(self, tensors, extra) -> None:
         super().load_state_tensors(tensors, extra)
-        self.channels, self.mean, self.precision = tensors["channels"], tensors["mean"], tensors["precision"]
+        self.channels, self.mean = tensors["channels"], tensors["mean"]
+        if "precision" in tensors:  # files before the upper triangles
+            self.precision = tensors["precision"]
+            return
+        dims = len(self.channels)
+        rows, columns = torch.triu_indices(dims, dims)
+        upper = tensors["precision_upper"]
+        self.precision = torch.empty(upper.shape[0], dims, dims, dtype=upper.dtype)
+        self.precision[:, rows, columns] = upper
+        self.precision[:, columns, rows] = upper
