@@ -307,7 +307,8 @@ def main() -> None:
     store["setup"] = {"size": args.size, "n_train": args.n_train, "n_test_good": args.n_test_good, "per_type": args.per_type}
     configs = [parse_config(c) for c in args.config] or [(m, m, {}) for m in args.methods.split(",")]
     store.setdefault("configs", {}).update(
-        {label: f"{method} " + " ".join(f"{k}={v}" for k, v in params.items()) for label, method, params in configs})
+        {label: f"{method} " + " ".join(f"{k}={v if isinstance(v, str) else json.dumps(v)}" for k, v in params.items())
+         for label, method, params in configs})
     args_line = command_line(args)
 
     def save() -> None:
