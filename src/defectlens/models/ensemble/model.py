@@ -24,7 +24,7 @@ from ...backbones import DEFAULT_BACKBONE
 from ...errors import UsageError
 from ..base import REGISTRY, register
 from ..calibration import Calibration, calibrate
-from ..params import Choice, Constraint, ListOf, Optional, ParameterError
+from ..params import Choice, Constraint, ListOf, Optional, ParameterError, Params
 from ..patch import AUGMENT_MAX_IMAGES, DEFAULT_AUGMENT, TILE_MAX_PIXELS, PatchDetector, subset_views
 
 MEMBER_METHODS = ("patchcore", "padim", "spade", "patchknn")
@@ -42,9 +42,8 @@ class MemberParams(Constraint):
     """{member method: {parameter: value}}; each member checks its own values."""
 
     def accepts(self, value):
-        return isinstance(value, dict) and all(
-            isinstance(name, str) and isinstance(params, dict) and all(isinstance(key, str) for key in params)
-            for name, params in value.items())
+        return isinstance(value, dict) and all(isinstance(name, str) and Params().accepts(params)
+                                               for name, params in value.items())
 
     def describe(self):
         return 'an object {member method: {parameter: value}}, e.g. {"patchcore": {"bank_size": 16384}}'
