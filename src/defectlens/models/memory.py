@@ -337,18 +337,44 @@ def greedy_coreset(features: torch.Tensor, size: int, projection_dim: int = 128,
     if size >= count:
         return torch.arange(count)
     generator = torch.Generator().manual_seed(seed)
-    if features.shape[1] > projection_dim:
-        projection = torch.randn(features.shape[1], projection_dim, generator=generator) / projection_dim**0.5
-        # Projected block by block into one buffer: neither a float copy of all the features
-        # nor a list of projected blocks beside their concatenation is ever held.
-        points = torch.empty(count, projection_dim)
-        for start in range(0, count, 65536):
-            torch.matmul(features[start : start + 65536].float(), projection, out=points[start : start + 65536])
-    else:
-        points = features.float()
+    points = _projected(features, projection_dim, generator)
     if method == "pooled" and groups > 1 and count > pool_factor * size:
         quota, extra = divmod(pool_factor * size, groups)
-        pool = torch.cat([block[_k_center(points[block], quota + (index < extra), generator)]
-                          for index, block in enumerate(torch.tensor_split(torch.arange(count), groups))])
+        blocks = torch.tensor_split(torch.arange(count), groups)
+        picks = _block_picks(points, blocks, quota + (extra > 0), generator)
+        pool = torch.cat([block[own[: quota + (index < extra)]] for index, (block, own) in enumerate(zip(blocks, picks))])
         return pool if len(pool) <= size else pool[_k_center(points[pool], size, generator, progress)]
     return _k_center(points, size, generator, progress)
+
+
+def per_image_picks(features: torch.Tensor, groups: int, picks: int, projection_dim: int = 128,
+                    seed: int = 0) -> list[torch.Tensor]:
+    """The first ``picks`` greedy k-center picks of each of ``groups`` consecutive blocks of rows
+    (one per image; indices into the block, in pick order; a block with no more rows keeps all)
+    on ``greedy_coreset``'s projection and from its random start per block, so that a block's
+    first ``q`` picks are those ``greedy_coreset``'s per-image stage keeps when it gives the
+    block ``q``. A greedy pick depends only on the picks before it: fits on subsets of the
+    images (calibration folds) can take their shares from this one computation."""
+    generator = torch.Generator().manual_seed(seed)
+    points = _projected(features, projection_dim, generator)
+    return _block_picks(points, torch.tensor_split(torch.arange(features.shape[0]), groups), picks, generator)
+
+
+def _projected(features: torch.Tensor, projection_dim: int, generator: torch.Generator) -> torch.Tensor:
+    """float32 rows on a random projection to ``projection_dim`` dimensions (drawn first from
+    ``generator``), or the rows themselves when they have no more dimensions."""
+    if features.shape[1] <= projection_dim:
+        return features.float()
+    count = features.shape[0]
+    projection = torch.randn(features.shape[1], projection_dim, generator=generator) / projection_dim**0.5
+    # Projected block by block into one buffer: neither a float copy of all the features
+    # nor a list of projected blocks beside their concatenation is ever held.
+    points = torch.empty(count, projection_dim)
+    for start in range(0, count, 65536):
+        torch.matmul(features[start : start + 65536].float(), projection, out=points[start : start + 65536])
+    return points
+
+
+def _block_picks(points: torch.Tensor, blocks, picks: int, generator: torch.Generator) -> list[torch.Tensor]:
+    """Each block's first ``picks`` greedy picks, its start drawn from ``generator`` in block order."""
+    return [_k_center(points[block], picks, generator) for block in blocks]

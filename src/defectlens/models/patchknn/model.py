@@ -11,7 +11,8 @@ import torch
 from ...backbones import DEFAULT_BACKBONE
 from ..bank import SearchedBank
 from ..base import register
-from ..memory import SEARCHES, greedy_coreset
+from ..calibration import refit_folds
+from ..memory import SEARCHES, greedy_coreset, per_image_picks
 from ..params import Boolean, Choice, Integer, Optional, Real
 from ..patch import AUGMENT_MAX_IMAGES, DEFAULT_AUGMENT, TILE_MAX_PIXELS, PatchDetector
 from ..patchcore.model import flatten_patches
@@ -56,6 +57,7 @@ class PatchKNN(SearchedBank, PatchDetector):
         self.search = search
         self.pca_axis: torch.Tensor | None = None
         self.pca_mean: torch.Tensor | None = None
+        self._picks: list[torch.Tensor] | None = None  # per-image greedy picks shared by one fit's folds
 
     def fit_features(self, features: torch.Tensor) -> None:
         patches = flatten_patches(features)
@@ -66,6 +68,34 @@ class PatchKNN(SearchedBank, PatchDetector):
             patches = patches[greedy_coreset(patches, self.bank_size, seed=self.seed,
                                              groups=features.shape[0], pool_factor=1)]
         self._set_bank(patches.contiguous())
+
+    def calibrate_and_fit(self, features: torch.Tensor, views) -> None:
+        """As every patch detector, except that without foreground masking or augmented copies
+        each image's greedy picks are made once, for the largest share any of the fits (held-out
+        folds and final) gives an image, and every fit takes each of its images' first picks
+        (``per_image_picks``): the final bank is the one ``fit_features`` builds, and the folds'
+        per-image greedy, most of a tiled fit, is not run five more times."""
+        count, positions = features.shape[0], features.shape[2] * features.shape[3]
+        self._picks = None
+        if views is None and not self.foreground and self.bank_size is not None and count * positions > self.bank_size:
+            fewest = min([count] + [count - len(fold) for fold in refit_folds(count, self.seed)])
+            self._picks = per_image_picks(flatten_patches(features), count, -(-self.bank_size // fewest), seed=self.seed)
+        try:
+            super().calibrate_and_fit(features, views)
+        finally:
+            self._picks = None
+
+    def fit_normal(self, features: torch.Tensor, views, keep: np.ndarray) -> None:
+        if self._picks is None:
+            return super().fit_normal(features, views, keep)
+        positions = features.shape[2] * features.shape[3]
+        quota, extra = divmod(self.bank_size, len(keep))
+        if quota >= positions:  # every patch of these images fits in the bank
+            rows = torch.cat([int(image) * positions + torch.arange(positions) for image in keep])
+        else:
+            rows = torch.cat([int(image) * positions + self._picks[image][: quota + (rank < extra)]
+                              for rank, image in enumerate(keep)])
+        self._set_bank(features.flatten(2)[rows // positions, :, rows % positions].contiguous())
 
     def _fit_foreground(self, features: torch.Tensor) -> None:
         """First principal component of the normal patches, signed so that the image centre
