@@ -73,8 +73,8 @@ class PatchKNN(SearchedBank, PatchDetector):
         """As every patch detector, except that without foreground masking or augmented copies
         each image's greedy picks are made once, for the largest share any of the fits (held-out
         folds and final) gives an image, and every fit takes each of its images' first picks
-        (``per_image_picks``): the final bank is the one ``fit_features`` builds, and the folds'
-        per-image greedy, most of a tiled fit, is not run five more times."""
+        (``per_image_picks``): the final bank is the one ``fit_features`` builds, and the
+        per-image greedy is not run five more times for the folds."""
         count, positions = features.shape[0], features.shape[2] * features.shape[3]
         self._picks = None
         if views is None and not self.foreground and self.bank_size is not None and count * positions > self.bank_size:
