@@ -131,7 +131,7 @@ def _embed_test(detector: PatchDetector, test: TestSet, eval_side: int) -> torch
 
 
 #: Test images scored together in a benchmark: a search's working copies of a whole tiled test
-#: set (BSData at native resolution: 609 images × 12 tiles × 1024 patches) exhausted 24 GB.
+#: set (BSData at native resolution: 609 images × 18 tiles × 1024 patches) exhausted 24 GB.
 SCORE_BLOCK_IMAGES = 32
 
 

@@ -101,7 +101,7 @@ def with_category(method: str, dataset: Dataset, params: dict) -> dict:
 
 #: The default keeps native resolution in tiles while the training images' features fit in this
 #: many bytes. A fit holds five (patchknn) to about eight (the ensemble) times its features at its
-#: peak (7.4 and over 10 GB for 200 BSData images in 12 tiles, benchmarks/results/speed_tiles.md),
+#: peak (7.4 and over 10 GB for 200 BSData images in 18 tiles, benchmarks/results/speed_tiles.md),
 #: so hundreds of large images in tiles would exhaust a 24 GB machine: beyond the budget the
 #: default squashes to ``size`` and says so.
 TILED_FEATURE_BUDGET = 2 * 2**30
