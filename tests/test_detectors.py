@@ -176,19 +176,23 @@ def test_padim_blocks_of_positions_give_the_one_pass_gaussians(monkeypatch):
     assert float(blocked.score_features(queries)[0, 2, 3]) == pytest.approx(float(expected), rel=1e-4)
 
 
-def test_patchknn_folds_share_each_images_greedy_picks_and_the_final_bank_is_unchanged(monkeypatch):
+@pytest.mark.parametrize("bank_size, greedy_runs", [(100, 12), (400, 12), (432, 0)])
+def test_patchknn_folds_share_each_images_greedy_picks_and_the_final_bank_is_unchanged(monkeypatch, bank_size,
+                                                                                        greedy_runs):
     """Six fits (five held-out folds and the final one) run each image's greedy once; the final
-    bank is the one fit_features builds on the same features, row for row."""
+    bank is the one fit_features builds on the same features, row for row. Where the folds keep
+    their images whole (400 rows: 9 or 10 images × 36 patches fit), the final fit makes its own
+    greedy picks, as fit_features does; where all 432 patches fit, no fit picks."""
     from defectlens.models import memory
 
     features = torch.randn(12, 24, 6, 6, generator=torch.Generator().manual_seed(4))
-    reference = create_detector("patchknn", bank_size=100)
+    reference = create_detector("patchknn", bank_size=bank_size)
     reference.fit_features(features)
     calls = []
     k_center = memory._k_center
     monkeypatch.setattr(memory, "_k_center", lambda *args, **kwargs: calls.append(1) or k_center(*args, **kwargs))
-    detector = create_detector("patchknn", bank_size=100).fit_from_features(features)
-    assert len(calls) == 12 and len(detector.normal_scores) == 12
+    detector = create_detector("patchknn", bank_size=bank_size).fit_from_features(features)
+    assert len(calls) == greedy_runs and len(detector.normal_scores) == 12
     assert torch.equal(detector.bank, reference.bank)
 
 

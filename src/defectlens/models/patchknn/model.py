@@ -77,9 +77,13 @@ class PatchKNN(SearchedBank, PatchDetector):
         per-image greedy is not run five more times for the folds."""
         count, positions = features.shape[0], features.shape[2] * features.shape[3]
         self._picks = None
-        if views is None and not self.foreground and self.bank_size is not None and count * positions > self.bank_size:
+        if views is None and not self.foreground and self.bank_size is not None:
             fewest = min([count] + [count - len(fold) for fold in refit_folds(count, self.seed)])
-            self._picks = per_image_picks(flatten_patches(features), count, -(-self.bank_size // fewest), seed=self.seed)
+            largest_share = -(-self.bank_size // fewest)
+            # Only while every fit leaves a choice in every image: where some fit would keep an
+            # image whole, fit_features' own path (all patches, or a greedy with its own start) holds.
+            if largest_share < positions:
+                self._picks = per_image_picks(flatten_patches(features), count, largest_share, seed=self.seed)
         try:
             super().calibrate_and_fit(features, views)
         finally:
