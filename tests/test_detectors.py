@@ -2,7 +2,7 @@ import numpy as np
 import pytest
 import torch
 
-from defectlens.models import REGISTRY, Detector, ModelFileError, create_detector
+from defectlens.models import REGISTRY, Detector, ModelFileError, ParameterError, create_detector
 from defectlens.models.memory import greedy_coreset
 
 PATCH_METHODS = ["patchcore", "padim", "spade", "patchknn"]
@@ -174,6 +174,36 @@ def test_padim_blocks_of_positions_give_the_one_pass_gaussians(monkeypatch):
     offset = queries[0, whole.channels, 2, 3].double() - samples.mean(0)
     expected = torch.sqrt(offset @ torch.linalg.inv(covariance) @ offset)
     assert float(blocked.score_features(queries)[0, 2, 3]) == pytest.approx(float(expected), rel=1e-4)
+
+
+@pytest.mark.parametrize("augmented", [False, True])
+def test_padim_calibration_from_shared_sums_is_the_generic_refit_per_fold(augmented):
+    """PaDiM's folds subtract their images' sums from the whole set's instead of re-fitting:
+    the held-out scores, threshold and map range are those of the generic loop (re-fit without
+    each fold, score it), a held-out image's augmented copies stay out of its fold, and the
+    final Gaussians are fit_features' on every sample."""
+    from defectlens.models.patch import PatchDetector
+
+    generator = torch.Generator().manual_seed(0)
+    features = torch.randn(14, 20, 5, 7, generator=generator) * 0.5 + 1.0
+    views = (torch.randn(28, 20, 5, 7, generator=generator), np.repeat(np.arange(14), 2)) if augmented else None
+    shared = create_detector("padim", feature_dims=8)
+    shared.calibrate_and_fit(features, views)
+    generic = create_detector("padim", feature_dims=8)
+    PatchDetector.calibrate_and_fit(generic, features, views)
+    np.testing.assert_allclose(shared.normal_scores, generic.normal_scores, rtol=1e-5)
+    assert shared.threshold == pytest.approx(generic.threshold, rel=1e-5)
+    np.testing.assert_allclose(shared.map_range, generic.map_range, rtol=1e-5)
+    torch.testing.assert_close(shared.precision, generic.precision)
+    torch.testing.assert_close(shared.mean, generic.mean)
+
+
+def test_padim_says_which_parameter_to_raise_when_a_covariance_cannot_be_inverted():
+    # three images in eight dimensions: a rank-2 covariance, whose zero eigenvalues rounding
+    # makes slightly negative, more than a vanishing ε makes up
+    features = torch.randn(3, 20, 2, 2, generator=torch.Generator().manual_seed(0)) * 1000 + 1e4
+    with pytest.raises(ParameterError, match="raise regularisation"):
+        create_detector("padim", feature_dims=8, regularisation=1e-300).fit_features(features)
 
 
 @pytest.mark.parametrize("bank_size, greedy_runs", [(100, 12), (400, 12), (432, 0)])

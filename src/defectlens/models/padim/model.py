@@ -3,11 +3,13 @@ the normal images); the Mahalanobis distance to it is the patch score. Assumes a
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 
 from ...backbones import DEFAULT_BACKBONE
 from ..base import register
-from ..params import Integer, Real
+from ..calibration import calibrate, refit_folds
+from ..params import Integer, ParameterError, Real
 from ..patch import AUGMENT_MAX_IMAGES, DEFAULT_AUGMENT, TILE_MAX_PIXELS, PatchDetector
 
 #: Patch positions whose Gaussians are estimated (and scored) together; bounds the float64
@@ -35,25 +37,77 @@ class PaDiM(PatchDetector):
         self.regularisation = regularisation
 
     def fit_features(self, features: torch.Tensor) -> None:
-        total = features.shape[1]
-        keep = min(self.feature_dims, total)
-        generator = torch.Generator().manual_seed(self.seed)
-        self.channels = torch.randperm(total, generator=generator)[:keep].sort().values
-        selected = features[:, self.channels].flatten(2)  # (images, channels, positions)
+        self._fit_scoring_folds(features, torch.arange(features.shape[0]), [])
+
+    def calibrate_and_fit(self, features: torch.Tensor, views: tuple[torch.Tensor, np.ndarray] | None) -> None:
+        """What the generic loop (re-fit without each held-out fold, score the fold, fit on
+        all) computes, in one pass over the positions: a fold's Gaussian comes from the sums over
+        all training samples less its own images' (and their augmented copies'), so the sums are
+        taken about twice instead of six times, and a fold's held-out images are scored through a
+        Cholesky factor instead of an inverse. Only the final Gaussians are inverted (the model
+        keeps precisions). The default's PaDiM on 200 BSData images at 256 px: 1.8 s, where six
+        fits took 5.6 s."""
+        count = features.shape[0]
+        samples = features if views is None else torch.cat([features, views[0]])
+        owners = torch.arange(count) if views is None else torch.cat([torch.arange(count), torch.as_tensor(views[1])])
+        folds = [torch.as_tensor(fold) for fold in refit_folds(count, self.seed)]
+        squared = self._fit_scoring_folds(samples, owners, folds)
+        scores, maps = [], []
+        for fold, fold_squared in zip(folds, squared):
+            patch_scores = fold_squared.clamp_min(0).sqrt().float().reshape(len(fold), *features.shape[2:])
+            scores.append(self.image_scores(patch_scores, features[fold]).numpy().astype(np.float64))
+            maps.append(patch_scores.numpy())
+        self.set_calibration(calibrate(np.concatenate(scores) if scores else None, maps or None))
+
+    def _fit_scoring_folds(self, samples: torch.Tensor, owners: torch.Tensor, folds: list[torch.Tensor]) -> list[torch.Tensor]:
+        """Fit the Gaussians on all ``samples`` (images first, then augmented copies; ``owners``:
+        the image each sample is or was made from) and return, per fold of image indices, the
+        squared Mahalanobis distances (fold images, positions) of its images to the Gaussians
+        of the samples that images outside the fold own."""
+        self._choose_channels(samples.shape[1])
+        selected = samples[:, self.channels].flatten(2)  # (samples, channels, positions)
+        held = [torch.isin(owners, fold) for fold in folds]
+        squared = [torch.empty(len(fold), selected.shape[2], dtype=torch.float64) for fold in folds]
         means, precisions = [], []
-        # A block of positions at a time, in float64 for a stable covariance: the whole
-        # (positions, images, channels) tensor of a tiled set would not fit in memory.
+        # A block of positions at a time: the whole (positions, samples, channels) float64
+        # tensor of a tiled set would not fit in memory.
         for start in range(0, selected.shape[2], POSITIONS_PER_BLOCK):
-            samples = selected[:, :, start : start + POSITIONS_PER_BLOCK].permute(2, 0, 1).double()
-            mean = samples.mean(dim=1)
-            centred = samples - mean[:, None, :]
-            covariance = centred.transpose(1, 2) @ centred / max(samples.shape[1] - 1, 1)
-            covariance += self.regularisation * torch.eye(keep, dtype=torch.float64)
-            precision = torch.linalg.inv(covariance)
+            block = _block_samples(selected, start)  # (positions, samples, channels)
+            sums, outer = block.sum(dim=1), block.transpose(1, 2) @ block
+            for fold, fold_squared, mask in zip(folds, squared, held):
+                own = block[:, mask]
+                rest = torch.baddbmm(outer, own.transpose(1, 2), own, alpha=-1.0)  # outer less ownᵀ own
+                mean, factor = self._gaussian(sums - own.sum(dim=1), rest, block.shape[1] - own.shape[1], invert=False)
+                offsets = (block[:, fold] - mean[:, None, :]).transpose(1, 2)
+                solved = torch.linalg.solve_triangular(factor, offsets, upper=False)
+                fold_squared[:, start : start + block.shape[0]] = (solved * solved).sum(dim=1).T
+            mean, precision = self._gaussian(sums, outer, block.shape[1], invert=True)
             means.append(mean.float())
-            # Exactly symmetric, as a precision is: the model file keeps only its upper triangle.
-            precisions.append(((precision + precision.transpose(1, 2)) / 2).float())
+            precisions.append(precision.float())
         self.mean, self.precision = torch.cat(means), torch.cat(precisions)
+        return squared
+
+    def _choose_channels(self, total: int) -> None:
+        generator = torch.Generator().manual_seed(self.seed)
+        self.channels = torch.randperm(total, generator=generator)[: min(self.feature_dims, total)].sort().values
+
+    def _gaussian(self, sums: torch.Tensor, outer: torch.Tensor, count: int,
+                  invert: bool) -> tuple[torch.Tensor, torch.Tensor]:
+        """Per position the mean and, from the sums of the samples and of their outer products,
+        the regularised covariance's precision (``invert``) or its lower Cholesky factor."""
+        mean = sums / count
+        # (outer - count · mean meanᵀ) / (count - 1) + εI, in place on one new tensor (80 MB a block)
+        covariance = torch.baddbmm(outer, mean[:, :, None], mean[:, None, :], alpha=-float(count))
+        covariance.div_(max(count - 1, 1)).diagonal(dim1=1, dim2=2).add_(self.regularisation)
+        factor, info = torch.linalg.cholesky_ex(covariance)
+        if bool((info != 0).any()):
+            raise ParameterError(f"{self.name}: a covariance is not positive definite at regularisation="
+                                 f"{self.regularisation}; raise regularisation")
+        if not invert:
+            return mean, factor
+        precision = torch.cholesky_inverse(factor)
+        # Exactly symmetric, as a precision is: the model file keeps only its upper triangle.
+        return mean, (precision + precision.transpose(1, 2)) / 2
 
     def score_features(self, features: torch.Tensor) -> torch.Tensor:
         count, _, height, width = features.shape
@@ -84,3 +138,10 @@ class PaDiM(PatchDetector):
         self.precision = torch.empty(upper.shape[0], dims, dims, dtype=upper.dtype)
         self.precision[:, rows, columns] = upper
         self.precision[:, columns, rows] = upper
+
+
+def _block_samples(selected: torch.Tensor, start: int) -> torch.Tensor:
+    """(positions, samples, channels) float64, contiguous, for the block of positions from
+    ``start``: the batched products on a permuted view took 3.5 times as long."""
+    return selected[:, :, start : start + POSITIONS_PER_BLOCK].permute(2, 0, 1).double().contiguous()
+
