@@ -226,6 +226,37 @@ def test_patchknn_folds_share_each_images_greedy_picks_and_the_final_bank_is_unc
     assert torch.equal(detector.bank, reference.bank)
 
 
+@pytest.mark.parametrize("augmented", [False, True])
+def test_patchcore_folds_continue_the_final_greedy_and_leave_out_their_own_patches(monkeypatch, augmented):
+    """One greedy for six fits: each held-out fold's bank is the first bank_size picks of the
+    final coreset's greedy, continued, that none of its images (nor their copies) gave; the final
+    bank is fit_features', row for row."""
+    from defectlens.models import memory
+    from defectlens.models.calibration import refit_folds
+    from defectlens.models.patchcore import model as patchcore_model
+
+    generator = torch.Generator().manual_seed(4)
+    features = torch.randn(12, 24, 6, 6, generator=generator)
+    views = (torch.randn(12, 24, 6, 6, generator=generator), np.arange(12)) if augmented else None
+    samples = features if views is None else torch.cat([features, views[0]])
+    reference = create_detector("patchcore", bank_size=100)
+    reference.fit_features(samples)
+    greedy, banks = [], []
+    coreset = memory.greedy_coreset
+    monkeypatch.setattr(patchcore_model, "greedy_coreset", lambda *a, **k: greedy.append(1) or coreset(*a, **k))
+    detector = create_detector("patchcore", bank_size=100)
+    set_bank = detector._set_bank
+    monkeypatch.setattr(detector, "_set_bank", lambda bank, *a: banks.append(bank) or set_bank(bank, *a))
+    detector.fit_from_features(features, views=views)
+    assert len(greedy) == 1 and len(banks) == 6 and len(detector.normal_scores) == 12
+    assert torch.equal(detector.bank, reference.bank)
+    patches = samples.permute(0, 2, 3, 1).reshape(samples.shape[0], -1, 24)
+    for fold, bank in zip(refit_folds(12, 0), banks):
+        assert bank.shape[0] == 100
+        owned = torch.cat([patches[fold]] + ([patches[12 + fold]] if augmented else [])).reshape(-1, 24)
+        assert torch.cdist(bank, owned).min() > 0  # no patch of a held-out image or its copy
+
+
 @pytest.mark.parametrize("method", ["patchcore", "patchknn"])
 def test_ivf_partition_is_trained_once_per_fit_and_loaded_from_the_model_file(method, normal_images, tmp_path,
                                                                               monkeypatch):

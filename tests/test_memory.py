@@ -114,6 +114,24 @@ def test_per_image_coreset_shares_the_size_out_and_keeps_each_images_own_greedy_
     assert image.tolist() == _plain_k_center(features[900:1200].numpy(), int(image[0]), 14)
 
 
+@pytest.mark.parametrize("method", ["pooled", "exact"])
+def test_an_extended_coreset_is_the_coreset_followed_by_the_greedys_next_picks(method):
+    """``extend`` continues the same greedy: the first ``size`` indices are the coreset, the
+    rest are new picks in the order the greedy takes them (each the farthest from all before)."""
+    generator = torch.Generator().manual_seed(9)
+    features = torch.randn(20 * 60, 12, generator=generator)
+    coreset = greedy_coreset(features, 40, groups=20, method=method)
+    extended = greedy_coreset(features, 40, groups=20, method=method, extend=25)
+    assert len(extended) == 65 and len(set(extended.tolist())) == 65
+    assert torch.equal(extended[:40], coreset)
+    if method == "exact":  # 12 dims: no projection, so the next pick is the point farthest from the coreset
+        to_coreset = torch.cdist(features, features[coreset]).min(dim=1).values
+        assert int(extended[40]) == int(to_coreset.argmax())
+    # more picks than points: every point but the last still comes in greedy order
+    whole = greedy_coreset(features[:90], 40, groups=1, extend=500)
+    assert len(whole) == 89 and torch.equal(whole[:40], greedy_coreset(features[:90], 40, groups=1))
+
+
 def test_k_center_stops_when_points_run_out_and_keeps_small_sets_whole():
     points = torch.tensor([[0.0, 0.0], [1.0, 1.0]]).repeat(50, 1)
     picked = _KCenter(points).run(first=0, size=10)

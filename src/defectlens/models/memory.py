@@ -317,7 +317,7 @@ def _k_center(points: torch.Tensor, size: int, generator: torch.Generator, progr
 
 
 def greedy_coreset(features: torch.Tensor, size: int, projection_dim: int = 128, seed: int = 0, progress: bool = False,
-                   groups: int = 1, pool_factor: int = 4, method: str = "pooled") -> torch.Tensor:
+                   groups: int = 1, pool_factor: int = 4, method: str = "pooled", extend: int = 0) -> torch.Tensor:
     """Indices of a greedy k-center coreset (PatchCore) of ``size`` rows of ``features``.
 
     Distances are computed on a random projection, which preserves them approximately
@@ -330,6 +330,10 @@ def greedy_coreset(features: torch.Tensor, size: int, projection_dim: int = 128,
     would only drop a handful of points at the cost of a full greedy). ``method="exact"`` (or
     ``groups=1``) is the paper's greedy over all points. Both pick exactly what the
     one-pass-per-pick loop would (see ``_KCenter``).
+
+    ``extend``: up to that many further picks of the same greedy after the coreset (which stays
+    the first ``size`` indices), from the same pool: the order in which the points beyond the
+    coreset would have joined it.
     """
     if method not in CORESETS:
         raise ValueError(f"method must be one of {', '.join(CORESETS)}, not {method!r}")
@@ -343,8 +347,16 @@ def greedy_coreset(features: torch.Tensor, size: int, projection_dim: int = 128,
         blocks = torch.tensor_split(torch.arange(count), groups)
         picks = _block_picks(points, blocks, quota + (extra > 0), generator)
         pool = torch.cat([block[own[: quota + (index < extra)]] for index, (block, own) in enumerate(zip(blocks, picks))])
-        return pool if len(pool) <= size else pool[_k_center(points[pool], size, generator, progress)]
-    return _k_center(points, size, generator, progress)
+        if len(pool) <= size:
+            return pool
+        return pool[_k_center(points[pool], _picks_in_order(size, extend, len(pool)), generator, progress)]
+    return _k_center(points, _picks_in_order(size, extend, count), generator, progress)
+
+
+def _picks_in_order(size: int, extend: int, count: int) -> int:
+    """``size + extend`` picks, but fewer than ``count``: a k-center asked for every point
+    returns them unordered, and the first ``size`` must be the coreset."""
+    return size if extend <= 0 else min(size + extend, count - 1)
 
 
 def per_image_picks(features: torch.Tensor, groups: int, picks: int, projection_dim: int = 128,

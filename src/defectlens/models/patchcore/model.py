@@ -3,12 +3,15 @@ distance as the patch score, and the paper's re-weighting of the image score."""
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 import torch
 
 from ...backbones import DEFAULT_BACKBONE
 from ..bank import SearchedBank
 from ..base import register
+from ..calibration import refit_folds
 from ..memory import CORESETS, SEARCHES, greedy_coreset
 from ..params import Choice, Integer
 from ..patch import AUGMENT_MAX_IMAGES, DEFAULT_AUGMENT, TILE_MAX_PIXELS, PatchDetector
@@ -51,12 +54,50 @@ class PatchCore(SearchedBank, PatchDetector):
         self.top_k = top_k
         self.coreset = coreset
         self.search = search
+        self._shared_order = None  # one calibrate_and_fit's greedy order, see there
 
     def fit_features(self, features: torch.Tensor) -> None:
-        patches = flatten_patches(features)
-        keep = greedy_coreset(patches, self.bank_size, seed=self.seed, progress=True, groups=features.shape[0],
-                              method=self.coreset)
-        self._set_bank(patches[keep].contiguous())
+        self._set_bank(self._patches_in(features, self._coreset(features)).contiguous())
+
+    def calibrate_and_fit(self, features: torch.Tensor, views) -> None:
+        """The final coreset's greedy is run once, on every training image, and continued past
+        ``bank_size`` picks so that each held-out fold can take the first ``bank_size`` picks
+        that none of its images (or their augmented copies) gave: a bank without the held-out
+        patches, spread over the others as the greedy spreads it, for the cost of one coreset
+        instead of six (a fold's own greedy would pick from a pool of its images alone; measured
+        on BSData in benchmarks/results/coreset_scale.md). The final bank is fit_features', row
+        for row."""
+        count = features.shape[0]
+        samples = features if views is None else torch.cat([features, views[0]])
+        owners = torch.arange(count) if views is None else torch.cat([torch.arange(count), torch.as_tensor(views[1])])
+        largest = max((len(fold) for fold in refit_folds(count, self.seed)), default=0) / count
+        # Twice the picks a fold's images would give if the greedy took from all images evenly:
+        # some images are more distinct than others, and a fold short of picks fits on fewer.
+        extend = 0 if largest in (0, 1) else math.ceil(2 * self.bank_size * largest / (1 - largest))
+        order = self._coreset(samples, extend)
+        self._shared_order = order, owners[order // (features.shape[2] * features.shape[3])], samples
+        try:
+            super().calibrate_and_fit(features, views)
+        finally:
+            self._shared_order = None
+
+    def fit_normal(self, features: torch.Tensor, views, keep: np.ndarray) -> None:
+        if self._shared_order is None:
+            return super().fit_normal(features, views, keep)
+        order, row_owners, samples = self._shared_order
+        rows = order[torch.isin(row_owners, torch.as_tensor(keep))][: self.bank_size]
+        self._set_bank(self._patches_in(samples, rows).contiguous())
+
+    def _coreset(self, features: torch.Tensor, extend: int = 0) -> torch.Tensor:
+        """Patch rows of ``features`` in greedy order: the coreset, then ``extend`` more."""
+        return greedy_coreset(flatten_patches(features), self.bank_size, seed=self.seed, progress=True,
+                              groups=features.shape[0], method=self.coreset, extend=extend)
+
+    @staticmethod
+    def _patches_in(features: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+        """The patches ``rows`` (indices into flatten_patches(features)) without flattening all."""
+        positions = features.shape[2] * features.shape[3]
+        return features.flatten(2)[rows // positions, :, rows % positions]
 
     def score_features(self, features: torch.Tensor) -> torch.Tensor:
         count, _, height, width = features.shape
