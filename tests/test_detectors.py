@@ -104,15 +104,19 @@ def test_cli_fit_target_fpr_says_what_the_threshold_means(tmp_path, normal_image
 
 @pytest.mark.parametrize("method,params", [("patchcore", {"top_k": 3, "bank_size": 100}),
                                            ("patchcore", {"geometry": "tiles", "tile_size": 48}),
+                                           ("patchknn", {"search": "ivf"}),
+                                           ("patchknn", {"geometry": "tiles", "tile_size": 48, "search": "ivf"}),
+                                           ("ensemble", {"members": ["padim", "patchknn"], "fusion": "max",
+                                                         "member_params": {"patchknn": {"search": "ivf"}}}),
                                            ("padim", {}), ("composition", {"parts": 3})])
 def test_scores_without_maps_are_the_scores_with_maps(method, params, normal_images, defect_image):
-    """predict(maps=False) skips the maps (and PatchCore most of its exact search): same scores."""
+    """predict(maps=False) skips the maps (and PatchCore and patch kNN most of their search): same scores."""
     detector = create_detector(method, size=64, **params).fit(normal_images[:4])
     images = [*normal_images[4:], defect_image]
     with_maps = detector.predict(images)
     scores_only = detector.predict(images, maps=False)
     assert scores_only.maps is None and with_maps.maps is not None
-    # PatchCore searches its most distant patches again: equal up to float32 rounding.
+    # The most distant patches are searched again: equal up to float32 rounding.
     np.testing.assert_allclose(scores_only.scores, with_maps.scores, rtol=1e-5)
     assert detector.predict([], maps=False).scores.shape == (0,)
 

@@ -208,12 +208,36 @@ def test_largest_nearest_is_the_top_of_a_full_search_for_a_fraction_of_the_searc
     expected = full_search_top(index, groups, count)
     searched = []
     real_search = NearestNeighbours.search
-    monkeypatch.setattr(NearestNeighbours, "search", lambda self, q, k=1: searched.append(len(q)) or real_search(self, q, k))
+    monkeypatch.setattr(NearestNeighbours, "search",
+                        lambda self, q, k=1, probes=None: searched.append(len(q)) or real_search(self, q, k, probes))
     top, columns, nearest = index.largest_nearest(groups, count)
     np.testing.assert_allclose(top, expected[0], rtol=1e-5)
     assert columns.tolist() == expected[1].tolist() and nearest.tolist() == expected[2].tolist()
     assert columns[1, 0] == 17
     assert sum(searched) < groups.shape[0] * groups.shape[1] / 4  # the point: most queries never searched exactly
+
+
+@pytest.mark.parametrize("metric", ["l2", "cosine"])
+def test_largest_nearest_on_ivf_is_the_top_of_its_full_search_bounded_by_one_lists_scan(metric, monkeypatch):
+    """On an IVF index the bound of a query is its nearest row in its nearest list (a search
+    with one probe, which every search visits): the result is the IVF search's own top, not the
+    exact one's, and most queries are searched with one probe only."""
+    rng = np.random.default_rng(2)
+    bank, queries = clustered_bank(4000, dim=32)
+    groups = np.ascontiguousarray(queries[rng.permutation(len(queries))].reshape(4, 100, -1))
+    groups[2, 40] = rng.normal(size=32) * 10  # a random direction, far out: far from every bank row in both metrics
+    index = NearestNeighbours(bank, metric=metric, index="ivf", probes=8)
+    expected = full_search_top(index, groups, 5)
+    searched = []
+    real_search = NearestNeighbours.search
+    monkeypatch.setattr(NearestNeighbours, "search",
+                        lambda self, q, k=1, probes=None: searched.append((len(q), probes)) or real_search(self, q, k, probes))
+    top, columns, nearest = index.largest_nearest(groups, 5)
+    np.testing.assert_allclose(top, expected[0], rtol=1e-5)
+    assert columns.tolist() == expected[1].tolist() and nearest.tolist() == expected[2].tolist()
+    assert columns[2, 0] == 40
+    assert searched[0] == (400, 1)  # every query's bound, one list each
+    assert sum(count for count, probes in searched[1:]) < 400 / 4
 
 
 def test_largest_nearest_with_ties_and_exact_matches_searches_what_it_must():

@@ -87,10 +87,12 @@ class NearestNeighbours:
             vectors = vectors / np.maximum(np.linalg.norm(vectors, axis=1, keepdims=True), 1e-12)
         return vectors
 
-    def search(self, queries: np.ndarray, k: int = 1) -> tuple[np.ndarray, np.ndarray]:
-        """Distances (Euclidean, or cosine distance 1 - cos) and indices of the k nearest bank rows."""
+    def search(self, queries: np.ndarray, k: int = 1, probes: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+        """Distances (Euclidean, or cosine distance 1 - cos) and indices of the k nearest bank
+        rows. ``probes``: IVF lists visited per query for this search (default: the index's)."""
         k = min(k, self.index.ntotal)
-        similarity_or_sq, indices = self.index.search(self._prepare(queries), k)
+        params = None if probes is None else faiss.SearchParametersIVF(nprobe=probes)
+        similarity_or_sq, indices = self.index.search(self._prepare(queries), k, params=params)
         if self.metric == "l2":
             return np.sqrt(np.maximum(similarity_or_sq, 0.0)), indices
         return 1.0 - similarity_or_sq, indices
@@ -99,26 +101,23 @@ class NearestNeighbours:
         """Per group of queries (N, P, dim): the ``count`` largest nearest-neighbour distances,
         largest first (N, count), the queries they belong to (N, count; the lower index first
         among equal distances) and their nearest bank rows (N, count). The same as a ``search``
-        of every query followed by a top-k, up to float32 rounding, for a fraction of the cost
-        on an exact L2 index: PatchCore's image score needs only the most distant patches.
+        of every query followed by a top-k, up to float32 rounding, for a fraction of the cost:
+        PatchCore's and patch kNN's image scores need only the most distant patches.
 
-        Every query first gets an upper bound of its distance: the exact distance to the bank
-        row nearest to it in a low-dimensional principal projection of the bank. Queries are
-        then searched exactly in order of falling bound until the next bound is below the
-        ``count``-th exact distance found; none of the rest can be larger."""
+        Every query first gets an upper bound of its distance (``_distance_bounds``). Queries are
+        then searched in order of falling bound until the next bound is below the ``count``-th
+        distance found; none of the rest can be larger."""
         groups = np.ascontiguousarray(groups, dtype=np.float32)
         n_groups, per_group, dim = groups.shape
         count = min(count, per_group)
         queries = groups.reshape(-1, dim)
-        if self.kind != "flat" or self.metric != "l2" or dim <= 2 * BOUND_DIMS or per_group <= count:
+        bounds = self._distance_bounds(queries) if per_group > count else None
+        if bounds is None:
             distances, nearest = self.search(queries, k=1)
             return _top_of_groups(distances[:, 0].reshape(n_groups, per_group), nearest[:, 0].reshape(n_groups, per_group),
                                   np.ones((n_groups, per_group), bool), count)
-        bound_sq = self._upper_bounds().squared(queries, self.bank).reshape(n_groups, per_group)
-        # Room for float32 rounding of squared distances (|q|^2 + |b|^2 - 2 q.b), so that a query
-        # left out could not come out above the cut in an exact search either.
-        slack = 1e-5 * (float((queries * queries).sum(axis=1).max()) + self._upper_bounds().max_sq_norm)
-        order = np.argsort(-bound_sq, axis=1, kind="stable")
+        bounds = bounds.reshape(n_groups, per_group)
+        order = np.argsort(-bounds, axis=1, kind="stable")
         exact = np.zeros((n_groups, per_group), np.float32)
         nearest = np.zeros((n_groups, per_group), np.int64)
         searched = np.zeros((n_groups, per_group), bool)
@@ -133,10 +132,29 @@ class NearestNeighbours:
             if width == per_group:
                 break
             cut = -np.sort(-np.where(searched[todo], exact[todo], -np.inf), axis=1)[:, count - 1]
-            next_bound = bound_sq[todo, order[todo, width]]
-            todo = todo[next_bound + slack >= cut.astype(np.float64) ** 2]
+            todo = todo[bounds[todo, order[todo, width]] >= cut]
             done_upto, width = width, width * 4
         return _top_of_groups(exact, nearest, searched, count)
+
+    def _distance_bounds(self, queries: np.ndarray) -> np.ndarray | None:
+        """For each query, a distance its ``search`` cannot exceed, in ``search``'s units, for
+        less than the search costs; None where no such bound is cheaper.
+
+        - exact L2: the exact distance to the bank row nearest to it in a low-dimensional
+          principal projection of the bank (``_UpperBounds``), with room for the float32 rounding
+          of squared distances (|q|² + |b|² - 2 q·b), so that a query left out could not come
+          out above the cut in an exact search either;
+        - IVF: its nearest row in the one list nearest to it, which every search visits among
+          others (so it can only find a nearer row); the list scans dominate the search, and this
+          is one of ``probes``."""
+        if self.kind == "ivf" and self.index.nprobe > 1:
+            distances, _ = self.search(queries, k=1, probes=1)
+            return distances[:, 0].astype(np.float64) * (1 + 1e-6) + 1e-6
+        if self.kind != "flat" or self.metric != "l2" or queries.shape[1] <= 2 * BOUND_DIMS:
+            return None
+        bounds = self._upper_bounds()
+        slack = 1e-5 * (float((queries * queries).sum(axis=1).max()) + bounds.max_sq_norm)
+        return np.sqrt(bounds.squared(queries, self.bank) + slack)
 
     def _upper_bounds(self) -> _UpperBounds:
         with self._bounds_lock:  # built on first use, once, even with several predicting threads

@@ -135,6 +135,13 @@ class Ensemble(PatchDetector):
         fuse = FUSIONS[self.fusion]
         return fuse(scores, axis=0), torch.from_numpy(fuse(torch.stack(maps).numpy(), axis=0)).float()
 
+    def feature_scores(self, features: torch.Tensor) -> np.ndarray:
+        """``score_feature_batch``'s fused image scores from the members' ``feature_scores``,
+        which may skip the patch scores an image score does not depend on."""
+        return FUSIONS[self.fusion]([(member.feature_scores(features) - mean) / spread
+                                     for member, (mean, spread, _, _) in zip(self.fitted_members, self.norms.tolist())],
+                                    axis=0)
+
     def state_tensors(self) -> dict[str, torch.Tensor]:
         tensors = {"norms": self.norms}
         for index, member in enumerate(self.fitted_members):

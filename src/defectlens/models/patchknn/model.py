@@ -124,8 +124,21 @@ class PatchKNN(SearchedBank, PatchDetector):
 
     def image_scores(self, patch_scores: torch.Tensor, features: torch.Tensor) -> torch.Tensor:
         flat = patch_scores.flatten(1)
-        top = max(1, int(round(self.top_fraction * flat.shape[1])))
-        return flat.topk(top, dim=1).values.mean(dim=1)
+        return flat.topk(self._top_count(flat.shape[1]), dim=1).values.mean(dim=1)
+
+    def feature_scores(self, features: torch.Tensor) -> np.ndarray:
+        """The image scores of ``score_feature_batch`` without a patch map: without foreground
+        masking, only the patches that may be among the top fraction are searched in full
+        (``largest_nearest``; on an IVF index the others get one list's scan)."""
+        if self.foreground:
+            return super().feature_scores(features)
+        groups = features.permute(0, 2, 3, 1).reshape(features.shape[0], -1, features.shape[1]).numpy()
+        top, _, _ = self._index.largest_nearest(groups, self._top_count(groups.shape[1]))
+        return torch.from_numpy(top).mean(dim=1).numpy().astype(np.float64)
+
+    def _top_count(self, positions: int) -> int:
+        """Patches whose mean is the image score: ``top_fraction`` of them, at least one."""
+        return max(1, int(round(self.top_fraction * positions)))
 
     def state_tensors(self) -> dict[str, torch.Tensor]:
         tensors = self.bank_tensors()
