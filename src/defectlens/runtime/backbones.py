@@ -62,6 +62,10 @@ class OnnxRuntimeBackbone(ExportedBackbone):
         options.intra_op_num_threads = self.threads
         options.inter_op_num_threads = 1
         options.graph_optimization_level = onnxruntime.GraphOptimizationLevel.ORT_ENABLE_ALL
+        # Memory-pattern planning pre-allocates one block for all of a batch's intermediate
+        # tensors: 8 images at 256 px, +175 MB of peak memory against +103 MB without it, and no
+        # faster (10.2-11.1 against 8.5-8.9 ms/img, two alternating runs each; the arena stays).
+        options.enable_mem_pattern = False
         self.session = onnxruntime.InferenceSession(str(self.export_dir / GRAPH_FILES["onnx"]), options,
                                                     providers=["CPUExecutionProvider"])
 
