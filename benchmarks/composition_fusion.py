@@ -1,0 +1,168 @@
+"""How composition combines its own image score with a fused structural member's: fusion rules
+compared on the same fitted models, paired run by run.
+
+    python benchmarks/composition_fusion.py [--categories assembly,photo_assembly] [--loco-seeds 0,1,2]
+        [--seeds 5] [--member '{"size": 512, "top_fraction": 0.003}']
+
+For each generated LOCO set (``defectlens generate --kind loco``, trays at 256 px, 16 train, 16 good
+and 4 of each anomaly type per test set: the sets of loco_fewshot_structural.md) and each shot
+draw, composition with views=2, normalise=pooled and the structural member is fitted on 4 shots
+and scores the test set. Its fusion step is observed, not changed: the two detectors' raw scores of
+the held-out shots (which standardise them) and of the test images are recorded, so every rule is
+evaluated on the same numbers. Rules: ``max`` of the two z-scores (composition's rule),
+``softmax`` log(e^a + e^b), ``mean``, and ``max`` of robust z-scores (median and MAD). Image AUROC of logical and of structural anomalies against the good test images, mean ± std
+over runs, and each rule's paired difference from ``max`` (mean ± standard error, and per set).
+
+Raw scores go to benchmarks/results/composition_fusion.json (resumed), the tables to
+composition_fusion.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+import numpy as np
+from sklearn.metrics import roc_auc_score
+
+from defectlens.data.datasets import load_dataset
+from defectlens.data.generator import generate
+from defectlens.data.io import read_image
+from defectlens.engine.fit import training_set
+from defectlens.models import LearningType, create_detector
+from defectlens.models.composition.model import Composition, spread
+
+HERE = Path(__file__).resolve().parent
+PHOTOS = HERE.parent.parent / "shared" / "datasets"
+SHOTS = 4
+
+
+def standardised(run: dict, robust: bool = False) -> tuple[np.ndarray, np.ndarray]:
+    """The two detectors' test scores as z-scores against their own held-out normal scores."""
+    out = []
+    for held, test in ((run["held_comp"], run["test_comp"]), (run["held_member"], run["test_member"])):
+        held, test = np.asarray(held), np.asarray(test)
+        if robust:
+            centre = float(np.median(held))
+            deviation = max(1.4826 * float(np.median(np.abs(held - centre))), 0.02 * abs(centre), 1e-9)
+        else:
+            centre, deviation = float(np.mean(held)), spread(held)
+        out.append((test - centre) / deviation)
+    return out[0], out[1]
+
+
+RULES = {
+    "max": lambda run: np.maximum(*standardised(run)),
+    "softmax": lambda run: np.logaddexp(*standardised(run)),
+    "mean": lambda run: np.mean(standardised(run), axis=0),
+    "robust max": lambda run: np.maximum(*standardised(run, robust=True)),
+}
+
+
+def aurocs(run: dict, scores: np.ndarray) -> dict[str, float]:
+    groups = np.asarray(run["groups"])
+    result = {}
+    for group in ("logical", "structural"):
+        keep = (groups == "good") | (groups == group)
+        result[group] = float(roc_auc_score(groups[keep] == group, np.asarray(scores)[keep]))
+    return result
+
+
+def collect(args, store: list[dict], save) -> None:
+    """Fit and score every (set, draw) not yet in ``store``, recording the fusion's inputs."""
+    observed = []
+    fuse = Composition._fuse
+
+    def observing(detector, scores, member_scores):  # the rule's inputs, then the rule itself
+        observed.append((np.asarray(scores, float).tolist(), np.asarray(member_scores, float).tolist()))
+        return fuse(detector, scores, member_scores)
+
+    Composition._fuse = observing
+    member = json.loads(args.member)
+    done = {(r["category"], r["set"], r["seed"]) for r in store if r["member"] == member}
+    for category in args.categories.split(","):
+        for loco_seed in (int(s) for s in args.loco_seeds.split(",")):
+            folder = Path(args.work) / f"{category}-{loco_seed}"
+            if not (folder / category).is_dir():
+                generate(folder, kind="loco", seed=loco_seed, categories=[category], photos=args.photos, size=256,
+                         n_train=16, n_test_good=16, n_test_defect_per_type=4)
+            dataset = load_dataset(folder / category)
+            images = [read_image(sample.path) for sample in dataset.test]
+            groups = ["logical" if s.logical else "structural" if s.label == 1 else "good" for s in dataset.test]
+            for seed in range(args.seeds):
+                if (category, loco_seed, seed) in done:
+                    continue
+                observed.clear()
+                started = time.perf_counter()
+                shots = training_set(dataset, LearningType.NORMAL, SHOTS, seed).images
+                detector = create_detector("composition", seed=seed, size=256, views=2, normalise="pooled",
+                                           structural="patchknn", structural_params=member).fit(shots)
+                detector.predict(images, maps=False)
+                (held_comp, held_member), (test_comp, test_member) = observed[0], observed[-1]
+                store.append({"category": category, "set": loco_seed, "seed": seed, "member": member,
+                              "held_comp": held_comp, "held_member": held_member, "test_comp": test_comp,
+                              "test_member": test_member, "groups": groups})
+                save()
+                print(f"{category}-{loco_seed} draw {seed}: {time.perf_counter() - started:.0f} s", flush=True)
+    Composition._fuse = fuse
+
+
+def tables(store: list[dict], member: dict) -> str:
+    lines = []
+    for category in sorted({r["category"] for r in store if r["member"] == member}):
+        runs = [r for r in store if r["member"] == member and r["category"] == category]
+        sets = sorted({r["set"] for r in runs})
+        results = {name: [aurocs(run, rule(run)) for run in runs] for name, rule in RULES.items()}
+        lines += [f"## {category}: {len(runs)} runs ({len(sets)} sets × draws)", "",
+                  "| rule | logical AUROC | structural AUROC | logical − max | structural − max | per set (logical / structural − max) |",
+                  "|---|---|---|---|---|---|"]
+        for name, result in results.items():
+            cells = [name]
+            for group in ("logical", "structural"):
+                values = np.array([x[group] for x in result])
+                cells.append(f"{values.mean():.3f} ± {values.std(ddof=1):.3f}")
+            per_set = []
+            for group in ("logical", "structural"):
+                differences = np.array([x[group] - b[group] for x, b in zip(result, results["max"])])
+                cells.append("" if name == "max" else f"{differences.mean():+.3f} ± {differences.std(ddof=1) / np.sqrt(len(differences)):.3f}")
+            for s in sets:
+                pairs = [(x, b) for x, b, r in zip(result, results["max"], runs) if r["set"] == s]
+                per_set.append(" / ".join(f"{np.mean([x[g] - b[g] for x, b in pairs]):+.3f}" for g in ("logical", "structural")))
+            cells.append("" if name == "max" else "; ".join(per_set))
+            lines.append("| " + " | ".join(cells) + " |")
+        lines.append("")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--categories", default="assembly", help="LOCO categories: assembly, photo_assembly")
+    parser.add_argument("--loco-seeds", default="0,1,2")
+    parser.add_argument("--seeds", type=int, default=5, help="shot draws per set")
+    parser.add_argument("--member", default='{"size": 512, "top_fraction": 0.003}', help="structural_params (JSON)")
+    parser.add_argument("--photos", default=str(PHOTOS))
+    parser.add_argument("--work", default="/tmp/defectlens-fusion")
+    parser.add_argument("--out", default=str(HERE / "results" / "composition_fusion"))
+    args = parser.parse_args()
+    out = Path(args.out)
+    store = json.loads(out.with_suffix(".json").read_text()) if out.with_suffix(".json").is_file() else []
+
+    def save() -> None:
+        out.with_suffix(".json").write_text(json.dumps(store))
+
+    collect(args, store, save)
+    member = json.loads(args.member)
+    text = (f"# Composition's fusion with a structural member: rules compared on the same runs\n\n"
+            f"`python benchmarks/composition_fusion.py --categories {args.categories} --loco-seeds {args.loco_seeds} "
+            f"--seeds {args.seeds} --member '{args.member}'`, {time.strftime('%Y-%m-%d')}. Composition at {SHOTS} shots, "
+            "size=256, views=2, normalise=pooled, structural=patchknn with the member's parameters above; trays at "
+            "256 px, 16 good and 4 of each anomaly type per test set. AUROC mean ± std over runs; differences from "
+            "`max` paired run by run (mean ± standard error), then per generator set.\n\n" + tables(store, member))
+    out.with_suffix(".md").write_text(text)
+    print(text)
+
+
+if __name__ == "__main__":
+    main()
