@@ -2,9 +2,10 @@
 
 import numpy as np
 import pytest
+import torch
 
 from defectlens.models import Detector, create_detector
-from defectlens.models.patch import aspect_shape, tile_origins
+from defectlens.models.patch import _stacked, aspect_shape, tile_origins
 
 
 def plain_images(count: int, shape: tuple[int, int], seed: int = 0) -> list[np.ndarray]:
@@ -76,3 +77,13 @@ def test_tiles_above_the_pixel_cap_are_cut_from_the_shrunk_image():
     native = create_detector("padim", size=64, geometry="tiles", tile_max_pixels=None, feature_dims=8)
     native.fit(plain_images(3, (200, 400)))
     assert native.canvas_hw == (200, 400)
+
+
+@pytest.mark.parametrize("total", [None, 3, 5, 2])
+def test_tile_features_are_stacked_in_one_tensor_whatever_the_count_given(total):
+    """The tiled features go straight into one tensor sized by ``total`` (no list stacked at
+    the end); a wrong count still gives every tensor, in order."""
+    tensors = [torch.full((2, 3), float(i)) for i in range(3)]
+    stacked = _stacked(iter(tensors), total)
+    assert torch.equal(stacked, torch.stack(tensors))
+    assert _stacked(iter([]), total).numel() == 0

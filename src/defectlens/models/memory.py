@@ -363,16 +363,18 @@ def greedy_coreset(features: torch.Tensor, size: int, projection_dim: int = 128,
     if size >= count:
         return torch.arange(count)
     generator = torch.Generator().manual_seed(seed)
-    points = _projected(features, projection_dim, generator)
+    projection = _projection(features.shape[1], projection_dim, generator)
     if method == "pooled" and groups > 1 and count > pool_factor * size:
         quota, extra = divmod(pool_factor * size, groups)
-        blocks = torch.tensor_split(torch.arange(count), groups)
-        picks = _block_picks(points, blocks, quota + (extra > 0), generator)
-        pool = torch.cat([block[own[: quota + (index < extra)]] for index, (block, own) in enumerate(zip(blocks, picks))])
+        # Each image's rows projected on their own: no projected copy of every patch is held.
+        bounds = np.cumsum([0] + [len(block) for block in torch.tensor_split(torch.arange(count), groups)])
+        pool = torch.cat([int(start) + _k_center(_project(features[start:stop], projection), quota + (extra > 0), generator)
+                          [: quota + (index < extra)] for index, (start, stop) in enumerate(zip(bounds[:-1], bounds[1:]))])
         if len(pool) <= size:
             return pool
-        return pool[_k_center(points[pool], _picks_in_order(size, extend, len(pool)), generator, progress)]
-    return _k_center(points, _picks_in_order(size, extend, count), generator, progress)
+        return pool[_k_center(_project(features[pool], projection), _picks_in_order(size, extend, len(pool)), generator,
+                              progress)]
+    return _k_center(_project(features, projection), _picks_in_order(size, extend, count), generator, progress)
 
 
 def _picks_in_order(size: int, extend: int, count: int) -> int:
@@ -381,34 +383,34 @@ def _picks_in_order(size: int, extend: int, count: int) -> int:
     return size if extend <= 0 else min(size + extend, count - 1)
 
 
-def per_image_picks(features: torch.Tensor, groups: int, picks: int, projection_dim: int = 128,
-                    seed: int = 0) -> list[torch.Tensor]:
-    """The first ``picks`` greedy k-center picks of each of ``groups`` consecutive blocks of rows
-    (one per image; indices into the block, in pick order; a block with no more rows keeps all)
-    on ``greedy_coreset``'s projection and from its random start per block, so that a block's
-    first ``q`` picks are those ``greedy_coreset``'s per-image stage keeps when it gives the
-    block ``q``. A greedy pick depends only on the picks before it: fits on subsets of the
-    images (calibration folds) can take their shares from this one computation."""
+def per_image_picks(features: torch.Tensor, picks: int, projection_dim: int = 128, seed: int = 0) -> list[torch.Tensor]:
+    """The first ``picks`` greedy k-center picks of each image of (N, C, h, w) ``features``
+    (indices into its h·w positions, in pick order; an image with no more positions keeps all)
+    on ``greedy_coreset``'s projection and from its random start per image, so that an image's
+    first ``q`` picks are those ``greedy_coreset``'s per-image stage keeps when it gives the image
+    ``q`` (on the same patches flattened, one block per image). A greedy pick depends only on the
+    picks before it: fits on subsets of the images (calibration folds) can take their shares
+    from this one computation. One image at a time: no flattened or projected copy of all
+    patches is made (a tiled set's is gigabytes)."""
     generator = torch.Generator().manual_seed(seed)
-    points = _projected(features, projection_dim, generator)
-    return _block_picks(points, torch.tensor_split(torch.arange(features.shape[0]), groups), picks, generator)
+    projection = _projection(features.shape[1], projection_dim, generator)
+    return [_k_center(_project(image.flatten(1).T.contiguous(), projection), picks, generator) for image in features]
 
 
-def _projected(features: torch.Tensor, projection_dim: int, generator: torch.Generator) -> torch.Tensor:
-    """float32 rows on a random projection to ``projection_dim`` dimensions (drawn first from
-    ``generator``), or the rows themselves when they have no more dimensions."""
-    if features.shape[1] <= projection_dim:
-        return features.float()
-    count = features.shape[0]
-    projection = torch.randn(features.shape[1], projection_dim, generator=generator) / projection_dim**0.5
-    # Projected block by block into one buffer: neither a float copy of all the features
-    # nor a list of projected blocks beside their concatenation is ever held.
-    points = torch.empty(count, projection_dim)
-    for start in range(0, count, 65536):
-        torch.matmul(features[start : start + 65536].float(), projection, out=points[start : start + 65536])
+def _projection(dims: int, projection_dim: int, generator: torch.Generator) -> torch.Tensor | None:
+    """A random projection from ``dims`` to ``projection_dim`` dimensions (drawn first from
+    ``generator``), None when the rows have no more dimensions than that."""
+    if dims <= projection_dim:
+        return None
+    return torch.randn(dims, projection_dim, generator=generator) / projection_dim**0.5
+
+
+def _project(rows: torch.Tensor, projection: torch.Tensor | None) -> torch.Tensor:
+    """float32 ``rows`` on ``projection`` (None: the rows themselves)."""
+    if projection is None:
+        return rows.float()
+    # Block by block into one buffer: no float copy of all the rows beside the result.
+    points = torch.empty(rows.shape[0], projection.shape[1])
+    for start in range(0, rows.shape[0], 65536):
+        torch.matmul(rows[start : start + 65536].float(), projection, out=points[start : start + 65536])
     return points
-
-
-def _block_picks(points: torch.Tensor, blocks, picks: int, generator: torch.Generator) -> list[torch.Tensor]:
-    """Each block's first ``picks`` greedy picks, its start drawn from ``generator`` in block order."""
-    return [_k_center(points[block], picks, generator) for block in blocks]

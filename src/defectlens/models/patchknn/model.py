@@ -83,7 +83,7 @@ class PatchKNN(SearchedBank, PatchDetector):
             # Only while every fit leaves a choice in every image: where some fit would keep an
             # image whole, fit_features' own path (all patches, or a greedy with its own start) holds.
             if largest_share < positions:
-                self._picks = per_image_picks(flatten_patches(features), count, largest_share, seed=self.seed)
+                self._picks = per_image_picks(features, largest_share, seed=self.seed)
         try:
             super().calibrate_and_fit(features, views)
         finally:
