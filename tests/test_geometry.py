@@ -87,3 +87,24 @@ def test_tile_features_are_stacked_in_one_tensor_whatever_the_count_given(total)
     stacked = _stacked(iter(tensors), total)
     assert torch.equal(stacked, torch.stack(tensors))
     assert _stacked(iter([]), total).numel() == 0
+
+
+def test_large_tiled_features_live_in_a_temporary_file_that_goes_with_them(tmp_path, monkeypatch):
+    """Above DISK_BACKED_BYTES the tiled features are a mapped, already unlinked file in
+    DEFECTLENS_SCRATCH: the same numbers as in memory, and the space is freed with the tensor."""
+    import gc
+
+    from defectlens.models import patch
+
+    images = plain_images(3, (81, 160))
+    detector = create_detector("padim", size=64, geometry="tiles", feature_dims=8)
+    in_memory = detector.embed_images(images, fit=True, total=3)
+    monkeypatch.setenv("DEFECTLENS_SCRATCH", str(tmp_path))
+    monkeypatch.setattr(patch, "DISK_BACKED_BYTES", in_memory.numel())  # 4 bytes an element: over it
+    on_disk = detector.embed_images(images, fit=True, total=3)
+    assert torch.equal(on_disk, in_memory)
+    maps = open("/proc/self/maps").read()
+    assert str(tmp_path) in maps and list(tmp_path.iterdir()) == []  # mapped, with no name left
+    del on_disk
+    gc.collect()
+    assert str(tmp_path) not in open("/proc/self/maps").read()
