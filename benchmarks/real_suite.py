@@ -126,7 +126,7 @@ AS_FIT_TAKES_IT = "the default as fit takes it"
 def shipped_cells(configs: dict, regime: str) -> dict:
     """{set: (config, cell)} of the default as `fit` takes it: its tiled configuration, or the same
     squashed (no geometry parameter) on a set where only that was run, as fit squashes tiles whose
-    features would exceed engine.fit.TILED_FEATURE_BUDGET (BSData's 426 images in 12 tiles)."""
+    features would exceed engine.fit.TILED_FEATURE_BUDGET."""
     method, params = shipped(regime)
     candidates = (config_name(method, params), config_name(method, {k: v for k, v in params.items() if k != "geometry"}))
     cells = {}
