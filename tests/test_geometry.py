@@ -108,3 +108,20 @@ def test_large_tiled_features_live_in_a_temporary_file_that_goes_with_them(tmp_p
     del on_disk
     gc.collect()
     assert str(tmp_path) not in open("/proc/self/maps").read()
+
+
+def test_no_room_for_disk_backed_features_is_an_error_that_says_where(tmp_path, monkeypatch):
+    import errno
+    import os
+
+    from defectlens.models import patch
+
+    def full(*args):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setenv("DEFECTLENS_SCRATCH", str(tmp_path))
+    monkeypatch.setattr(patch, "DISK_BACKED_BYTES", 0)
+    monkeypatch.setattr(patch.os, "posix_fallocate", full)
+    detector = create_detector("padim", size=64, geometry="tiles", feature_dims=8)
+    with pytest.raises(OSError, match=f"in {tmp_path} .*set DEFECTLENS_SCRATCH"):
+        detector.embed_images(plain_images(2, (81, 160)), fit=True, total=2)

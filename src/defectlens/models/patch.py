@@ -342,8 +342,13 @@ def _feature_buffer(shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
     if size <= DISK_BACKED_BYTES or dtype != torch.float32:
         return torch.empty(shape, dtype=dtype)
     # Unlinked at once: the mapping keeps the space until the tensor is freed, then it is gone.
-    with tempfile.TemporaryFile(dir=os.environ.get("DEFECTLENS_SCRATCH")) as handle:
-        handle.truncate(size)
+    folder = os.environ.get("DEFECTLENS_SCRATCH") or tempfile.gettempdir()
+    with tempfile.TemporaryFile(dir=folder) as handle:
+        try:  # reserved now: a full disk met later, through the mapping, would kill the process
+            os.posix_fallocate(handle.fileno(), 0, size)
+        except OSError as error:
+            raise OSError(f"cannot keep {size / 2**30:.1f} GiB of tile features in {folder} ({error.strerror}): "
+                          "free disk space there or set DEFECTLENS_SCRATCH to a folder with room") from None
         return torch.from_numpy(np.memmap(handle, dtype=np.float32, mode="r+", shape=shape))
 
 
