@@ -315,6 +315,16 @@ def subset_views(views: tuple[torch.Tensor, np.ndarray] | None,
     return view_features[torch.from_numpy(chosen)], np.asarray([position[int(s)] for s in sources[chosen]], dtype=np.int64)
 
 
+def samples_with_owners(features: torch.Tensor,
+                        views: tuple[torch.Tensor, np.ndarray] | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Every training sample (the images, then their augmented copies) and, for each, the index
+    of the image it is or was made from: what a held-out fold must leave out together."""
+    count = features.shape[0]
+    if views is None:
+        return features, torch.arange(count)
+    return torch.cat([features, views[0]]), torch.cat([torch.arange(count), torch.as_tensor(views[1])])
+
+
 def _stacked(tensors: Iterator[torch.Tensor], total: int | None) -> torch.Tensor:
     """``torch.stack`` of ``tensors``, filled into one tensor allocated for ``total`` of them when
     that is known: stacking a list holds every tensor twice at the end, and 200 BSData images in

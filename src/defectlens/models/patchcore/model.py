@@ -14,12 +14,23 @@ from ..base import register
 from ..calibration import refit_folds
 from ..memory import CORESETS, SEARCHES, greedy_coreset
 from ..params import Choice, Integer
-from ..patch import AUGMENT_MAX_IMAGES, DEFAULT_AUGMENT, TILE_MAX_PIXELS, PatchDetector
+from ..patch import AUGMENT_MAX_IMAGES, DEFAULT_AUGMENT, TILE_MAX_PIXELS, PatchDetector, samples_with_owners
 
 
 def flatten_patches(features: torch.Tensor) -> torch.Tensor:
     """(N, C, h, w) -> (N*h*w, C), one row per patch."""
     return features.permute(0, 2, 3, 1).reshape(-1, features.shape[1])
+
+
+def patch_groups(features: torch.Tensor) -> torch.Tensor:
+    """(N, C, h, w) -> (N, h*w, C): each image's patches, one row each."""
+    return features.permute(0, 2, 3, 1).reshape(features.shape[0], -1, features.shape[1])
+
+
+def patches_at(features: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+    """The rows ``rows`` of ``flatten_patches(features)``, gathered without flattening them all."""
+    positions = features.shape[2] * features.shape[3]
+    return features.flatten(2)[rows // positions, :, rows % positions]
 
 
 @register
@@ -57,7 +68,7 @@ class PatchCore(SearchedBank, PatchDetector):
         self._shared_order = None  # one calibrate_and_fit's greedy order, see there
 
     def fit_features(self, features: torch.Tensor) -> None:
-        self._set_bank(self._patches_in(features, self._coreset(features)).contiguous())
+        self._set_bank(patches_at(features, self._coreset(features)).contiguous())
 
     def calibrate_and_fit(self, features: torch.Tensor, views) -> None:
         """The final coreset's greedy is run once, on every training image, and continued past
@@ -68,8 +79,7 @@ class PatchCore(SearchedBank, PatchDetector):
         on BSData in benchmarks/results/coreset_scale.md). The final bank is fit_features', row
         for row."""
         count = features.shape[0]
-        samples = features if views is None else torch.cat([features, views[0]])
-        owners = torch.arange(count) if views is None else torch.cat([torch.arange(count), torch.as_tensor(views[1])])
+        samples, owners = samples_with_owners(features, views)
         largest = max((len(fold) for fold in refit_folds(count, self.seed)), default=0) / count
         # Twice the picks a fold's images would give if the greedy took from all images evenly:
         # some images are more distinct than others, and a fold short of picks fits on fewer.
@@ -86,18 +96,12 @@ class PatchCore(SearchedBank, PatchDetector):
             return super().fit_normal(features, views, keep)
         order, row_owners, samples = self._shared_order
         rows = order[torch.isin(row_owners, torch.as_tensor(keep))][: self.bank_size]
-        self._set_bank(self._patches_in(samples, rows).contiguous())
+        self._set_bank(patches_at(samples, rows).contiguous())
 
     def _coreset(self, features: torch.Tensor, extend: int = 0) -> torch.Tensor:
         """Patch rows of ``features`` in greedy order: the coreset, then ``extend`` more."""
         return greedy_coreset(flatten_patches(features), self.bank_size, seed=self.seed, progress=True,
                               groups=features.shape[0], method=self.coreset, extend=extend)
-
-    @staticmethod
-    def _patches_in(features: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
-        """The patches ``rows`` (indices into flatten_patches(features)) without flattening all."""
-        positions = features.shape[2] * features.shape[3]
-        return features.flatten(2)[rows // positions, :, rows % positions]
 
     def score_features(self, features: torch.Tensor) -> torch.Tensor:
         count, _, height, width = features.shape
@@ -120,7 +124,7 @@ class PatchCore(SearchedBank, PatchDetector):
     def feature_scores(self, features: torch.Tensor) -> np.ndarray:
         """The image scores of ``score_feature_batch`` without a patch map: only the patches that
         may be among the ``top_k`` most distant are searched exactly (``largest_nearest``)."""
-        groups = features.permute(0, 2, 3, 1).reshape(features.shape[0], -1, features.shape[1]).numpy()
+        groups = patch_groups(features).numpy()
         top, columns, nearest = self._index.largest_nearest(groups, self.top_k)
         reduced = torch.from_numpy(top).mean(dim=1)
         worst_patches = groups[np.arange(len(groups)), columns[:, 0]]
@@ -134,7 +138,7 @@ class PatchCore(SearchedBank, PatchDetector):
         flat = patch_scores.flatten(1)
         worst = flat.argmax(dim=1)
         reduced = flat.topk(min(self.top_k, flat.shape[1]), dim=1).values.mean(dim=1)
-        patches = features.permute(0, 2, 3, 1).reshape(features.shape[0], -1, features.shape[1])
+        patches = patch_groups(features)
         worst_patches = patches[torch.arange(len(worst)), worst].numpy()
         _, nearest = self._index.search(worst_patches, k=1)
         return self._reweighted(reduced, worst_patches, nearest[:, 0])

@@ -15,7 +15,7 @@ from ..calibration import refit_folds
 from ..memory import SEARCHES, greedy_coreset, per_image_picks
 from ..params import Boolean, Choice, Integer, Optional, Real
 from ..patch import AUGMENT_MAX_IMAGES, DEFAULT_AUGMENT, TILE_MAX_PIXELS, PatchDetector
-from ..patchcore.model import flatten_patches
+from ..patchcore.model import flatten_patches, patch_groups, patches_at
 
 
 def pca_foreground(features: torch.Tensor, axis: torch.Tensor, mean: torch.Tensor) -> torch.Tensor:
@@ -99,7 +99,7 @@ class PatchKNN(SearchedBank, PatchDetector):
         else:
             rows = torch.cat([int(image) * positions + self._picks[image][: quota + (rank < extra)]
                               for rank, image in enumerate(keep)])
-        self._set_bank(features.flatten(2)[rows // positions, :, rows % positions].contiguous())
+        self._set_bank(patches_at(features, rows).contiguous())
 
     def _fit_foreground(self, features: torch.Tensor) -> None:
         """First principal component of the normal patches, signed so that the image centre
@@ -132,7 +132,7 @@ class PatchKNN(SearchedBank, PatchDetector):
         (``largest_nearest``; on an IVF index the others get one list's scan)."""
         if self.foreground:
             return super().feature_scores(features)
-        groups = features.permute(0, 2, 3, 1).reshape(features.shape[0], -1, features.shape[1]).numpy()
+        groups = patch_groups(features).numpy()
         top, _, _ = self._index.largest_nearest(groups, self._top_count(groups.shape[1]))
         return torch.from_numpy(top).mean(dim=1).numpy().astype(np.float64)
 
