@@ -58,6 +58,27 @@ def test_tiles_layout_is_stored_in_the_model_file(tmp_path):
     np.testing.assert_allclose(loaded.predict(image).scores, detector.predict(image).scores, rtol=1e-5)
 
 
+def test_patchknn_scores_a_tiled_image_by_one_tiles_share_of_patches_unless_told_a_fraction(tmp_path):
+    """Default: the mean of the top 1 % of one tile's patches, so a small defect is not averaged
+    away as the tiles multiply; an explicit top_fraction (a model file written before the default
+    existed holds 0.01) keeps its share of all the image's patches."""
+    shape = (128, 384)  # 3 rows × 8 tiles of 64 at overlap 0.25, 8 × 8 patches each: 1536 patches
+    detector = create_detector("patchknn", size=64, geometry="tiles", bank_size=None).fit(plain_images(3, shape))
+    assert detector.tiles_per_image == len(detector._tiles()) > 1
+    image = plain_images(1, shape, seed=7)
+    patch_map = detector.score_feature_batch(detector.embed_images(image))[1].flatten()
+    positions = patch_map.numel()
+    for top_fraction, count in ((None, round(0.01 * positions / detector.tiles_per_image)), (0.05, round(0.05 * positions))):
+        detector.top_fraction = top_fraction
+        expected = patch_map.topk(max(1, count)).values.mean().item()
+        assert detector.score_feature_batch(detector.embed_images(image))[0][0] == pytest.approx(expected, rel=1e-6)
+        assert detector.predict(image, maps=False).scores[0] == pytest.approx(expected, rel=1e-5)
+    detector.top_fraction = 0.01
+    loaded = Detector.load(detector.save(tmp_path / "old.safetensors"))
+    assert loaded.top_fraction == 0.01
+    assert loaded.predict(image).scores[0] == pytest.approx(patch_map.topk(round(0.01 * positions)).values.mean().item(), rel=1e-5)
+
+
 @pytest.mark.parametrize("shape, canvas, tiles", [((40, 80), (64, 128), 3),     # smaller: scaled up to one tile
                                                   ((76, 150), (64, 126), 3),    # within the slack: down to one
                                                   ((80, 80), (64, 64), 1),

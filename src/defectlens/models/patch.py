@@ -186,6 +186,11 @@ class PatchDetector(BackboneDetector):
         stream = tqdm(on_canvas(), desc=progress, total=total, unit="img", disable=progress is None, leave=False)
         return _stacked((self._embed_tiles(image) for image in stream), total)
 
+    @property
+    def tiles_per_image(self) -> int:
+        """How many tiles each image is cut into (1 unless ``geometry="tiles"``)."""
+        return len(self._tiles()) if self.geometry == "tiles" else 1
+
     def _tiles(self) -> list[tuple[int, int]]:
         height, width = self.canvas_hw
         return [(top, left) for top in tile_origins(height, self.tile_side, self.tile_overlap)
