@@ -3,9 +3,10 @@ cosine distance to the nearest one is the patch score, the image score is the me
 top 1 % patch scores, and optional foreground masking ignores the background.
 
 Tiled images: the top 1 % of *one tile's* patches. A defect's size in patches does not grow with
-the number of tiles an image is cut into, and 1 % of every tile's patches drowned small defects in
-normal patches: DeepPCB's 9 tiles gave 92 patches, where a track break covers a handful
-(the default ensemble 0.943 at 1 % of the image, 0.981 at 0.1 %; benchmarks/results/real_suite.md)."""
+the number of tiles an image is cut into, and 1 % of all its tiles' patches together drowned small
+defects in normal patches: DeepPCB's 9 tiles gave 92 patches, where a track break covers a handful (the
+default ensemble there: 0.943 with 1 % of the whole image's patches, 0.981 per tile; BSData's 18
+tiles 0.969 either way; benchmarks/results/real_suite.md)."""
 
 from __future__ import annotations
 
