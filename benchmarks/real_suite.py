@@ -389,7 +389,10 @@ def render(runs: dict) -> str:
         "(backbone features of each image are computed once per set and shared by every run; see speed.md for "
         "end-to-end prediction times). **†N**: measured on a fixed-seed stratified subset of N test images "
         "(same share of each defect type) because the shared machine was too slow for the whole test set; "
-        "noisier than the other cells (AUROC std about 0.02–0.03 at N = 200).",
+        "noisier than the other cells (AUROC std about 0.02–0.03 at N = 200). "
+        "Tiled patchknn (alone or as a member) scores an image by 1 % of one tile's patches since 2026-11-30; rows "
+        "naming `top_fraction: 0.01` are the runs made before, which averaged 1 % of all the image's tiles' "
+        "patches (on ELPV, one tile per cell, both rules compute the same, so its cells appear under both names).",
         "",
     ]
     for regime in sorted(table, key=_regime_order):
