@@ -42,6 +42,7 @@ def test_bad_stage_names_say_what_is_wrong(name, problem):
 
 def test_detectors_accept_stage_names_and_refuse_malformed_ones(normal_images):
     assert is_backbone_name("efficientnet-lite0@2,3,4") and not is_backbone_name("efficientnet-lite0@3,2")
+    assert not is_backbone_name("efficientnet-lite0@2,7")  # stages 0 to 6: refused before anything is built
     detector = create_detector("padim", backbone="efficientnet-lite0@2,3,4", size=SIZE).fit(normal_images)
     assert detector.backbone_network.feature_dim == 40 + 80 + 112
     with pytest.raises(ParameterError, match="backbone"):

@@ -383,7 +383,8 @@ def build_parser() -> argparse.ArgumentParser:
     fit.add_argument("--size", type=int, default=None,
                      help="input size in pixels (default: the method's own, 256 for the embedded backbone, 240 for winclip)")
     fit.add_argument("--backbone", default=None, help="efficientnet-lite0 (default), efficientnet-lite1, "
-                     "efficientnet-lite2, dinov2[:MODEL][@LAYERS] (docs/dinov2.md)")
+                     "efficientnet-lite2, each optionally @STAGES (e.g. efficientnet-lite0@2,3,4; default 2,4), "
+                     "dinov2[:MODEL][@LAYERS] (docs/dinov2.md)")
     fit.add_argument("--param", action="append", metavar="KEY=VALUE",
                      help="a method parameter, repeatable (e.g. --param bank_size=8192)")
     fit.add_argument("--target-fpr", type=_fraction, default=None,

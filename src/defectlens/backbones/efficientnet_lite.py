@@ -29,6 +29,8 @@ VARIANTS = {
 }
 #: Stages read when the name names none: stride 8 and 16.
 DEFAULT_STAGES = (2, 4)
+#: Stages of every EfficientNet-Lite variant (groups of blocks with one output width).
+STAGE_COUNT = 7
 _STAGES = re.compile(r"\d+(,\d+)*")
 
 
@@ -42,6 +44,8 @@ def parse_name(name: str) -> tuple[str, tuple[int, ...]]:
     stages = tuple(int(stage) for stage in tail.split(",")) if _STAGES.fullmatch(tail) else ()
     if not stages or list(stages) != sorted(set(stages)):
         raise ValueError(f"backbone '{name}': stages after '@' must be increasing comma-separated integers, e.g. {variant}@2,4")
+    if stages[-1] >= STAGE_COUNT:
+        raise ValueError(f"backbone '{name}': stage {stages[-1]} does not exist ({variant} has stages 0 to {STAGE_COUNT - 1})")
     return variant, stages
 
 
@@ -82,8 +86,6 @@ class EfficientNetLite(PatchBackbone):
         network.eval()
         # Only the blocks up to the last stage we read are ever run.
         stage_ends = self._stage_ends(network)
-        if stages[-1] >= len(stage_ends):
-            raise ValueError(f"backbone '{name}': stage {stages[-1]} does not exist ({variant} has stages 0 to {len(stage_ends) - 1})")
         self._taps = [stage_ends[s] for s in stages]
         # Channels-last weights (inputs come channels-last from to_tensor): faster oneDNN kernels.
         self.stem = torch.nn.Sequential(network._conv_stem, network._bn0, network._swish).to(memory_format=torch.channels_last)
