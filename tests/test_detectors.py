@@ -267,14 +267,24 @@ def test_ivf_partition_is_trained_once_per_fit_and_loaded_from_the_model_file(me
     """The held-out folds' fits and the final one share one k-means; loading runs none."""
     import faiss
 
-    trainings = []
-    train = faiss.IndexIVFFlat.train
+    from defectlens.models.memory import NearestNeighbours
+
+    trainings, assigned = [], []
+    train, add = faiss.IndexIVFFlat.train, faiss.IndexIVFFlat.add
     monkeypatch.setattr(faiss.IndexIVFFlat, "train", lambda index, x: trainings.append(len(x)) or train(index, x))
-    detector = create_detector(method, size=128, bank_size=2000, search="ivf").fit(normal_images[:5])
+    monkeypatch.setattr(faiss.IndexIVFFlat, "add", lambda index, x: assigned.append(len(x)) or add(index, x))
+    # 600 of the 1,280 patches: every fit keeps a share of each image's patches
+    detector = create_detector(method, size=128, bank_size=600, search="ivf").fit(normal_images[:5])
     assert len(detector.normal_scores) == 5 and len(trainings) == 1  # six fits (five held out, one final)
+    # patchknn's fits share their images' greedy picks, so one fit's rows are assigned to lists
+    # and later ones look most of theirs up; patchcore's folds continue a greedy: each adds its own.
+    assert len(assigned) == (1 if method == "patchknn" else 6)
     loaded = Detector.load(detector.save(tmp_path / "model.dlmodel"))
-    assert len(trainings) == 1
+    assert len(trainings) == 1 and len(assigned) == (1 if method == "patchknn" else 6)  # loading assigns none
     np.testing.assert_array_equal(loaded._index.centroids, detector._index.centroids)
+    afresh = NearestNeighbours(detector.bank.numpy(), metric=detector.metric, index="ivf", centroids=detector._index.centroids)
+    np.testing.assert_array_equal(detector._index.row_lists, afresh.row_lists)
+    np.testing.assert_array_equal(loaded._index.row_lists, afresh.row_lists)
     features = detector.embed_images(normal_images[5:7])
     np.testing.assert_array_equal(loaded.score_features(features), detector.score_features(features))
 

@@ -8,8 +8,8 @@ import torch
 
 from .memory import NearestNeighbours
 
-#: The model-file tensor holding an IVF index's k-means centroids.
-CENTROIDS = "ivf_centroids"
+#: The model-file tensors holding an IVF index's k-means centroids and each bank row's list.
+CENTROIDS, ROW_LISTS = "ivf_centroids", "ivf_row_lists"
 
 
 class SearchedBank:
@@ -31,34 +31,61 @@ class SearchedBank:
     metric = "l2"
     #: The partition the fits of one ``calibrate_and_fit`` share (None outside it, or not yet trained).
     _shared_partition: np.ndarray | None = None
+    #: Within one ``calibrate_and_fit``: the IVF list of each of its patches found so far (-1: not yet).
+    _patch_lists: np.ndarray | None = None
     _sharing = False
 
     def calibrate_and_fit(self, features: torch.Tensor, views) -> None:
-        self._sharing, self._shared_partition = True, None
+        self._sharing, self._shared_partition, self._patch_lists = True, None, None
         try:
             super().calibrate_and_fit(features, views)
         finally:
-            self._sharing, self._shared_partition = False, None
+            self._sharing, self._shared_partition, self._patch_lists = False, None, None
 
-    def _set_bank(self, bank: torch.Tensor, centroids: np.ndarray | None = None) -> None:
+    def _set_bank(self, bank: torch.Tensor, centroids: np.ndarray | None = None,
+                  row_lists: np.ndarray | None = None, patches: tuple[torch.Tensor, int] | None = None) -> None:
+        """``patches``: within ``calibrate_and_fit``, the bank rows' numbers among all the fit's
+        patches and how many patches there are; a patch's IVF list, found in one fit, is then
+        looked up in the next instead of searched for again (the five held-out folds' banks and
+        the final one share most of their rows)."""
         self.bank = bank
-        if centroids is None and self._sharing:
-            centroids = self._shared_partition
+        if self._sharing:
+            centroids = self._shared_partition if centroids is None else centroids
+            if patches is not None and centroids is not None:
+                row_lists = self._lists_of_patches(bank, *patches)
         self._index = NearestNeighbours(bank.numpy(), metric=self.metric, index=self.search, seed=self.seed,
-                                        centroids=centroids)
+                                        centroids=centroids, row_lists=row_lists)
         if self._sharing and self._shared_partition is None:
             self._shared_partition = self._index.centroids
+            if patches is not None and self._index.kind == "ivf":
+                self._patch_lists = np.full(patches[1], -1, dtype=np.int32)
+                self._patch_lists[patches[0].numpy()] = self._index.row_lists
+
+    def _lists_of_patches(self, bank: torch.Tensor, numbers: torch.Tensor, total: int) -> np.ndarray:
+        """The IVF lists of bank rows that are the fit's patches ``numbers``: known ones looked
+        up, the others assigned (by the partition of the fit before) and remembered."""
+        if self._patch_lists is None:
+            self._patch_lists = np.full(total, -1, dtype=np.int32)
+        numbers = numbers.numpy()
+        row_lists = self._patch_lists[numbers].astype(np.int64)
+        unknown = np.flatnonzero(row_lists < 0)
+        if len(unknown):
+            row_lists[unknown] = self._index.assign(bank[torch.from_numpy(unknown)].numpy())
+            self._patch_lists[numbers[unknown]] = row_lists[unknown]
+        return row_lists
 
     def bank_tensors(self) -> dict[str, torch.Tensor]:
-        """The bank, and the IVF centroids when the index has them."""
+        """The bank, and the IVF centroids and row lists when the index has them."""
         tensors = {"bank": self.bank}
         centroids = self._index.centroids
         if centroids is not None:
             tensors[CENTROIDS] = torch.from_numpy(centroids)
+            tensors[ROW_LISTS] = torch.from_numpy(self._index.row_lists.astype(np.int32))
         return tensors
 
     def load_bank(self, tensors: dict[str, torch.Tensor]) -> None:
         """The bank and its index from ``bank_tensors``' tensors (older files: no centroids, the
-        k-means runs again)."""
-        centroids = tensors.get(CENTROIDS)
-        self._set_bank(tensors["bank"].float(), None if centroids is None else centroids.float().numpy())
+        k-means runs again; no row lists, the rows are assigned to lists again)."""
+        centroids, row_lists = tensors.get(CENTROIDS), tensors.get(ROW_LISTS)
+        self._set_bank(tensors["bank"].float(), None if centroids is None else centroids.float().numpy(),
+                       None if row_lists is None else row_lists.long().numpy())

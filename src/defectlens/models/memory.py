@@ -6,6 +6,7 @@ import threading
 from concurrent.futures import ThreadPoolExecutor
 
 import faiss
+from faiss.contrib.ivf_tools import add_preassigned
 import numpy as np
 import torch
 from tqdm.auto import tqdm
@@ -38,7 +39,7 @@ class NearestNeighbours:
     """
 
     def __init__(self, bank: np.ndarray, metric: str = "l2", index: str = "flat", probes: int = 16, seed: int = 0,
-                 centroids: np.ndarray | None = None):
+                 centroids: np.ndarray | None = None, row_lists: np.ndarray | None = None):
         if metric not in ("l2", "cosine"):
             raise ValueError(f"metric must be 'l2' or 'cosine', not {metric!r}")
         if index not in SEARCHES:
@@ -69,13 +70,37 @@ class NearestNeighbours:
                 quantizer.add(np.ascontiguousarray(centroids, dtype=np.float32))
                 self.index.is_trained = True
             self.index.nprobe = min(probes, lists)
-        self.index.add(prepared)
+        if index == "ivf" and row_lists is not None:  # each row's list is known: nothing to assign
+            add_preassigned(self.index, prepared, np.ascontiguousarray(row_lists, dtype=np.int64))
+        else:
+            self.index.add(prepared)
         # The index holds its own copy of the rows; ours is kept only where the upper bounds
         # need it (exact L2, where it is the caller's array, not a copy). A cosine bank's
         # normalised copy was 40 MB of every predict with the default's 65,536 rows.
         self.bank = prepared if (index == "flat" and metric == "l2") else None
         self._bounds: _UpperBounds | None = None
         self._bounds_lock = threading.Lock()
+
+    @property
+    def row_lists(self) -> np.ndarray | None:
+        """Each bank row's IVF list, None for other indexes. Passed back to the constructor with
+        the ``centroids`` they rebuild the index without assigning the rows to lists again (a
+        search of every row against every list centre: 0.2 s of each ``predict`` process with
+        the default's 65,536 rows)."""
+        if self.kind != "ivf":
+            return None
+        row_lists = np.empty(self.index.ntotal, dtype=np.int64)
+        inverted = self.index.invlists
+        for number in range(self.index.nlist):
+            size = inverted.list_size(number)
+            if size:
+                row_lists[faiss.rev_swig_ptr(inverted.get_ids(number), size)] = number
+        return row_lists
+
+    def assign(self, rows: np.ndarray) -> np.ndarray:
+        """The IVF list each of ``rows`` (vectors as the bank's) would be added to."""
+        _, row_lists = self.index.quantizer.search(self._prepare(rows), 1)
+        return row_lists[:, 0]
 
     @property
     def centroids(self) -> np.ndarray | None:

@@ -111,7 +111,7 @@ class PatchKNN(SearchedBank, PatchDetector):
         else:
             rows = torch.cat([int(image) * positions + self._picks[image][: quota + (rank < extra)]
                               for rank, image in enumerate(keep)])
-        self._set_bank(patches_at(features, rows).contiguous())
+        self._set_bank(patches_at(features, rows).contiguous(), patches=(rows, features.shape[0] * positions))
 
     def _fit_foreground(self, features: torch.Tensor) -> None:
         """First principal component of the normal patches, signed so that the image centre
