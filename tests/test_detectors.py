@@ -289,6 +289,35 @@ def test_ivf_partition_is_trained_once_per_fit_and_loaded_from_the_model_file(me
     np.testing.assert_array_equal(loaded.score_features(features), detector.score_features(features))
 
 
+def test_patchknn_on_ivf_scores_an_image_by_its_top_patches_exact_distances(normal_images, defect_image, tmp_path):
+    """With and without a map, the image score is the mean of the top patches' exact distances
+    (a flat search's), while the map keeps the index's; a model file written before scores by
+    the index's distances, as it did."""
+    from defectlens.models.memory import NearestNeighbours
+    from defectlens.models.patchcore.model import patch_groups
+
+    detector = create_detector("patchknn", size=128, search="ivf").fit(normal_images[:4])
+    detector._index.index.nprobe = 1  # a coarse search, so that it errs
+    features = detector.embed_images([normal_images[4], defect_image, normal_images[5]])
+    exact = NearestNeighbours(detector.bank.numpy(), metric="cosine").search(patch_groups(features).reshape(-1, features.shape[1]).numpy())[0]
+    exact = torch.from_numpy(exact[:, 0].reshape(3, -1))
+    count = detector._top_count(exact.shape[1])
+    expected = exact.topk(count, dim=1).values.mean(dim=1).numpy()
+    scores, maps = detector.score_feature_batch(features)
+    np.testing.assert_allclose(scores, expected, rtol=1e-5)
+    np.testing.assert_allclose(detector.feature_scores(features), expected, rtol=1e-5)
+    approximate = maps.flatten(1).topk(count, dim=1).values.mean(dim=1).numpy()
+    assert np.all(approximate >= expected - 1e-6) and not np.allclose(approximate, expected, rtol=1e-5)
+    path = detector.save(tmp_path / "model.dlmodel")
+    assert Detector.load(path).exact_top
+    earlier = Detector.load(path)
+    earlier.load_state_tensors(earlier.state_tensors(), {})  # the state of a file without "exact_top"
+    earlier._index.index.nprobe = 1
+    assert not earlier.exact_top
+    np.testing.assert_allclose(earlier.score_feature_batch(features)[0], approximate, rtol=1e-5)
+    np.testing.assert_allclose(earlier.feature_scores(features), approximate, rtol=1e-5)
+
+
 @pytest.mark.parametrize("method", ["patchcore", "patchknn"])
 @pytest.mark.parametrize("search", ["ivf", "hnsw"])
 def test_approximate_search_never_scores_below_the_exact_one_and_keeps_the_defect_on_top(

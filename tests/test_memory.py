@@ -240,6 +240,32 @@ def test_largest_nearest_on_ivf_is_the_top_of_its_full_search_bounded_by_one_lis
     assert sum(count for count, probes in searched[1:]) < 400 / 4
 
 
+@pytest.mark.parametrize("metric", ["l2", "cosine"])
+@pytest.mark.parametrize("given_bounds", [False, True])
+def test_largest_nearest_exact_on_ivf_is_the_top_of_a_brute_force_search_for_few_of_them(metric, given_bounds,
+                                                                                          monkeypatch):
+    """``exact=True`` on an approximate index: the top distances are the exact ones (a flat
+    index's top), not the index's, whether the index's own distances are given as bounds (a
+    patch map) or found from one list's scan; only a few queries are searched by brute force."""
+    rng = np.random.default_rng(3)
+    # Overlapping clusters: the nearest row is often outside the lists visited.
+    centres = rng.normal(size=(64, 32))
+    bank = (centres[rng.integers(64, size=4000)] + rng.normal(size=(4000, 32))).astype(np.float32)
+    groups = (centres[rng.integers(64, size=400)] + rng.normal(size=(400, 32))).astype(np.float32).reshape(4, 100, 32)
+    index = NearestNeighbours(bank, metric=metric, index="ivf", probes=2)
+    approximate = index.search(groups.reshape(-1, 32))[0][:, 0]
+    expected = full_search_top(NearestNeighbours(bank, metric=metric), groups, 5)
+    assert not np.allclose(full_search_top(index, groups, 5)[0], expected[0], rtol=1e-5)  # the index alone errs
+    brute = []
+    real_exact = NearestNeighbours.exact_nearest
+    monkeypatch.setattr(NearestNeighbours, "exact_nearest", lambda self, q: brute.append(len(q)) or real_exact(self, q))
+    bounds = approximate.reshape(4, 100) if given_bounds else None
+    top, columns, nearest = index.largest_nearest(groups, 5, bounds=bounds, exact=True)
+    np.testing.assert_allclose(top, expected[0], rtol=1e-5, atol=1e-6)
+    assert columns.tolist() == expected[1].tolist() and nearest.tolist() == expected[2].tolist()
+    assert 4 * 5 <= sum(brute) < 400 / 4
+
+
 def test_largest_nearest_with_ties_and_exact_matches_searches_what_it_must():
     from defectlens.models.memory import BOUND_DIMS
 

@@ -74,10 +74,11 @@ class NearestNeighbours:
             add_preassigned(self.index, prepared, np.ascontiguousarray(row_lists, dtype=np.int64))
         else:
             self.index.add(prepared)
-        # The index holds its own copy of the rows; ours is kept only where the upper bounds
-        # need it (exact L2, where it is the caller's array, not a copy). A cosine bank's
-        # normalised copy was 40 MB of every predict with the default's 65,536 rows.
+        # The index holds its own copy of the rows; ours is kept where the upper bounds need it
+        # (exact L2, where it is the caller's array, not a copy) and for ``exact_nearest`` on an
+        # approximate index (40 MB at the default's 65,536 rows).
         self.bank = prepared if (index == "flat" and metric == "l2") else None
+        self._rows = prepared if index != "flat" else None
         self._bounds: _UpperBounds | None = None
         self._bounds_lock = threading.Lock()
 
@@ -127,44 +128,83 @@ class NearestNeighbours:
             return np.sqrt(np.maximum(similarity_or_sq, 0.0)), indices
         return 1.0 - similarity_or_sq, indices
 
-    def largest_nearest(self, groups: np.ndarray, count: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    def largest_nearest(self, groups: np.ndarray, count: int, bounds: np.ndarray | None = None,
+                        exact: bool = False) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """Per group of queries (N, P, dim): the ``count`` largest nearest-neighbour distances,
         largest first (N, count), the queries they belong to (N, count; the lower index first
         among equal distances) and their nearest bank rows (N, count). The same as a ``search``
         of every query followed by a top-k, up to float32 rounding, for a fraction of the cost:
         PatchCore's and patch kNN's image scores need only the most distant patches.
 
-        Every query first gets an upper bound of its distance (``_distance_bounds``). Queries are
-        then searched in order of falling bound until the next bound is below the ``count``-th
-        distance found; none of the rest can be larger."""
+        ``exact``: on an approximate index, the distances are the exact ones (``exact_nearest``)
+        instead of the index's, for the few queries they are needed for. ``bounds``: (N, P) this
+        index's ``search`` distances of all the queries, when the caller has them (a patch map);
+        else every query first gets a cheaper upper bound (``_distance_bounds``).
+
+        Each query's distance is known at one of three levels, each at most the one before: an
+        upper bound, the index's distance, the exact distance. In rounds, each group's queries
+        with the largest known distance not yet at the level asked for go one level down (bound
+        to index, index to exact), until none of them could be above the ``count``-th distance
+        found at that level."""
         groups = np.ascontiguousarray(groups, dtype=np.float32)
         n_groups, per_group, dim = groups.shape
         count = min(count, per_group)
-        queries = groups.reshape(-1, dim)
-        bounds = self._distance_bounds(queries) if per_group > count else None
-        if bounds is None:
-            distances, nearest = self.search(queries, k=1)
-            return _top_of_groups(distances[:, 0].reshape(n_groups, per_group), nearest[:, 0].reshape(n_groups, per_group),
-                                  np.ones((n_groups, per_group), bool), count)
-        bounds = bounds.reshape(n_groups, per_group)
-        order = np.argsort(-bounds, axis=1, kind="stable")
-        exact = np.zeros((n_groups, per_group), np.float32)
+        final = 2 if exact and self.kind != "flat" else 1
+        level = np.zeros((n_groups, per_group), np.int8)
+        found = np.zeros((n_groups, per_group), np.float32)  # at level 1 or 2
         nearest = np.zeros((n_groups, per_group), np.int64)
-        searched = np.zeros((n_groups, per_group), bool)
-        todo, done_upto, width = np.arange(n_groups), 0, max(count, 16)
+        if bounds is not None:
+            found[:], level[:] = np.asarray(bounds, dtype=np.float32).reshape(n_groups, per_group), 1
+            upper = None
+        else:
+            upper = self._distance_bounds(groups.reshape(-1, dim)) if per_group > count else None
+            if upper is None:  # no cheaper bound: every query searched
+                found[:], nearest[:] = (array[:, 0].reshape(n_groups, per_group) for array in self.search(groups.reshape(-1, dim)))
+                level[:] = 1
+            else:
+                upper = upper.reshape(n_groups, per_group)
+        steps = (self._index_nearest, self.exact_nearest)
+        todo, width = np.arange(n_groups), max(count, 16)
         while len(todo):
-            width = min(width, per_group)
-            picks = order[todo, done_upto:width]
-            distances, rows = self.search(groups[todo[:, None], picks].reshape(-1, dim), k=1)
-            exact[todo[:, None], picks] = distances[:, 0].reshape(picks.shape)
-            nearest[todo[:, None], picks] = rows[:, 0].reshape(picks.shape)
-            searched[todo[:, None], picks] = True
-            if width == per_group:
+            known = found[todo] if upper is None else np.where(level[todo] > 0, found[todo], upper[todo])
+            open_known = np.where(level[todo] < final, known, -np.inf)
+            done_known = np.where(level[todo] == final, known, -np.inf)
+            cut = -np.sort(-done_known, axis=1)[:, count - 1]
+            highest = open_known.max(axis=1)
+            going = (highest > -np.inf) & (highest >= cut)
+            todo, open_known, cut = todo[going], open_known[going], cut[going]
+            if not len(todo):
                 break
-            cut = -np.sort(-np.where(searched[todo], exact[todo], -np.inf), axis=1)[:, count - 1]
-            todo = todo[bounds[todo, order[todo, width]] >= cut]
-            done_upto, width = width, width * 4
-        return _top_of_groups(exact, nearest, searched, count)
+            picks = np.argsort(-open_known, axis=1, kind="stable")[:, : min(width, per_group)]
+            owners = np.broadcast_to(todo[:, None], picks.shape)
+            known_picked = np.take_along_axis(open_known, picks, 1)
+            taken = (known_picked > -np.inf) & (known_picked >= cut[:, None])
+            owners, picks = owners[taken], picks[taken]
+            from_level = level[owners, picks]  # each query goes one level down per round
+            for step in range(final):
+                chosen = from_level == step
+                if chosen.any():
+                    distances, rows = steps[step](groups[owners[chosen], picks[chosen]])
+                    found[owners[chosen], picks[chosen]] = distances
+                    nearest[owners[chosen], picks[chosen]] = rows
+                    level[owners[chosen], picks[chosen]] = step + 1
+            width *= 4
+        return _top_of_groups(found, nearest, level == final, count)
+
+    def _index_nearest(self, queries: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        distances, rows = self.search(queries, k=1)
+        return distances[:, 0], rows[:, 0]
+
+    def exact_nearest(self, queries: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Exact distances (in ``search``'s units) and rows of the nearest bank row of each query,
+        whatever the index: a brute-force search over all the bank's rows."""
+        if self.kind == "flat":
+            return self._index_nearest(queries)
+        faiss_metric = faiss.METRIC_L2 if self.metric == "l2" else faiss.METRIC_INNER_PRODUCT
+        similarity_or_sq, rows = faiss.knn(self._prepare(queries), self._rows, 1, metric=faiss_metric)
+        if self.metric == "l2":
+            return np.sqrt(np.maximum(similarity_or_sq[:, 0], 0.0)), rows[:, 0]
+        return 1.0 - similarity_or_sq[:, 0], rows[:, 0]
 
     def _distance_bounds(self, queries: np.ndarray) -> np.ndarray | None:
         """For each query, a distance its ``search`` cannot exceed, in ``search``'s units, for
