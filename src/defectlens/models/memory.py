@@ -17,6 +17,9 @@ from ..backbones.base import configure_threads
 # query patch, IVF about (rows / lists) × probes × dim, HNSW about log(rows) × neighbours × dim.
 APPROXIMATE_FROM_ROWS = 65536
 
+#: Queries ``NearestNeighbours.exact_nearest`` compares with the whole bank at once (256 × 65,536
+#: products: 64 MB).
+EXACT_BLOCK = 256
 #: Index kinds of :class:`NearestNeighbours` (the ``search`` parameter of the kNN detectors).
 SEARCHES = ("flat", "ivf", "hnsw", "auto")
 #: Coreset algorithms (PatchCore's ``coreset`` parameter), see :func:`greedy_coreset`.
@@ -79,6 +82,8 @@ class NearestNeighbours:
         # approximate index (40 MB at the default's 65,536 rows).
         self.bank = prepared if (index == "flat" and metric == "l2") else None
         self._rows = prepared if index != "flat" else None
+        self._rows_torch: torch.Tensor | None = None  # ``exact_nearest``'s view of them, made on first use
+        self._row_norms: torch.Tensor | None = None
         self._bounds: _UpperBounds | None = None
         self._bounds_lock = threading.Lock()
 
@@ -143,13 +148,13 @@ class NearestNeighbours:
 
         Each query's distance is known at one of three levels, each at most the one before: an
         upper bound, the index's distance, the exact distance. In rounds, each group's queries
-        with the largest known distance not yet at the level asked for go one level down (bound
-        to index, index to exact), until none of them could be above the ``count``-th distance
-        found at that level."""
+        with the largest known distance not yet at the level a phase asks for go one level down
+        (bound to index, index to exact), until none of them could be above the ``count``-th
+        distance found at that level. The index's phase comes first: its top then tells which
+        few queries the costly exact phase starts from."""
         groups = np.ascontiguousarray(groups, dtype=np.float32)
         n_groups, per_group, dim = groups.shape
         count = min(count, per_group)
-        final = 2 if exact and self.kind != "flat" else 1
         level = np.zeros((n_groups, per_group), np.int8)
         found = np.zeros((n_groups, per_group), np.float32)  # at level 1 or 2
         nearest = np.zeros((n_groups, per_group), np.int64)
@@ -163,18 +168,30 @@ class NearestNeighbours:
                 level[:] = 1
             else:
                 upper = upper.reshape(n_groups, per_group)
+        # (level reached, first round's width, width growth): widths grow while the index's
+        # searches are cheap; in the exact phase the first round takes the index's top and each
+        # later one every query still above the cut.
+        phases = [(1, max(count, 16), 4)] + ([(2, count, per_group)] if exact and self.kind != "flat" else [])
+        for final, width, growth in phases:
+            self._refine(groups, count, level, found, nearest, upper, final, width, growth)
+        return _top_of_groups(found, nearest, level == phases[-1][0], count)
+
+    def _refine(self, groups: np.ndarray, count: int, level: np.ndarray, found: np.ndarray, nearest: np.ndarray,
+                upper: np.ndarray | None, final: int, width: int, growth: int) -> None:
+        """One phase of ``largest_nearest``: rounds until every group's ``count`` largest
+        distances at level ``final`` are known, updating ``level``, ``found`` and ``nearest``."""
         steps = (self._index_nearest, self.exact_nearest)
-        todo, width = np.arange(n_groups), max(count, 16)
+        per_group = groups.shape[1]
+        todo = np.arange(groups.shape[0])
         while len(todo):
             known = found[todo] if upper is None else np.where(level[todo] > 0, found[todo], upper[todo])
             open_known = np.where(level[todo] < final, known, -np.inf)
-            done_known = np.where(level[todo] == final, known, -np.inf)
-            cut = -np.sort(-done_known, axis=1)[:, count - 1]
+            cut = -np.sort(-np.where(level[todo] == final, known, -np.inf), axis=1)[:, count - 1]
             highest = open_known.max(axis=1)
             going = (highest > -np.inf) & (highest >= cut)
             todo, open_known, cut = todo[going], open_known[going], cut[going]
             if not len(todo):
-                break
+                return
             picks = np.argsort(-open_known, axis=1, kind="stable")[:, : min(width, per_group)]
             owners = np.broadcast_to(todo[:, None], picks.shape)
             known_picked = np.take_along_axis(open_known, picks, 1)
@@ -188,8 +205,7 @@ class NearestNeighbours:
                     found[owners[chosen], picks[chosen]] = distances
                     nearest[owners[chosen], picks[chosen]] = rows
                     level[owners[chosen], picks[chosen]] = step + 1
-            width *= 4
-        return _top_of_groups(found, nearest, level == final, count)
+            width *= growth
 
     def _index_nearest(self, queries: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         distances, rows = self.search(queries, k=1)
@@ -197,14 +213,26 @@ class NearestNeighbours:
 
     def exact_nearest(self, queries: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """Exact distances (in ``search``'s units) and rows of the nearest bank row of each query,
-        whatever the index: a brute-force search over all the bank's rows."""
+        whatever the index: a brute-force search over all the bank's rows, by matrix products in
+        torch (2-3 times faster than faiss's brute force on 2 cores for tens to a thousand queries
+        against 65,536 rows), a block of queries at a time (a block's products: 64 MB)."""
         if self.kind == "flat":
             return self._index_nearest(queries)
-        faiss_metric = faiss.METRIC_L2 if self.metric == "l2" else faiss.METRIC_INNER_PRODUCT
-        similarity_or_sq, rows = faiss.knn(self._prepare(queries), self._rows, 1, metric=faiss_metric)
-        if self.metric == "l2":
-            return np.sqrt(np.maximum(similarity_or_sq[:, 0], 0.0)), rows[:, 0]
-        return 1.0 - similarity_or_sq[:, 0], rows[:, 0]
+        if self._rows_torch is None:
+            self._rows_torch = torch.from_numpy(self._rows)
+            self._row_norms = (self._rows_torch * self._rows_torch).sum(dim=1)
+        prepared = torch.from_numpy(self._prepare(queries))
+        distances, rows = np.empty(len(prepared), np.float32), np.empty(len(prepared), np.int64)
+        for start in range(0, len(prepared), EXACT_BLOCK):
+            block = prepared[start : start + EXACT_BLOCK]
+            if self.metric == "l2":
+                squared, nearest = _centre_terms(block, self._rows_torch, self._row_norms).min(dim=1)
+                value = squared.add_((block * block).sum(dim=1)).clamp_(min=0.0).sqrt_()
+            else:
+                similarity, nearest = (block @ self._rows_torch.T).max(dim=1)
+                value = 1.0 - similarity
+            distances[start : start + len(block)], rows[start : start + len(block)] = value.numpy(), nearest.numpy()
+        return distances, rows
 
     def _distance_bounds(self, queries: np.ndarray) -> np.ndarray | None:
         """For each query, a distance its ``search`` cannot exceed, in ``search``'s units, for
