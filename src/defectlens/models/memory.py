@@ -17,9 +17,9 @@ from ..backbones.base import configure_threads
 # query patch, IVF about (rows / lists) × probes × dim, HNSW about log(rows) × neighbours × dim.
 APPROXIMATE_FROM_ROWS = 65536
 
-#: Queries ``NearestNeighbours.exact_nearest`` compares with the whole bank at once (256 × 65,536
-#: products: 64 MB).
-EXACT_BLOCK = 256
+#: Queries ``NearestNeighbours.exact_nearest`` compares with the whole bank at once (128 × 65,536
+#: products: 32 MB).
+EXACT_BLOCK = 128
 #: Index kinds of :class:`NearestNeighbours` (the ``search`` parameter of the kNN detectors).
 SEARCHES = ("flat", "ivf", "hnsw", "auto")
 #: Coreset algorithms (PatchCore's ``coreset`` parameter), see :func:`greedy_coreset`.
@@ -77,13 +77,17 @@ class NearestNeighbours:
             add_preassigned(self.index, prepared, np.ascontiguousarray(row_lists, dtype=np.int64))
         else:
             self.index.add(prepared)
-        # The index holds its own copy of the rows; ours is kept where the upper bounds need it
-        # (exact L2, where it is the caller's array, not a copy) and for ``exact_nearest`` on an
-        # approximate index (40 MB at the default's 65,536 rows).
+        # The index holds its own copy of the rows; ours is kept only where the upper bounds
+        # need it (exact L2, where it is the caller's array, not a copy). A cosine bank's
+        # normalised copy was 40 MB of every predict with the default's 65,536 rows.
         self.bank = prepared if (index == "flat" and metric == "l2") else None
-        self._rows = prepared if index != "flat" else None
-        self._rows_torch: torch.Tensor | None = None  # ``exact_nearest``'s view of them, made on first use
-        self._row_norms: torch.Tensor | None = None
+        # ``exact_nearest`` on an approximate index compares with the rows as given (no copy), by
+        # their squared norms, and for cosine their inverse norms.
+        self._rows = self._row_norms = self._inverse_norms = None
+        if index != "flat":
+            self._rows = torch.from_numpy(np.ascontiguousarray(bank, dtype=np.float32))
+            self._row_norms = (self._rows * self._rows).sum(dim=1)
+            self._inverse_norms = 1.0 / self._row_norms.sqrt().clamp_(min=1e-12)
         self._bounds: _UpperBounds | None = None
         self._bounds_lock = threading.Lock()
 
@@ -215,21 +219,19 @@ class NearestNeighbours:
         """Exact distances (in ``search``'s units) and rows of the nearest bank row of each query,
         whatever the index: a brute-force search over all the bank's rows, by matrix products in
         torch (2-3 times faster than faiss's brute force on 2 cores for tens to a thousand queries
-        against 65,536 rows), a block of queries at a time (a block's products: 64 MB)."""
+        against 65,536 rows), ``EXACT_BLOCK`` queries at a time."""
         if self.kind == "flat":
             return self._index_nearest(queries)
-        if self._rows_torch is None:
-            self._rows_torch = torch.from_numpy(self._rows)
-            self._row_norms = (self._rows_torch * self._rows_torch).sum(dim=1)
         prepared = torch.from_numpy(self._prepare(queries))
         distances, rows = np.empty(len(prepared), np.float32), np.empty(len(prepared), np.int64)
         for start in range(0, len(prepared), EXACT_BLOCK):
             block = prepared[start : start + EXACT_BLOCK]
             if self.metric == "l2":
-                squared, nearest = _centre_terms(block, self._rows_torch, self._row_norms).min(dim=1)
+                squared, nearest = _centre_terms(block, self._rows, self._row_norms).min(dim=1)
                 value = squared.add_((block * block).sum(dim=1)).clamp_(min=0.0).sqrt_()
             else:
-                similarity, nearest = (block @ self._rows_torch.T).max(dim=1)
+                # q·b / |b| for a unit query q: its cosine with b
+                similarity, nearest = (block @ self._rows.T).mul_(self._inverse_norms).max(dim=1)
                 value = 1.0 - similarity
             distances[start : start + len(block)], rows[start : start + len(block)] = value.numpy(), nearest.numpy()
         return distances, rows
