@@ -82,12 +82,13 @@ class NearestNeighbours:
         # normalised copy was 40 MB of every predict with the default's 65,536 rows.
         self.bank = prepared if (index == "flat" and metric == "l2") else None
         # ``exact_nearest`` on an approximate index compares with the rows as given (no copy), by
-        # their squared norms, and for cosine their inverse norms.
+        # their squared norms (L2) or inverse norms (cosine).
         self._rows = self._row_norms = self._inverse_norms = None
         if index != "flat":
             self._rows = torch.from_numpy(np.ascontiguousarray(bank, dtype=np.float32))
             self._row_norms = (self._rows * self._rows).sum(dim=1)
-            self._inverse_norms = 1.0 / self._row_norms.sqrt().clamp_(min=1e-12)
+            if metric == "cosine":
+                self._inverse_norms = 1.0 / self._row_norms.sqrt().clamp_(min=1e-12)
         self._bounds: _UpperBounds | None = None
         self._bounds_lock = threading.Lock()
 

@@ -156,7 +156,8 @@ class PatchKNN(SearchedBank, PatchDetector):
     def feature_scores(self, features: torch.Tensor) -> np.ndarray:
         """The image scores of ``score_feature_batch`` without a patch map: without foreground
         masking, only the patches that may be among the top fraction are searched in full
-        (``largest_nearest``; on an IVF index the others get one list's scan)."""
+        (``largest_nearest``; on an IVF index the others get one list's scan), and on an
+        approximate index the top ones' distances are then made exact (``exact_top``)."""
         if self.foreground:
             return super().feature_scores(features)
         groups = patch_groups(features).numpy()
