@@ -223,8 +223,8 @@ def test_patchknn_folds_share_each_images_greedy_picks_and_the_final_bank_is_unc
     reference = create_detector("patchknn", bank_size=bank_size)
     reference.fit_features(features)
     calls = []
-    k_center = memory._k_center_from  # every greedy run, from the start it was given
-    monkeypatch.setattr(memory, "_k_center_from", lambda *args, **kwargs: calls.append(1) or k_center(*args, **kwargs))
+    k_center = memory._k_center
+    monkeypatch.setattr(memory, "_k_center", lambda *args, **kwargs: calls.append(1) or k_center(*args, **kwargs))
     detector = create_detector("patchknn", bank_size=bank_size).fit_from_features(features)
     assert len(calls) == greedy_runs and len(detector.normal_scores) == 12
     assert torch.equal(detector.bank, reference.bank)

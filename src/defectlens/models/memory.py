@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import threading
-from concurrent.futures import ThreadPoolExecutor
 
 import faiss
 from faiss.contrib.ivf_tools import add_preassigned
@@ -429,12 +428,7 @@ def _k_center(points: torch.Tensor, size: int, generator: torch.Generator, progr
     count = points.shape[0]
     if size >= count:
         return torch.arange(count)
-    return _k_center_from(points, int(torch.randint(count, (1,), generator=generator)), size, progress)
-
-
-def _k_center_from(points: torch.Tensor, first: int, size: int, progress: bool = False) -> torch.Tensor:
-    """``_k_center``'s ``size`` picks (fewer than the points) from the point ``first``."""
-    count = points.shape[0]
+    first = int(torch.randint(count, (1,), generator=generator))
     if count <= IN_CACHE_POINTS:
         return torch.tensor(_plain_k_center(points.numpy(), first, size))
     return _KCenter(points, cells=CELLS).run(first, size, progress)
@@ -492,27 +486,11 @@ def per_image_picks(features: torch.Tensor, picks: int, projection_dim: int = 12
     first ``q`` picks are those ``greedy_coreset``'s per-image stage keeps when it gives the image
     ``q`` (on the same patches flattened, one block per image). A greedy pick depends only on the
     picks before it: fits on subsets of the images (calibration folds) can take their shares
-    from this one computation. An image at a time per thread: no flattened or projected copy of
-    all patches is made (a tiled set's is gigabytes).
-
-    Images whose patches stay in cache are taken by several threads at once: their greedy loop
-    runs on one core (numpy, which lets go of the interpreter lock in its array work), so on 2
-    cores the default's 200 BSData images take about half the time, with the same picks."""
+    from this one computation. One image at a time: no flattened or projected copy of all
+    patches is made (a tiled set's is gigabytes)."""
     generator = torch.Generator().manual_seed(seed)
     projection = _projection(features.shape[1], projection_dim, generator)
-    positions = features.shape[2] * features.shape[3]
-    if picks >= positions:
-        return [torch.arange(positions) for _ in range(features.shape[0])]
-    # The random starts in image order, as image-by-image ``_k_center`` calls draw them.
-    firsts = [int(torch.randint(positions, (1,), generator=generator)) for _ in range(features.shape[0])]
-
-    def picks_of(index: int) -> torch.Tensor:
-        return _k_center_from(_project(features[index].flatten(1).T.contiguous(), projection), firsts[index], picks)
-
-    if positions > IN_CACHE_POINTS:  # each greedy runs its rounds on all threads itself
-        return [picks_of(index) for index in range(features.shape[0])]
-    with ThreadPoolExecutor(configure_threads()) as pool:
-        return list(pool.map(picks_of, range(features.shape[0])))
+    return [_k_center(_project(image.flatten(1).T.contiguous(), projection), picks, generator) for image in features]
 
 
 def _projection(dims: int, projection_dim: int, generator: torch.Generator) -> torch.Tensor | None:
