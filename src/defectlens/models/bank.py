@@ -58,20 +58,23 @@ class SearchedBank:
         if self._sharing and self._shared_partition is None:
             self._shared_partition = self._index.centroids
             if patches is not None and self._index.kind == "ivf":
-                self._patch_lists = np.full(patches[1], -1, dtype=np.int32)
-                self._patch_lists[patches[0].numpy()] = self._index.row_lists
+                self._patch_list_table(patches[1])[patches[0].numpy()] = self._index.row_lists
+
+    def _patch_list_table(self, total: int) -> np.ndarray:
+        """``_patch_lists``, made (all unknown) for ``total`` patches on first use."""
+        if self._patch_lists is None:
+            self._patch_lists = np.full(total, -1, dtype=np.int32)
+        return self._patch_lists
 
     def _lists_of_patches(self, bank: torch.Tensor, numbers: torch.Tensor, total: int) -> np.ndarray:
         """The IVF lists of bank rows that are the fit's patches ``numbers``: known ones looked
         up, the others assigned (by the partition of the fit before) and remembered."""
-        if self._patch_lists is None:
-            self._patch_lists = np.full(total, -1, dtype=np.int32)
-        numbers = numbers.numpy()
-        row_lists = self._patch_lists[numbers].astype(np.int64)
+        table, numbers = self._patch_list_table(total), numbers.numpy()
+        row_lists = table[numbers].astype(np.int64)
         unknown = np.flatnonzero(row_lists < 0)
         if len(unknown):
             row_lists[unknown] = self._index.assign(bank[torch.from_numpy(unknown)].numpy())
-            self._patch_lists[numbers[unknown]] = row_lists[unknown]
+            table[numbers[unknown]] = row_lists[unknown]
         return row_lists
 
     def bank_tensors(self) -> dict[str, torch.Tensor]:
