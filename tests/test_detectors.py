@@ -318,35 +318,6 @@ def test_patchknn_on_ivf_scores_an_image_by_its_top_patches_exact_distances(norm
     np.testing.assert_allclose(earlier.feature_scores(features), approximate, rtol=1e-5)
 
 
-def test_patchknn_with_exact_top_scores_take_half_the_ivf_lists_and_files_keep_theirs(tmp_path):
-    """Where the image scores are exact, the IVF index has 2 sqrt(rows) lists (the general rule:
-    4 sqrt(rows)) and visits 1/64 of them; the image scores are those of the general rule's index;
-    a model file keeps its lists and so its visits, and one without exact top distances keeps the
-    general rule's index. (One fit's indexes share the partition its first held-out fold trains.)"""
-    from defectlens.models.calibration import refit_folds
-    from defectlens.models.memory import NearestNeighbours
-
-    generator = torch.Generator().manual_seed(0)
-    features = torch.randn(150, 8, 16, 16, generator=generator)
-    rows = (150 - len(refit_folds(150, 0)[0])) * 256  # 30,720: neither rule meets rows // 39
-    detector = create_detector("patchknn", search="ivf", bank_size=None).fit_from_features(features)
-    lists = int(2 * rows**0.5)
-    assert (detector._index.index.nlist, detector._index.index.nprobe) == (lists, round(lists / 64))
-    general = NearestNeighbours(detector.bank.numpy(), metric="cosine", index="ivf")
-    assert general.index.nlist == int(4 * len(detector.bank) ** 0.5)
-    queries = torch.randn(3, 8, 16, 16, generator=generator) * 1.5
-    scores = detector.feature_scores(queries)
-    loaded = Detector.load(detector.save(tmp_path / "model.dlmodel"))
-    assert (loaded._index.index.nlist, loaded._index.index.nprobe) == (lists, round(lists / 64))
-    np.testing.assert_allclose(loaded.feature_scores(queries), scores, rtol=1e-5)
-    detector._index = general
-    np.testing.assert_allclose(detector.feature_scores(queries), scores, rtol=1e-5)
-    earlier = create_detector("patchknn", search="ivf", bank_size=None)
-    earlier.exact_top = False
-    earlier.fit_from_features(features)
-    assert (earlier._index.index.nlist, earlier._index.index.nprobe) == (int(4 * rows**0.5), 16)
-
-
 @pytest.mark.parametrize("method", ["patchcore", "patchknn"])
 @pytest.mark.parametrize("search", ["ivf", "hnsw"])
 def test_approximate_search_never_scores_below_the_exact_one_and_keeps_the_defect_on_top(

@@ -54,16 +54,11 @@ class SearchedBank:
             if patches is not None and centroids is not None:
                 row_lists = self._lists_of_patches(bank, *patches)
         self._index = NearestNeighbours(bank.numpy(), metric=self.metric, index=self.search, seed=self.seed,
-                                        centroids=centroids, row_lists=row_lists, **self._ivf_layout(len(bank), centroids))
+                                        centroids=centroids, row_lists=row_lists)
         if self._sharing and self._shared_partition is None:
             self._shared_partition = self._index.centroids
             if patches is not None and self._index.kind == "ivf":
                 self._patch_list_table(patches[1])[patches[0].numpy()] = self._index.row_lists
-
-    def _ivf_layout(self, rows: int, centroids: np.ndarray | None) -> dict:
-        """The IVF index's ``lists`` and ``probes`` for a bank of ``rows`` (or the lists of
-        ``centroids``): by default :class:`NearestNeighbours`' own."""
-        return {}
 
     def _patch_list_table(self, total: int) -> np.ndarray:
         """``_patch_lists``, made (all unknown) for ``total`` patches on first use."""

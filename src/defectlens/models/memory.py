@@ -35,13 +35,13 @@ class NearestNeighbours:
     """k-nearest-neighbour search over a fixed bank with faiss, L2 or cosine.
 
     ``index``: "flat" (exact), "ivf" (inverted lists over a k-means partition of the bank,
-    ``probes`` lists visited per query; ``lists`` of them, by default about 4 sqrt(rows)),
-    "hnsw" (graph search) or "auto": flat below ``APPROXIMATE_FROM_ROWS`` rows, IVF above. The approximate indexes return distances to
+    ``probes`` lists visited per query), "hnsw" (graph search) or "auto": flat below
+    ``APPROXIMATE_FROM_ROWS`` rows, IVF above. The approximate indexes return distances to
     true bank rows, so a distance is never smaller than the exact one, only sometimes larger.
     """
 
     def __init__(self, bank: np.ndarray, metric: str = "l2", index: str = "flat", probes: int = 16, seed: int = 0,
-                 centroids: np.ndarray | None = None, row_lists: np.ndarray | None = None, lists: int | None = None):
+                 centroids: np.ndarray | None = None, row_lists: np.ndarray | None = None):
         if metric not in ("l2", "cosine"):
             raise ValueError(f"metric must be 'l2' or 'cosine', not {metric!r}")
         if index not in SEARCHES:
@@ -60,13 +60,9 @@ class NearestNeighbours:
             self.index = faiss.IndexHNSWFlat(dim, 32, faiss_metric)
             self.index.hnsw.efSearch = 64
         else:
-            # By default about 4 sqrt(rows) lists (faiss's rule of thumb), each trained from at most 256
-            # rows of the bank, unless ``centroids`` (an earlier k-means, see ``centroids``) say where
-            # the lists are.
-            if centroids is not None:
-                lists = len(centroids)
-            elif lists is None:
-                lists = max(1, min(int(4 * rows**0.5), rows // 39))
+            # About sqrt(rows) lists (faiss's rule of thumb), each trained from at most 256 rows of the
+            # bank, unless ``centroids`` (an earlier k-means, see ``centroids``) say where the lists are.
+            lists = max(1, min(int(4 * rows**0.5), rows // 39)) if centroids is None else len(centroids)
             quantizer = faiss.IndexFlatL2(dim) if metric == "l2" else faiss.IndexFlatIP(dim)
             self.index = faiss.IndexIVFFlat(quantizer, dim, lists, faiss_metric)
             if centroids is None:

@@ -13,8 +13,7 @@ averages get their exact distances, found by a brute-force search of those few a
 bank; the index still searches every other patch (the map). The approximate distances of the top
 patches cost the default ensemble on DeepPCB: 0.974 / 0.981 / 0.983 / 0.986 with 8 of 512 / 16 /
 32 / 64 of 1,024 lists visited, 0.988 exact. Model files written before keep their index's
-distances (``exact_top`` in their state is absent). The image scores being exact, the index's
-partition only routes the searches: it has half the usual lists (``_ivf_layout``)."""
+distances (``exact_top`` in their state is absent)."""
 
 from __future__ import annotations
 
@@ -34,8 +33,6 @@ from ..patchcore.model import flatten_patches, patch_groups, patches_at
 
 #: The default image score: the mean of this share of one tile's patches (module doc).
 TILE_TOP_FRACTION = 0.01
-#: With exact top distances an IVF index visits this share of its lists (16 of 1,024 before).
-VISITED_LISTS = 1 / 64
 
 
 def pca_foreground(features: torch.Tensor, axis: torch.Tensor, mean: torch.Tensor) -> torch.Tensor:
@@ -125,21 +122,6 @@ class PatchKNN(SearchedBank, PatchDetector):
             rows = torch.cat([int(image) * positions + self._picks[image][: quota + (rank < extra)]
                               for rank, image in enumerate(keep)])
         self._set_bank(patches_at(features, rows).contiguous(), patches=(rows, features.shape[0] * positions))
-
-    def _ivf_layout(self, rows: int, centroids: np.ndarray | None) -> dict:
-        """Where the image scores are the exact top distances, an IVF index's lists decide no
-        image score, only the map's distances and how much searching finds the top: half the
-        lists of the general rule, 2 sqrt(rows), of which ``VISITED_LISTS`` are visited, the same
-        share of the bank as 16 of 1,024. On the default's 65,536 rows 512 lists, 8 visited
-        (models fitted with 1,024 keep 16): the k-means takes 0.8 s instead of 2.0, the fit on
-        200 BSData images at 256 px about 11 % less. Fewer, longer lists would cost ``predict``:
-        the one-list bound every patch gets scans its list row by row, and in batches of 8
-        images the default's patch kNN scores 96 BSData images in 9.1 ms/img with 256 lists,
-        7.9 with 512, 8.5 with 1,024."""
-        if not self.exact_top or self.foreground:
-            return {}
-        lists = len(centroids) if centroids is not None else max(1, min(int(2 * rows**0.5), rows // 39))
-        return {"lists": lists, "probes": max(1, round(lists * VISITED_LISTS))}
 
     def _fit_foreground(self, features: torch.Tensor) -> None:
         """First principal component of the normal patches, signed so that the image centre
