@@ -39,6 +39,16 @@ PHOTOS = HERE.parent.parent / "shared" / "datasets"
 SHOTS = 4
 
 
+def fewshot_loco_set(work: Path, category: str, loco_seed: int, photos: str):
+    """The generated LOCO set of few-shot runs (trays at 256 px, 16 train, 16 good and 4 of each
+    anomaly type in test), written under ``work`` when missing."""
+    folder = work / f"{category}-{loco_seed}"
+    if not (folder / category).is_dir():
+        generate(folder, kind="loco", seed=loco_seed, categories=[category], photos=photos, size=256,
+                 n_train=16, n_test_good=16, n_test_defect_per_type=4)
+    return load_dataset(folder / category)
+
+
 def standardised(run: dict, robust: bool = False) -> tuple[np.ndarray, np.ndarray]:
     """The two detectors' test scores as z-scores against their own held-out normal scores."""
     out = []
@@ -84,11 +94,7 @@ def collect(args, store: list[dict], save) -> None:
     done = {(r["category"], r["set"], r["seed"]) for r in store if r["member"] == member}
     for category in args.categories.split(","):
         for loco_seed in (int(s) for s in args.loco_seeds.split(",")):
-            folder = Path(args.work) / f"{category}-{loco_seed}"
-            if not (folder / category).is_dir():
-                generate(folder, kind="loco", seed=loco_seed, categories=[category], photos=args.photos, size=256,
-                         n_train=16, n_test_good=16, n_test_defect_per_type=4)
-            dataset = load_dataset(folder / category)
+            dataset = fewshot_loco_set(Path(args.work), category, loco_seed, args.photos)
             images = [read_image(sample.path) for sample in dataset.test]
             groups = ["logical" if s.logical else "structural" if s.label == 1 else "good" for s in dataset.test]
             for seed in range(args.seeds):

@@ -1,0 +1,152 @@
+"""Which logical and structural anomaly types composition finds at few shots, and by which of its
+seven scores: image AUROC per defect type on generated LOCO sets.
+
+    python benchmarks/loco_types.py [--categories assembly,photo_assembly] [--loco-seeds 0,1,2]
+        [--seeds 5] [--shots 4] [--config LABEL=composition:KEY=VALUE,...] [--work DIR] [--out NAME]
+
+Sets: ``defectlens generate --kind loco`` per category and generator seed, trays at 256 px, 16
+train, 16 good and 4 of each anomaly type per test set (the sets of composition_fusion.md and
+loco_fewshot_structural.md; written when missing). A test image's type is the defect of its
+first mask (a misplaced part's, not the missing part its compartment then has), named by the
+mask's pixel value in defects_config.json. For each configuration and shot draw, composition is
+fitted on ``--shots`` good images; each test image gets the detector's score and the seven
+calibrated scores (``score_parts``). Every score's AUROC against the good test images, per type
+and per group, mean over all runs (generator sets × draws). Runs are kept in NAME.json and
+skipped when the script runs again; NAME.md is rewritten from it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+import cv2
+import numpy as np
+from sklearn.metrics import roc_auc_score
+
+from defectlens.data.io import read_image
+from defectlens.engine.fit import training_set
+from defectlens.models import LearningType, create_detector
+from defectlens.models.composition.model import SCORES
+
+from composition_fusion import fewshot_loco_set
+from real_suite import parse_config
+
+HERE = Path(__file__).resolve().parent
+PHOTOS = HERE.parent.parent / "shared" / "datasets"
+DEFAULT_CONFIG = 'views2pooled=composition:size=256,views=2,normalise=pooled'
+
+
+def defect_names(dataset) -> list[str]:
+    """Per test image: "good", or the defect its first mask marks."""
+    by_value = {int(entry["pixel_value"]): entry["defect_name"] for entry in dataset.defects_config}
+    names = []
+    for sample in dataset.test:
+        if sample.label == 0:
+            names.append("good")
+            continue
+        mask = cv2.imread(str(sample.mask_paths[0]), cv2.IMREAD_GRAYSCALE)
+        values = np.unique(mask[mask > 0])
+        if len(values) != 1:
+            raise ValueError(f"{sample.mask_paths[0]}: expected one defect value, found {values.tolist()}")
+        names.append(by_value[int(values[0])])
+    return names
+
+
+def collect(args, configs: list[tuple[str, str, dict]], store: list[dict], save) -> None:
+    done = {(r["config"], r["category"], r["set"], r["seed"]) for r in store}
+    for category in args.categories.split(","):
+        for loco_seed in (int(s) for s in args.loco_seeds.split(",")):
+            dataset = fewshot_loco_set(Path(args.work), category, loco_seed, args.photos)
+            names = defect_names(dataset)
+            logical = [bool(s.logical) for s in dataset.test]
+            images = [read_image(sample.path) for sample in dataset.test]
+            for label, method, params in configs:
+                for seed in range(args.seeds):
+                    if (label, category, loco_seed, seed) in done:
+                        continue
+                    started = time.perf_counter()
+                    shots = training_set(dataset, LearningType.NORMAL, args.shots, seed).images
+                    detector = create_detector(method, **{"seed": seed, **params}).fit(shots)
+                    compositions, _ = detector.compose(images, detector.backbone_network.embed(images))
+                    seven = [detector.score_parts(parts)[0] for parts in compositions]
+                    store.append({"config": label, "params": params, "category": category, "set": loco_seed,
+                                  "seed": seed, "types": names, "logical": logical,
+                                  "score": np.asarray(detector.predict(images, maps=False).scores).tolist(),
+                                  "seven": [{s: float(c[s]) for s in SCORES} for c in seven]})
+                    save()
+                    print(f"{label} {category}-{loco_seed} draw {seed}: {time.perf_counter() - started:.0f} s", flush=True)
+
+
+def auroc(names: np.ndarray, scores: np.ndarray, chosen: np.ndarray) -> float:
+    keep = (names == "good") | chosen
+    return float(roc_auc_score(chosen[keep], scores[keep]))
+
+
+def tables(store: list[dict]) -> str:
+    lines = []
+    for label in sorted({r["config"] for r in store}):
+        for category in sorted({r["category"] for r in store if r["config"] == label}):
+            runs = [r for r in store if r["config"] == label and r["category"] == category]
+            names = np.array(runs[0]["types"])
+            logical = np.array(runs[0]["logical"])
+            types = [t for t in dict.fromkeys(runs[0]["types"]) if t != "good"]
+            types = [t for t in types if logical[names == t].all()] + [t for t in types if not logical[names == t].any()]
+            rows = {"detector": [np.array(r["score"]) for r in runs]}
+            rows.update({s: [np.array([c[s] for c in r["seven"]]) for r in runs] for s in SCORES})
+            lines += [f"## {label} on {category}: {len(runs)} runs ({len({r['set'] for r in runs})} sets × draws), "
+                      f"parameters {json.dumps(runs[0]['params'])}", "",
+                      "| score | logical | structural | " + " | ".join(types) + " |",
+                      "|---|---|---|" + "---|" * len(types)]
+            for score, values in rows.items():
+                cells = []
+                for chosen in (logical, ~logical & (names != "good")):
+                    aurocs = [auroc(names, v, chosen) for v in values]
+                    cells.append(f"{np.mean(aurocs):.3f} ± {np.std(aurocs, ddof=1):.3f}")
+                cells += [f"{np.mean([auroc(names, v, names == t) for v in values]):.2f}" for t in types]
+                lines.append(f"| {score} | " + " | ".join(cells) + " |")
+            lines.append("")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--categories", default="assembly", help="LOCO categories: assembly, photo_assembly")
+    parser.add_argument("--loco-seeds", default="0,1,2")
+    parser.add_argument("--seeds", type=int, default=5, help="shot draws per set")
+    parser.add_argument("--shots", type=int, default=4)
+    parser.add_argument("--config", action="append", default=[], metavar="LABEL=composition:KEY=VALUE,...",
+                        help=f"a composition configuration (repeatable; default {DEFAULT_CONFIG})")
+    parser.add_argument("--photos", default=str(PHOTOS))
+    parser.add_argument("--work", default="/tmp/defectlens-fusion")
+    parser.add_argument("--out", default=str(HERE / "results" / "loco_types"))
+    args = parser.parse_args()
+    configs = []
+    for text in args.config or [DEFAULT_CONFIG]:
+        label, _, spec = text.partition("=")
+        method, params = parse_config(spec)
+        if method != "composition":
+            parser.error(f"--config {text}: the seven scores are composition's")
+        configs.append((label, method, params))
+    out = Path(args.out)
+    store = json.loads(out.with_suffix(".json").read_text()) if out.with_suffix(".json").is_file() else []
+
+    def save() -> None:
+        out.with_suffix(".json").write_text(json.dumps(store))
+
+    collect(args, configs, store, save)
+    text = ("# Composition per anomaly type: the detector's score and its seven calibrated scores\n\n"
+            f"`python benchmarks/loco_types.py --categories {args.categories} --loco-seeds {args.loco_seeds} "
+            f"--seeds {args.seeds} --shots {args.shots}" + "".join(f" --config '{c}'" for c in args.config)
+            + f"`, {time.strftime('%Y-%m-%d')}. Generated LOCO trays at 256 px, {args.shots} shots, 16 good and 4 of "
+            "each anomaly type per test set. Image AUROC against the good test images: per group mean ± std over "
+            "runs, per type the mean over runs (4 images of a type per run: read the columns as coarse).\n\n"
+            + tables(store))
+    out.with_suffix(".md").write_text(text)
+    print(text)
+
+
+if __name__ == "__main__":
+    main()
