@@ -90,22 +90,25 @@ def tables(store: list[dict]) -> str:
     for label in sorted({r["config"] for r in store}):
         for category in sorted({r["category"] for r in store if r["config"] == label}):
             runs = [r for r in store if r["config"] == label and r["category"] == category]
-            names = np.array(runs[0]["types"])
-            logical = np.array(runs[0]["logical"])
-            types = [t for t in dict.fromkeys(runs[0]["types"]) if t != "good"]
-            types = [t for t in types if logical[names == t].all()] + [t for t in types if not logical[names == t].any()]
-            rows = {"detector": [np.array(r["score"]) for r in runs]}
-            rows.update({s: [np.array([c[s] for c in r["seven"]]) for r in runs] for s in SCORES})
+            logical_types = dict.fromkeys(t for r in runs for t, flag in zip(r["types"], r["logical"]) if flag)
+            structural_types = dict.fromkeys(t for r in runs for t, flag in zip(r["types"], r["logical"])
+                                             if not flag and t != "good")
+            types = [*logical_types, *structural_types]
             lines += [f"## {label} on {category}: {len(runs)} runs ({len({r['set'] for r in runs})} sets × draws), "
                       f"parameters {json.dumps(runs[0]['params'])}", "",
                       "| score | logical | structural | " + " | ".join(types) + " |",
                       "|---|---|---|" + "---|" * len(types)]
-            for score, values in rows.items():
+            for score in ("detector", *SCORES):
+                per_run = []  # (names, scores) of each run: every generator set has its own test images
+                for r in runs:
+                    values = r["score"] if score == "detector" else [c[score] for c in r["seven"]]
+                    per_run.append((np.array(r["types"]), np.array(r["logical"]), np.array(values)))
                 cells = []
-                for chosen in (logical, ~logical & (names != "good")):
-                    aurocs = [auroc(names, v, chosen) for v in values]
+                for group in ("logical", "structural"):
+                    aurocs = [auroc(names, values, flags if group == "logical" else ~flags & (names != "good"))
+                              for names, flags, values in per_run]
                     cells.append(f"{np.mean(aurocs):.3f} ± {np.std(aurocs, ddof=1):.3f}")
-                cells += [f"{np.mean([auroc(names, v, names == t) for v in values]):.2f}" for t in types]
+                cells += [f"{np.mean([auroc(names, values, names == t) for names, _, values in per_run]):.2f}" for t in types]
                 lines.append(f"| {score} | " + " | ".join(cells) + " |")
             lines.append("")
     return "\n".join(lines)
