@@ -39,6 +39,15 @@ PHOTOS = HERE.parent.parent / "shared" / "datasets"
 SHOTS = 4
 
 
+def loco_set_arguments(parser: argparse.ArgumentParser) -> None:
+    """The options naming the few-shot LOCO sets (``fewshot_loco_set``) and the shot draws."""
+    parser.add_argument("--categories", default="assembly", help="LOCO categories: assembly, photo_assembly")
+    parser.add_argument("--loco-seeds", default="0,1,2")
+    parser.add_argument("--seeds", type=int, default=5, help="shot draws per set")
+    parser.add_argument("--photos", default=str(PHOTOS))
+    parser.add_argument("--work", default="/tmp/defectlens-fusion")
+
+
 def fewshot_loco_set(work: Path, category: str, loco_seed: int, photos: str):
     """The generated LOCO set of few-shot runs (trays at 256 px, 16 train, 16 good and 4 of each
     anomaly type in test), written under ``work`` when missing."""
@@ -144,12 +153,8 @@ def tables(store: list[dict], member: dict) -> str:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--categories", default="assembly", help="LOCO categories: assembly, photo_assembly")
-    parser.add_argument("--loco-seeds", default="0,1,2")
-    parser.add_argument("--seeds", type=int, default=5, help="shot draws per set")
+    loco_set_arguments(parser)
     parser.add_argument("--member", default='{"size": 512, "top_fraction": 0.003}', help="structural_params (JSON)")
-    parser.add_argument("--photos", default=str(PHOTOS))
-    parser.add_argument("--work", default="/tmp/defectlens-fusion")
     parser.add_argument("--out", default=str(HERE / "results" / "composition_fusion"))
     args = parser.parse_args()
     out = Path(args.out)

@@ -31,11 +31,10 @@ from defectlens.engine.fit import training_set
 from defectlens.models import LearningType, create_detector
 from defectlens.models.composition.model import SCORES
 
-from composition_fusion import fewshot_loco_set
+from composition_fusion import fewshot_loco_set, loco_set_arguments
 from real_suite import parse_config
 
 HERE = Path(__file__).resolve().parent
-PHOTOS = HERE.parent.parent / "shared" / "datasets"
 DEFAULT_CONFIG = 'views2pooled=composition:size=256,views=2,normalise=pooled'
 
 
@@ -116,14 +115,10 @@ def tables(store: list[dict]) -> str:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--categories", default="assembly", help="LOCO categories: assembly, photo_assembly")
-    parser.add_argument("--loco-seeds", default="0,1,2")
-    parser.add_argument("--seeds", type=int, default=5, help="shot draws per set")
+    loco_set_arguments(parser)
     parser.add_argument("--shots", type=int, default=4)
     parser.add_argument("--config", action="append", default=[], metavar="LABEL=composition:KEY=VALUE,...",
                         help=f"a composition configuration (repeatable; default {DEFAULT_CONFIG})")
-    parser.add_argument("--photos", default=str(PHOTOS))
-    parser.add_argument("--work", default="/tmp/defectlens-fusion")
     parser.add_argument("--out", default=str(HERE / "results" / "loco_types"))
     args = parser.parse_args()
     configs = []
