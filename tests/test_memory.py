@@ -1,5 +1,6 @@
 """Memory-bank building blocks at scale: batched greedy k-center and approximate faiss search."""
 
+import faiss
 import numpy as np
 import pytest
 import torch
@@ -258,7 +259,8 @@ def test_largest_nearest_exact_on_ivf_is_the_top_of_a_brute_force_search_for_few
     assert not np.allclose(full_search_top(index, groups, 5)[0], expected[0], rtol=1e-5)  # the index alone errs
     brute = []
     real_exact = NearestNeighbours.exact_nearest
-    monkeypatch.setattr(NearestNeighbours, "exact_nearest", lambda self, q: brute.append(len(q)) or real_exact(self, q))
+    monkeypatch.setattr(NearestNeighbours, "exact_nearest",
+                        lambda self, q, within: brute.append(len(q)) or real_exact(self, q, within))
     bounds = approximate.reshape(4, 100) if given_bounds else None
     top, columns, nearest = index.largest_nearest(groups, 5, bounds=bounds, exact=True)
     np.testing.assert_allclose(top, expected[0], rtol=1e-5, atol=1e-6)
@@ -281,3 +283,27 @@ def test_largest_nearest_with_ties_and_exact_matches_searches_what_it_must():
         np.testing.assert_allclose(top[1], expected[0][1, 0], rtol=1e-4)
         assert set(nearest[1].tolist()) == {expected[2][1, 0]}
         assert len(set(columns[1].tolist())) == count
+
+
+@pytest.mark.parametrize("metric", ["l2", "cosine"])
+@pytest.mark.parametrize("kind", ["ivf", "hnsw"])
+def test_exact_nearest_within_the_index_distance_is_the_flat_search(metric, kind):
+    """Given each query's distance from the index (its nearest row is within it), ``exact_nearest``
+    finds what a flat index finds: also for queries that are bank rows (distance 0, where the
+    rounding is largest relative to the distance) and far ones. On IVF it scans only the lists
+    whose ball reaches that near, a fraction of the bank for the queries an image score takes."""
+    rng = np.random.default_rng(4)
+    bank, queries = clustered_bank(4000, seed=4)
+    queries = np.concatenate([queries, bank[:20], rng.normal(size=(5, 32)).astype(np.float32) * 10])
+    index = NearestNeighbours(bank, metric=metric, index=kind, probes=2)
+    within = index.search(queries)[0][:, 0]
+    expected, expected_rows = (array[:, 0] for array in NearestNeighbours(bank, metric=metric).search(queries))
+    if kind == "ivf":
+        assert not np.allclose(within, expected, rtol=1e-5)  # the index alone errs
+    faiss.cvar.indexIVF_stats.reset()
+    distances, rows = index.exact_nearest(queries, within)
+    # HNSW's brute force expands |q - b|^2 = |q|^2 + |b|^2 - 2 q.b: ~0.01 where it is 0 (|rows| ~ 17)
+    np.testing.assert_allclose(distances, expected, rtol=1e-5, atol=0.02 if (kind, metric) == ("hnsw", "l2") else 1e-6)
+    assert rows.tolist() == expected_rows.tolist()
+    if kind == "ivf":
+        assert faiss.cvar.indexIVF_stats.ndis < len(queries) * len(bank) / 4

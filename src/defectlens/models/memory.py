@@ -80,10 +80,15 @@ class NearestNeighbours:
         # need it (exact L2, where it is the caller's array, not a copy). A cosine bank's
         # normalised copy was 40 MB of every predict with the default's 65,536 rows.
         self.bank = prepared if (index == "flat" and metric == "l2") else None
-        # ``exact_nearest`` on an approximate index compares with the rows as given (no copy), by
-        # their squared norms (L2) or inverse norms (cosine).
+        # ``exact_nearest`` scans the IVF lists a nearer row could lie in, which needs each list's
+        # ball (centre and radius); on HNSW it compares with the rows as given (no copy), by their
+        # squared norms (L2) or inverse norms (cosine).
+        self._list_centres = self._list_radii = None
         self._rows = self._row_norms = self._inverse_norms = None
-        if index != "flat":
+        if index == "ivf":
+            self._list_centres, self._list_radii = _list_balls(
+                prepared, self.centroids, self.row_lists if row_lists is None else np.asarray(row_lists))
+        elif index == "hnsw":
             self._rows = torch.from_numpy(np.ascontiguousarray(bank, dtype=np.float32))
             self._row_norms = (self._rows * self._rows).sum(dim=1)
             if metric == "cosine":
@@ -185,7 +190,6 @@ class NearestNeighbours:
                 upper: np.ndarray | None, final: int, width: int, growth: int) -> None:
         """One phase of ``largest_nearest``: rounds until every group's ``count`` largest
         distances at level ``final`` are known, updating ``level``, ``found`` and ``nearest``."""
-        steps = (self._index_nearest, self.exact_nearest)
         per_group = groups.shape[1]
         todo = np.arange(groups.shape[0])
         while len(todo):
@@ -204,26 +208,39 @@ class NearestNeighbours:
             owners, picks = owners[taken], picks[taken]
             from_level = level[owners, picks]  # each query goes one level down per round
             for step in range(final):
-                chosen = from_level == step
-                if chosen.any():
-                    distances, rows = steps[step](groups[owners[chosen], picks[chosen]])
-                    found[owners[chosen], picks[chosen]] = distances
-                    nearest[owners[chosen], picks[chosen]] = rows
-                    level[owners[chosen], picks[chosen]] = step + 1
+                chosen = owners[from_level == step], picks[from_level == step]
+                if len(chosen[0]):
+                    queries = groups[chosen]
+                    # an exact search starts from the index's distance, which the nearest row is within
+                    distances, rows = self._index_nearest(queries) if step == 0 else self.exact_nearest(queries, found[chosen])
+                    found[chosen], nearest[chosen], level[chosen] = distances, rows, step + 1
             width *= growth
 
     def _index_nearest(self, queries: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         distances, rows = self.search(queries, k=1)
         return distances[:, 0], rows[:, 0]
 
-    def exact_nearest(self, queries: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    def exact_nearest(self, queries: np.ndarray, within: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """Exact distances (in ``search``'s units) and rows of the nearest bank row of each query,
-        whatever the index: a brute-force search over all the bank's rows, by matrix products in
-        torch (2-3 times faster than faiss's brute force on 2 cores for tens to a thousand queries
-        against 65,536 rows), ``EXACT_BLOCK`` queries at a time."""
+        whatever the index, given ``within``: for each query a distance its nearest row is not
+        beyond (the index's own distance of it is one).
+
+        - IVF: only the lists a row that near could lie in are scanned: list L is skipped when
+          |q - c_L| - r_L > within, c_L its centre and r_L its rows' largest distance from it
+          (triangle inequality). For the most distant patches of BSData images (what an image
+          score takes) that left about 97 of the default's 1,024 lists (10 % of its rows): 1.7
+          times faster than the brute force over all rows it replaced (faiss scans a list row by
+          row, the brute force was one matrix product);
+        - HNSW (no lists): a brute-force search over all rows, by matrix products in torch (2-3
+          times faster than faiss's brute force on 2 cores for tens to a thousand queries against
+          65,536 rows), ``EXACT_BLOCK`` queries at a time;
+        - flat: its own search."""
         if self.kind == "flat":
             return self._index_nearest(queries)
-        prepared = torch.from_numpy(self._prepare(queries))
+        prepared = self._prepare(queries)
+        if self.kind == "ivf":
+            return self._pruned_lists_nearest(prepared, np.asarray(within, dtype=np.float64))
+        prepared = torch.from_numpy(prepared)
         distances, rows = np.empty(len(prepared), np.float32), np.empty(len(prepared), np.int64)
         for start in range(0, len(prepared), EXACT_BLOCK):
             block = prepared[start : start + EXACT_BLOCK]
@@ -235,6 +252,40 @@ class NearestNeighbours:
                 similarity, nearest = (block @ self._rows.T).mul_(self._inverse_norms).max(dim=1)
                 value = 1.0 - similarity
             distances[start : start + len(block)], rows[start : start + len(block)] = value.numpy(), nearest.numpy()
+        return distances, rows
+
+    def _pruned_lists_nearest(self, prepared: np.ndarray, within: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """``exact_nearest`` on IVF: each query's nearest row in the lists whose ball reaches
+        within ``within`` of it, by one faiss search over those lists (``EXACT_BLOCK`` queries at
+        a time, each block's queries given as many lists as the one that needs most, the rest
+        padded with -1, which faiss skips)."""
+        # Euclidean reach in the index's space (cosine: unit vectors, |q - b|^2 = 2 (1 - cos)), with
+        # room for the float32 rounding of the index's distance and of the unit vectors.
+        if self.metric == "cosine":
+            reach = np.sqrt(2.0 * np.maximum(within, 0.0) + 4e-6) * (1 + 1e-4)
+        else:
+            reach = within * (1 + 1e-4) + 1e-6
+        # torch, not numpy, for the products: OpenBLAS's threads spin after a call and took the
+        # cores from faiss's next searches (the bound searches of a predict ran 2.2 times longer)
+        centres, radii = self._list_centres, self._list_radii
+        centre_norms = (centres * centres).sum(dim=1)
+        distances, rows = np.empty(len(prepared), np.float32), np.empty(len(prepared), np.int64)
+        for start in range(0, len(prepared), EXACT_BLOCK):
+            block = torch.from_numpy(prepared[start : start + EXACT_BLOCK]).double()
+            centre_distances = _centre_terms(block, centres, centre_norms).add_((block * block).sum(dim=1, keepdim=True))
+            centre_distances = centre_distances.clamp_(min=0.0).sqrt_().sub_(radii).numpy()
+            reaching = centre_distances <= reach[start : start + len(block), None]
+            width = max(1, int(reaching.sum(axis=1).max()))
+            lists = np.argsort(~reaching, axis=1, kind="stable")[:, :width]  # the reaching lists first
+            lists = np.ascontiguousarray(np.where(np.take_along_axis(reaching, lists, 1), lists, -1), dtype=np.int64)
+            queries = np.ascontiguousarray(prepared[start : start + len(block)])
+            found, nearest = np.empty((len(queries), 1), np.float32), np.empty((len(queries), 1), np.int64)
+            # the low-level call: faiss's Python wrapper takes no per-search number of lists
+            self.index.search_preassigned_c(len(queries), faiss.swig_ptr(queries), 1, faiss.swig_ptr(lists),
+                                            faiss.swig_ptr(np.zeros(lists.shape, np.float32)), faiss.swig_ptr(found),
+                                            faiss.swig_ptr(nearest), False, faiss.SearchParametersIVF(nprobe=width), None)
+            found = np.sqrt(np.maximum(found[:, 0], 0.0)) if self.metric == "l2" else 1.0 - found[:, 0]
+            distances[start : start + len(queries)], rows[start : start + len(queries)] = found, nearest[:, 0]
         return distances, rows
 
     def _distance_bounds(self, queries: np.ndarray) -> np.ndarray | None:
@@ -286,6 +337,21 @@ class _UpperBounds:
         _, rows = self.index.search(np.ascontiguousarray(queries @ self.basis), 1)
         difference = queries - bank[rows[:, 0]]
         return (difference * difference).sum(axis=1, dtype=np.float64)
+
+
+def _list_balls(rows: np.ndarray, centres: np.ndarray, row_lists: np.ndarray,
+                chunk: int = 8192) -> tuple[torch.Tensor, torch.Tensor]:
+    """(centres, radii) in float64: each IVF list's centre and the largest distance of its rows
+    (``rows`` as the index holds them) from it, 0 for an empty list. Computed ``chunk`` rows at
+    a time: a float64 copy of the default's 65,536 rows would be 80 MB of every predict."""
+    centres = torch.from_numpy(np.asarray(centres)).double()
+    row_lists = torch.from_numpy(np.asarray(row_lists, dtype=np.int64))
+    radii = torch.zeros(len(centres), dtype=torch.float64)
+    for start in range(0, len(rows), chunk):
+        lists = row_lists[start : start + chunk]
+        difference = torch.from_numpy(rows[start : start + chunk]).double() - centres[lists]
+        radii.scatter_reduce_(0, lists, difference.norm(dim=1), reduce="amax")
+    return centres, radii
 
 
 def _top_of_groups(distances: np.ndarray, nearest: np.ndarray, valid: np.ndarray, count: int):
