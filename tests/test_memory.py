@@ -286,12 +286,17 @@ def test_largest_nearest_with_ties_and_exact_matches_searches_what_it_must():
 
 
 @pytest.mark.parametrize("metric", ["l2", "cosine"])
-@pytest.mark.parametrize("kind", ["ivf", "hnsw"])
-def test_exact_nearest_within_the_index_distance_is_the_flat_search(metric, kind):
+@pytest.mark.parametrize("kind, lists_up_to", [("ivf", 1.01), ("ivf", 0.0), ("hnsw", None)])
+def test_exact_nearest_within_the_index_distance_is_the_flat_search(metric, kind, lists_up_to, monkeypatch):
     """Given each query's distance from the index (its nearest row is within it), ``exact_nearest``
-    finds what a flat index finds: also for queries that are bank rows (distance 0, where the
-    rounding is largest relative to the distance) and far ones. On IVF it scans only the lists
-    whose ball reaches that near, a fraction of the bank for the queries an image score takes."""
+    finds what a flat index finds, whether the queries are searched in the IVF lists whose ball
+    reaches that near (where they hold less than ``lists_up_to`` of the rows) or in all rows:
+    also for queries that are bank rows (distance 0, where the rounding is largest relative to
+    the distance) and far ones. Searched in lists, the queries scan a fraction of the bank."""
+    from defectlens.models import memory
+
+    if lists_up_to is not None:
+        monkeypatch.setattr(memory, "SCANNED_SHARE_MAX", lists_up_to)
     rng = np.random.default_rng(4)
     bank, queries = clustered_bank(4000, seed=4)
     queries = np.concatenate([queries, bank[:20], rng.normal(size=(5, 32)).astype(np.float32) * 10])
@@ -302,8 +307,11 @@ def test_exact_nearest_within_the_index_distance_is_the_flat_search(metric, kind
         assert not np.allclose(within, expected, rtol=1e-5)  # the index alone errs
     faiss.cvar.indexIVF_stats.reset()
     distances, rows = index.exact_nearest(queries, within)
-    # HNSW's brute force expands |q - b|^2 = |q|^2 + |b|^2 - 2 q.b: ~0.01 where it is 0 (|rows| ~ 17)
-    np.testing.assert_allclose(distances, expected, rtol=1e-5, atol=0.02 if (kind, metric) == ("hnsw", "l2") else 1e-6)
+    # The brute force expands |q - b|^2 = |q|^2 + |b|^2 - 2 q.b: ~0.01 where it is 0 (|rows| ~ 17)
+    np.testing.assert_allclose(distances, expected, rtol=1e-5, atol=0.02 if metric == "l2" else 1e-6)
     assert rows.tolist() == expected_rows.tolist()
-    if kind == "ivf":
-        assert faiss.cvar.indexIVF_stats.ndis < len(queries) * len(bank) / 4
+    scanned = faiss.cvar.indexIVF_stats.ndis / (len(queries) * len(bank))
+    if lists_up_to == 1.01:
+        assert 0 < scanned < 1 / 4
+    else:
+        assert scanned == 0

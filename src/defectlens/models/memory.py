@@ -21,6 +21,15 @@ APPROXIMATE_FROM_ROWS = 65536
 EXACT_BLOCK = 128
 #: Index kinds of :class:`NearestNeighbours` (the ``search`` parameter of the kNN detectors).
 SEARCHES = ("flat", "ivf", "hnsw", "auto")
+#: ``NearestNeighbours.exact_nearest`` on IVF searches a block of queries in the lists that could
+#: hold their nearest rows when those hold less than this share of the bank on average, else over
+#: all rows: faiss scans a list row by row, about 5.5 times the cost per row of the brute force's
+#: matrix product on 2 cores (the default's 65,536 rows). A block's queries go one way: a brute
+#: force over a few queries costs nearly what it costs over a block (it streams the whole bank).
+#: On BSData's most distant patches the lists are 3-11 % of the bank at 256 px squashed (10 per
+#: image: 0.9 ms/img in lists, 2.5 by brute force), 65-90 % in 18 tiles (whose bank keeps each
+#: tile's most distinct patches; 60 ms/img in lists, 9-11 by brute force).
+SCANNED_SHARE_MAX = 1 / 6
 #: Coreset algorithms (PatchCore's ``coreset`` parameter), see :func:`greedy_coreset`.
 CORESETS = ("pooled", "exact")
 #: Up to this many points (8 MB at 128 dims) a pass over all of them stays in cache, so the
@@ -81,14 +90,15 @@ class NearestNeighbours:
         # normalised copy was 40 MB of every predict with the default's 65,536 rows.
         self.bank = prepared if (index == "flat" and metric == "l2") else None
         # ``exact_nearest`` scans the IVF lists a nearer row could lie in, which needs each list's
-        # ball (centre and radius); on HNSW it compares with the rows as given (no copy), by their
-        # squared norms (L2) or inverse norms (cosine).
-        self._list_centres = self._list_radii = None
+        # ball (centre and radius) and size; else it compares with the rows as given (no copy), by
+        # their squared norms (L2) or inverse norms (cosine).
+        self._list_centres = self._list_radii = self._list_sizes = None
         self._rows = self._row_norms = self._inverse_norms = None
         if index == "ivf":
-            self._list_centres, self._list_radii = _list_balls(
-                prepared, self.centroids, self.row_lists if row_lists is None else np.asarray(row_lists))
-        elif index == "hnsw":
+            row_lists = self.row_lists if row_lists is None else np.asarray(row_lists)
+            self._list_centres, self._list_radii = _list_balls(prepared, self.centroids, row_lists)
+            self._list_sizes = np.bincount(row_lists, minlength=self.index.nlist).astype(np.float64)
+        if index != "flat":
             self._rows = torch.from_numpy(np.ascontiguousarray(bank, dtype=np.float32))
             self._row_norms = (self._rows * self._rows).sum(dim=1)
             if metric == "cosine":
@@ -225,12 +235,8 @@ class NearestNeighbours:
         whatever the index, given ``within``: for each query a distance its nearest row is not
         beyond (the index's own distance of it is one).
 
-        - IVF: only the lists a row that near could lie in are scanned: list L is skipped when
-          |q - c_L| - r_L > within, c_L its centre and r_L its rows' largest distance from it
-          (triangle inequality). For the most distant patches of BSData images (what an image
-          score takes) that left about 97 of the default's 1,024 lists (10 % of its rows): 1.7
-          times faster than the brute force over all rows it replaced (faiss scans a list row by
-          row, the brute force was one matrix product);
+        - IVF: queries whose nearest rows can only lie in a few lists are searched in those
+          lists alone (``_search_reaching_lists``); the others as on HNSW;
         - HNSW (no lists): a brute-force search over all rows, by matrix products in torch (2-3
           times faster than faiss's brute force on 2 cores for tens to a thousand queries against
           65,536 rows), ``EXACT_BLOCK`` queries at a time;
@@ -238,12 +244,13 @@ class NearestNeighbours:
         if self.kind == "flat":
             return self._index_nearest(queries)
         prepared = self._prepare(queries)
-        if self.kind == "ivf":
-            return self._pruned_lists_nearest(prepared, np.asarray(within, dtype=np.float64))
-        prepared = torch.from_numpy(prepared)
         distances, rows = np.empty(len(prepared), np.float32), np.empty(len(prepared), np.int64)
-        for start in range(0, len(prepared), EXACT_BLOCK):
-            block = prepared[start : start + EXACT_BLOCK]
+        wide = np.arange(len(prepared))
+        if self.kind == "ivf":
+            wide = self._search_reaching_lists(prepared, np.asarray(within, dtype=np.float64), distances, rows)
+        for start in range(0, len(wide), EXACT_BLOCK):
+            taken = wide[start : start + EXACT_BLOCK]
+            block = torch.from_numpy(prepared[taken])
             if self.metric == "l2":
                 squared, nearest = _centre_terms(block, self._rows, self._row_norms).min(dim=1)
                 value = squared.add_((block * block).sum(dim=1)).clamp_(min=0.0).sqrt_()
@@ -251,14 +258,19 @@ class NearestNeighbours:
                 # q·b / |b| for a unit query q: its cosine with b
                 similarity, nearest = (block @ self._rows.T).mul_(self._inverse_norms).max(dim=1)
                 value = 1.0 - similarity
-            distances[start : start + len(block)], rows[start : start + len(block)] = value.numpy(), nearest.numpy()
+            distances[taken], rows[taken] = value.numpy(), nearest.numpy()
         return distances, rows
 
-    def _pruned_lists_nearest(self, prepared: np.ndarray, within: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """``exact_nearest`` on IVF: each query's nearest row in the lists whose ball reaches
-        within ``within`` of it, by one faiss search over those lists (``EXACT_BLOCK`` queries at
-        a time, each block's queries given as many lists as the one that needs most, the rest
-        padded with -1, which faiss skips)."""
+    def _search_reaching_lists(self, prepared: np.ndarray, within: np.ndarray, distances: np.ndarray,
+                               rows: np.ndarray) -> np.ndarray:
+        """The IVF part of ``exact_nearest``: the lists a row within ``within`` of a query could
+        lie in are those whose ball reaches that near (list L is out when |q - c_L| - r_L >
+        within, c_L its centre and r_L its rows' largest distance from it: triangle inequality).
+        ``EXACT_BLOCK`` queries at a time: where their lists hold less than ``SCANNED_SHARE_MAX``
+        of the rows on average, each query's nearest row in its lists is searched by faiss (each
+        given as many lists as the one of the block that needs most, padded with -1, which faiss
+        skips) into ``distances`` and ``rows``; the indices of the other blocks' queries are
+        returned."""
         # Euclidean reach in the index's space (cosine: unit vectors, |q - b|^2 = 2 (1 - cos)), with
         # room for the float32 rounding of the index's distance and of the unit vectors.
         if self.metric == "cosine":
@@ -267,26 +279,30 @@ class NearestNeighbours:
             reach = within * (1 + 1e-4) + 1e-6
         # torch, not numpy, for the products: OpenBLAS's threads spin after a call and took the
         # cores from faiss's next searches (the bound searches of a predict ran 2.2 times longer)
-        centres, radii = self._list_centres, self._list_radii
+        centres, radii, sizes = self._list_centres, self._list_radii, self._list_sizes
         centre_norms = (centres * centres).sum(dim=1)
-        distances, rows = np.empty(len(prepared), np.float32), np.empty(len(prepared), np.int64)
+        wide = []
         for start in range(0, len(prepared), EXACT_BLOCK):
             block = torch.from_numpy(prepared[start : start + EXACT_BLOCK]).double()
             centre_distances = _centre_terms(block, centres, centre_norms).add_((block * block).sum(dim=1, keepdim=True))
             centre_distances = centre_distances.clamp_(min=0.0).sqrt_().sub_(radii).numpy()
             reaching = centre_distances <= reach[start : start + len(block), None]
+            taken = np.arange(start, start + len(block))
+            if np.where(reaching, sizes, 0.0).sum() >= SCANNED_SHARE_MAX * sizes.sum() * len(block):  # no BLAS call (above)
+                wide.append(taken)
+                continue
             width = max(1, int(reaching.sum(axis=1).max()))
             lists = np.argsort(~reaching, axis=1, kind="stable")[:, :width]  # the reaching lists first
             lists = np.ascontiguousarray(np.where(np.take_along_axis(reaching, lists, 1), lists, -1), dtype=np.int64)
-            queries = np.ascontiguousarray(prepared[start : start + len(block)])
+            queries = np.ascontiguousarray(prepared[taken])
             found, nearest = np.empty((len(queries), 1), np.float32), np.empty((len(queries), 1), np.int64)
             # the low-level call: faiss's Python wrapper takes no per-search number of lists
             self.index.search_preassigned_c(len(queries), faiss.swig_ptr(queries), 1, faiss.swig_ptr(lists),
                                             faiss.swig_ptr(np.zeros(lists.shape, np.float32)), faiss.swig_ptr(found),
                                             faiss.swig_ptr(nearest), False, faiss.SearchParametersIVF(nprobe=width), None)
-            found = np.sqrt(np.maximum(found[:, 0], 0.0)) if self.metric == "l2" else 1.0 - found[:, 0]
-            distances[start : start + len(queries)], rows[start : start + len(queries)] = found, nearest[:, 0]
-        return distances, rows
+            distances[taken] = np.sqrt(np.maximum(found[:, 0], 0.0)) if self.metric == "l2" else 1.0 - found[:, 0]
+            rows[taken] = nearest[:, 0]
+        return np.concatenate(wide) if wide else np.zeros(0, np.int64)
 
     def _distance_bounds(self, queries: np.ndarray) -> np.ndarray | None:
         """For each query, a distance its ``search`` cannot exceed, in ``search``'s units, for
