@@ -14,8 +14,10 @@ from .backbones import open_exported
 from .export import SPEC_FILE, NotExportableError, check_exportable, export_backbone, read_spec
 
 RUNTIMES = ("auto", "torch", "onnx", "openvino")
-# Fastest first (benchmarks/results/runtime_speed.md): "auto" takes the first one installed.
-PREFERENCE = ("openvino", "onnx")
+# Fastest first: "auto" takes the first one installed. The default's whole predict process on
+# BSData (benchmarks/results/speed.md, speed_tiles.md, 2026-12-01): ONNX Runtime 21.6 / 256.8
+# ms/img at 256 px / in 18 tiles, OpenVINO 23.6 / 273.4; with maps level; lower peak memory.
+PREFERENCE = ("onnx", "openvino")
 MODULES = {"onnx": "onnxruntime", "openvino": "openvino"}
 
 
