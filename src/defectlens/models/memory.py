@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import threading
+from typing import NamedTuple
 
 import faiss
 from faiss.contrib.ivf_tools import add_preassigned
@@ -89,22 +90,18 @@ class NearestNeighbours:
         # need it (exact L2, where it is the caller's array, not a copy). A cosine bank's
         # normalised copy was 40 MB of every predict with the default's 65,536 rows.
         self.bank = prepared if (index == "flat" and metric == "l2") else None
-        # ``exact_nearest`` scans the IVF lists a nearer row could lie in, which needs each list's
-        # ball (centre and radius) and size; else it compares with the rows as given (no copy), by
-        # their squared norms (L2) or inverse norms (cosine).
-        self._list_centres = self._list_radii = self._list_sizes = None
+        # ``exact_nearest`` on an approximate index compares with the rows as given (no copy), by
+        # their squared norms (L2) or inverse norms (cosine), or on IVF scans the lists a nearer row
+        # could lie in, by their balls (``_list_balls``, built from the same rows on first use).
         self._rows = self._row_norms = self._inverse_norms = None
-        if index == "ivf":
-            row_lists = self.row_lists if row_lists is None else np.asarray(row_lists)
-            self._list_centres, self._list_radii = _list_balls(prepared, self.centroids, row_lists)
-            self._list_sizes = np.bincount(row_lists, minlength=self.index.nlist).astype(np.float64)
         if index != "flat":
             self._rows = torch.from_numpy(np.ascontiguousarray(bank, dtype=np.float32))
             self._row_norms = (self._rows * self._rows).sum(dim=1)
             if metric == "cosine":
                 self._inverse_norms = 1.0 / self._row_norms.sqrt().clamp_(min=1e-12)
         self._bounds: _UpperBounds | None = None
-        self._bounds_lock = threading.Lock()
+        self._balls: _ListBalls | None = None
+        self._lazy_lock = threading.Lock()  # what is built on first use is built once, whatever the threads
 
     @property
     def row_lists(self) -> np.ndarray | None:
@@ -279,8 +276,7 @@ class NearestNeighbours:
             reach = within * (1 + 1e-4) + 1e-6
         # torch, not numpy, for the products: OpenBLAS's threads spin after a call and took the
         # cores from faiss's next searches (the bound searches of a predict ran 2.2 times longer)
-        centres, radii, sizes = self._list_centres, self._list_radii, self._list_sizes
-        centre_norms = (centres * centres).sum(dim=1)
+        centres, centre_norms, radii, sizes = self._list_balls()
         wide = []
         for start in range(0, len(prepared), EXACT_BLOCK):
             block = torch.from_numpy(prepared[start : start + EXACT_BLOCK]).double()
@@ -325,10 +321,18 @@ class NearestNeighbours:
         return np.sqrt(bounds.squared(queries, self.bank) + slack)
 
     def _upper_bounds(self) -> _UpperBounds:
-        with self._bounds_lock:  # built on first use, once, even with several predicting threads
+        with self._lazy_lock:
             if self._bounds is None:
                 self._bounds = _UpperBounds(self.bank)
             return self._bounds
+
+    def _list_balls(self) -> _ListBalls:
+        """The IVF lists' balls, built on first use: 20-40 ms for the default's 65,536 rows, which
+        an index never searched exactly (PatchCore's) would pay at every build."""
+        with self._lazy_lock:
+            if self._balls is None:
+                self._balls = _ListBalls.of(self._rows.numpy(), self._prepare, self.centroids, self.row_lists)
+            return self._balls
 
 
 #: Dimensions of the principal projection that finds upper bounds (``largest_nearest``): on
@@ -355,19 +359,29 @@ class _UpperBounds:
         return (difference * difference).sum(axis=1, dtype=np.float64)
 
 
-def _list_balls(rows: np.ndarray, centres: np.ndarray, row_lists: np.ndarray,
-                chunk: int = 8192) -> tuple[torch.Tensor, torch.Tensor]:
-    """(centres, radii) in float64: each IVF list's centre and the largest distance of its rows
-    (``rows`` as the index holds them) from it, 0 for an empty list. Computed ``chunk`` rows at
-    a time: a float64 copy of the default's 65,536 rows would be 80 MB of every predict."""
-    centres = torch.from_numpy(np.asarray(centres)).double()
-    row_lists = torch.from_numpy(np.asarray(row_lists, dtype=np.int64))
-    radii = torch.zeros(len(centres), dtype=torch.float64)
-    for start in range(0, len(rows), chunk):
-        lists = row_lists[start : start + chunk]
-        difference = torch.from_numpy(rows[start : start + chunk]).double() - centres[lists]
-        radii.scatter_reduce_(0, lists, difference.norm(dim=1), reduce="amax")
-    return centres, radii
+class _ListBalls(NamedTuple):
+    """Each IVF list's centre (float64), its squared norm, the largest distance of the list's rows
+    from it (0 for an empty list), and how many rows it holds."""
+
+    centres: torch.Tensor
+    centre_norms: torch.Tensor
+    radii: torch.Tensor
+    sizes: np.ndarray
+
+    @classmethod
+    def of(cls, rows: np.ndarray, prepare, centres: np.ndarray, row_lists: np.ndarray, chunk: int = 8192) -> _ListBalls:
+        """From the bank ``rows`` as given, brought to the index's space by ``prepare`` ``chunk``
+        rows at a time: a float64 (or normalised) copy of the default's 65,536 rows would be 80
+        (40) MB more of every predict."""
+        centres = torch.from_numpy(np.asarray(centres)).double()
+        lists = torch.from_numpy(np.asarray(row_lists, dtype=np.int64))
+        radii = torch.zeros(len(centres), dtype=torch.float64)
+        for start in range(0, len(rows), chunk):
+            owners = lists[start : start + chunk]
+            difference = torch.from_numpy(prepare(rows[start : start + chunk])).double() - centres[owners]
+            radii.scatter_reduce_(0, owners, difference.norm(dim=1), reduce="amax")
+        sizes = np.bincount(lists.numpy(), minlength=len(centres)).astype(np.float64)
+        return cls(centres, (centres * centres).sum(dim=1), radii, sizes)
 
 
 def _top_of_groups(distances: np.ndarray, nearest: np.ndarray, valid: np.ndarray, count: int):
