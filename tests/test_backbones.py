@@ -1,9 +1,10 @@
 """Backbone names: EfficientNet-Lite stages chosen after '@' give the features of those stages."""
 
+import numpy as np
 import pytest
 import torch
 
-from defectlens.backbones import get_backbone, is_backbone_name
+from defectlens.backbones import efficientnet_lite, get_backbone, is_backbone_name
 from defectlens.models import create_detector
 from defectlens.models.params import ParameterError
 
@@ -23,6 +24,22 @@ def test_named_stages_are_the_default_stages_plus_the_added_ones(normal_images):
     features = wider.embed(images)
     assert features.shape == (2, 344, SIZE // 8, SIZE // 8)
     torch.testing.assert_close(features[:, :152], reference, rtol=0, atol=1e-6)
+
+
+def test_folded_network_computes_the_pretrained_networks_features(normal_images, monkeypatch):
+    """The backbone runs the pretrained network with its batch norms folded into the convolutions
+    and symmetric pads moved into them: the features are the unfolded network's, to float rounding,
+    also at a size whose grids are odd."""
+    folded = efficientnet_lite.EfficientNetLite("efficientnet-lite0@1,2,4", (48, 88))
+    monkeypatch.setattr(efficientnet_lite, "_fold_for_inference", lambda network: None)
+    plain = efficientnet_lite.EfficientNetLite("efficientnet-lite0@1,2,4", (48, 88))
+    def batch_norms(backbone):
+        return sum(isinstance(module, torch.nn.BatchNorm2d) for module in [*backbone.stem.modules(), *backbone.blocks.modules()])
+    assert batch_norms(folded) == 0 and batch_norms(plain) > 0
+    batch = folded.to_tensor(np.stack([folded.resize(image) for image in normal_images[:2]]))
+    with torch.inference_mode():
+        expected = plain.forward(batch)
+        torch.testing.assert_close(folded.forward(batch), expected, rtol=1e-4, atol=1e-4 * float(expected.abs().max()))
 
 
 def test_the_finest_named_stage_sets_the_feature_grid(normal_images):

@@ -17,6 +17,8 @@ import re
 
 import torch
 import torch.nn.functional as F
+from torch import nn
+from torch.nn.utils.fusion import fuse_conv_bn_weights
 
 from .base import PatchBackbone
 from .hf import ModelNotAvailable
@@ -57,6 +59,31 @@ def is_efficientnet_lite_name(name: str) -> bool:
     return True
 
 
+def _fold_for_inference(network) -> None:
+    """Rewrite the frozen network into fewer, cheaper ops computing the same function (to float
+    rounding): each batch norm folded into the convolution before it, symmetric "same" padding
+    moved into the convolution, activations in place. Eager PyTorch runs every op as its own
+    pass over memory; on 2 cores the batch norms, pads and clamps were 40 % of the forward."""
+    pairs = [(network._conv_stem, network, "_bn0")]
+    for block in network._blocks:
+        if block._block_args.expand_ratio != 1:
+            pairs.append((block._expand_conv, block, "_bn0"))
+        pairs += [(block._depthwise_conv, block, "_bn1"), (block._project_conv, block, "_bn2")]
+    for conv, owner, bn_name in pairs:
+        bn = getattr(owner, bn_name)
+        conv.weight, conv.bias = fuse_conv_bn_weights(conv.weight, conv.bias, bn.running_mean, bn.running_var, bn.eps,
+                                                      bn.weight, bn.bias)
+        setattr(owner, bn_name, nn.Identity())
+        padding = getattr(conv, "static_padding", None)
+        if isinstance(padding, nn.ZeroPad2d):
+            left, right, top, bottom = padding.padding
+            if left == right and top == bottom:
+                conv.padding, conv.static_padding = (top, left), nn.Identity()
+    for owner in (network, *network._blocks):
+        if isinstance(owner._swish, nn.ReLU6):
+            owner._swish = nn.ReLU6(inplace=True)
+
+
 def _weights_path(variant: str) -> str:
     package, class_name = VARIANTS[variant]
     try:
@@ -84,6 +111,7 @@ class EfficientNetLite(PatchBackbone):
         state = torch.load(_weights_path(variant), map_location="cpu", weights_only=True)
         network.load_state_dict(state)
         network.eval()
+        _fold_for_inference(network)
         # Only the blocks up to the last stage we read are ever run.
         stage_ends = self._stage_ends(network)
         self._taps = [stage_ends[s] for s in stages]
