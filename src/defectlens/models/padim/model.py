@@ -13,8 +13,11 @@ from ..params import Integer, ParameterError, Real
 from ..patch import AUGMENT_MAX_IMAGES, DEFAULT_AUGMENT, TILE_MAX_PIXELS, PatchDetector, samples_with_owners
 
 #: Patch positions whose Gaussians are estimated (and scored) together; bounds the float64
-#: working set to about blocks × images × feature_dims, whatever the tiling.
-POSITIONS_PER_BLOCK = 1024
+#: working set to about blocks × images × feature_dims, whatever the tiling. Small enough that a
+#: block's tensors (10-20 MB for 200 images) stay under glibc's mmap threshold and reuse freed
+#: heap memory: at 1,024 positions each one was a fresh mapping, zeroed page by page by the
+#: kernel, and the default's PaDiM fitted 200 images in 2.0 s instead of 1.0 (same result).
+POSITIONS_PER_BLOCK = 128
 
 
 @register
