@@ -79,12 +79,14 @@ def resolved_params(args, shots: int | None) -> tuple[dict, str]:
 
 # -- fit ----------------------------------------------------------------------------------------
 def cmd_fit(args) -> int:
+    from .engine.allocator import keep_freed_memory
     from .engine.fit import fit_from_folder
     from .models import DEFAULT_METHOD, REGISTRY, LearningType
 
     from .engine.outputs import check_output_file
 
     output = check_output_file(args.output, overwrite=args.overwrite, what="model file")
+    keep_freed_memory()
     if args.update or hasattr(REGISTRY[args.method or DEFAULT_METHOD], "partial_fit"):
         return fit_products_command(args, output)
     params, chosen = resolved_params(args, args.shots)
@@ -223,6 +225,7 @@ def cmd_export(args) -> int:
 
 # -- benchmark ----------------------------------------------------------------------------------
 def cmd_benchmark(args) -> int:
+    from .engine.allocator import keep_freed_memory
     from .engine.benchmark import (
         format_table,
         markdown_table,
@@ -235,6 +238,7 @@ def cmd_benchmark(args) -> int:
     for target, flag in ((args.json, "--json"), (args.report, "--report")):
         if target:
             check_output_file(target, overwrite=args.overwrite, what=flag)
+    keep_freed_memory()
     if args.incremental:
         return incremental_benchmark_command(args)
     # Without --method: the default for the fewest images asked for, which every run can fit.
