@@ -31,6 +31,11 @@ SEARCHES = ("flat", "ivf", "hnsw", "auto")
 #: image: 0.9 ms/img in lists, 2.5 by brute force), 65-90 % in 18 tiles (whose bank keeps each
 #: tile's most distinct patches; 60 ms/img in lists, 9-11 by brute force).
 SCANNED_SHARE_MAX = 1 / 6
+#: Lloyd iterations of an IVF index's k-means (faiss's default is 25). The partition only routes
+#: a search: with 10, a 65,536-row bank of BSData patches trains in 1.6-2.0 s instead of 4.5-5.3,
+#: and the IVF search (16 of 1,024 lists) finds the exact nearest row for the same 99.99 % of
+#: 30,720 held-out patches, at the same distances (5 iterations also; 10 keeps a margin).
+KMEANS_ITERATIONS = 10
 #: Coreset algorithms (PatchCore's ``coreset`` parameter), see :func:`greedy_coreset`.
 CORESETS = ("pooled", "exact")
 #: Up to this many points (8 MB at 128 dims) a pass over all of them stays in cache, so the
@@ -77,6 +82,7 @@ class NearestNeighbours:
             self.index = faiss.IndexIVFFlat(quantizer, dim, lists, faiss_metric)
             if centroids is None:
                 self.index.cp.seed = seed
+                self.index.cp.niter = KMEANS_ITERATIONS
                 self.index.train(prepared)
             else:
                 quantizer.add(np.ascontiguousarray(centroids, dtype=np.float32))
