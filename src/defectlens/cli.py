@@ -308,7 +308,9 @@ def cmd_synthesize(args) -> int:
 
 def cmd_demo(args) -> int:
     from .demo import run_demo
+    from .engine.allocator import keep_freed_memory
 
+    keep_freed_memory()
     failed = run_demo(Path(args.out), overwrite=args.overwrite)
     return EXIT_INPUT_FAILED if failed else EXIT_OK
 
