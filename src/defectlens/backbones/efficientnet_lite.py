@@ -63,7 +63,8 @@ def _fold_for_inference(network) -> None:
     """Rewrite the frozen network into fewer, cheaper ops computing the same function (to float
     rounding): each batch norm folded into the convolution before it, symmetric "same" padding
     moved into the convolution, activations in place. Eager PyTorch runs every op as its own
-    pass over memory; on 2 cores the batch norms, pads and clamps were 40 % of the forward."""
+    pass over memory: without the batch norms, most pads and the copies of the clamps, the
+    forward at 256 px runs about twice as fast on 2 cores."""
     pairs = [(network._conv_stem, network, "_bn0")]
     for block in network._blocks:
         if block._block_args.expand_ratio != 1:
