@@ -67,6 +67,13 @@ def test_heatmap_range_is_median_to_headroom_above_the_worst_normal_pixel():
     assert heatmap_range([]) is None
 
 
+def test_heatmap_range_takes_its_red_end_from_the_peaks_of_maps_not_given_whole():
+    maps = [np.array([[1.0, 2.0], [3.0, 4.0]]), np.array([5.0, np.nan])]
+    assert heatmap_range(maps, peaks=[8.0, np.nan]) == pytest.approx((3.0, 10.0))  # median of the maps alone
+    assert heatmap_range(maps, peaks=[2.0]) == pytest.approx((3.0, 6.25))
+    assert calibrate([1.0, 2.0, 3.0], maps, map_peaks=np.array([8.0])).map_range == pytest.approx((3.0, 10.0))
+
+
 def test_calibrate_without_enough_scores_sets_no_threshold():
     calibration = calibrate([1.0, 2.0], [np.zeros(3)])
     assert calibration.threshold is None and calibration.map_range == (0.0, 0.0)

@@ -318,6 +318,31 @@ def test_patchknn_on_ivf_scores_an_image_by_its_top_patches_exact_distances(norm
     np.testing.assert_allclose(earlier.feature_scores(features), approximate, rtol=1e-5)
 
 
+def test_patchknn_on_ivf_maps_a_sample_of_held_out_images_and_scores_every_one(normal_images, defect_image):
+    """Calibration on an approximate index: every held-out image gets the image score a full
+    search gives; MAPPED_PER_FOLD of them, spread over the fold, get their whole maps, and each
+    of the others its largest exact patch distance (the heatmap range's red end)."""
+    from defectlens.models.memory import NearestNeighbours
+    from defectlens.models.patchcore.model import patch_groups
+    from defectlens.models.patchknn.model import MAPPED_PER_FOLD
+
+    detector = create_detector("patchknn", size=128, search="ivf").fit(normal_images[:4])
+    detector._index.index.nprobe = 1  # a coarse search, so that the maps err
+    images = [normal_images[4], defect_image, normal_images[5]]
+    images += [np.ascontiguousarray(np.rot90(image, turn)) for turn in (1, 2, 3) for image in images]
+    features = detector.embed_images(images)
+    assert len(images) == MAPPED_PER_FOLD + 4
+    scores, maps, peaks = detector.held_out_scores(features)
+    full_scores, full_maps = detector.score_feature_batch(features)
+    np.testing.assert_allclose(scores, full_scores, rtol=1e-6)
+    mapped = np.linspace(0, len(images) - 1, MAPPED_PER_FOLD).round().astype(int)
+    np.testing.assert_array_equal(maps, full_maps.numpy()[mapped])
+    others = np.setdiff1d(np.arange(len(images)), mapped)
+    exact = NearestNeighbours(detector.bank.numpy(), metric="cosine").search(
+        patch_groups(features[others]).reshape(-1, features.shape[1]).numpy())[0]
+    np.testing.assert_allclose(peaks, exact[:, 0].reshape(len(others), -1).max(axis=1), rtol=1e-5)
+
+
 @pytest.mark.parametrize("method", ["patchcore", "patchknn"])
 @pytest.mark.parametrize("search", ["ivf", "hnsw"])
 def test_approximate_search_never_scores_below_the_exact_one_and_keeps_the_defect_on_top(

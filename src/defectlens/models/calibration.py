@@ -92,24 +92,30 @@ def threshold_from_normal_scores(scores, fpr: float = DEFAULT_FPR) -> float | No
     return float(max(gaussian, empirical))
 
 
-def heatmap_range(normal_map_values: Iterable) -> tuple[float, float] | None:
+def heatmap_range(normal_map_values: Iterable, peaks=None) -> tuple[float, float] | None:
     """(low, high) for heatmap colours: blue at a typical normal pixel (the median), red beyond
-    the most anomalous normal pixel. Takes maps or arrays of map values of normal images."""
+    the most anomalous normal pixel. Takes maps or arrays of map values of normal images, and
+    ``peaks``: the largest value of each normal map that is not given whole (it counts for the
+    red end only; a median needs the whole maps of just a sample of the images)."""
     arrays = [np.asarray(values, dtype=np.float64).ravel() for values in normal_map_values]
     values = np.concatenate(arrays) if arrays else np.zeros(0)
     values = values[np.isfinite(values)]
     if values.size == 0:
         return None
-    return float(np.median(values)), float(values.max()) * MAP_HEADROOM
+    peaks = np.zeros(0) if peaks is None else np.asarray(peaks, dtype=np.float64).ravel()
+    peaks = peaks[np.isfinite(peaks)]
+    return float(np.median(values)), float(max(values.max(), peaks.max(initial=-np.inf))) * MAP_HEADROOM
 
 
-def calibrate(normal_scores, normal_maps: Iterable | None = None, fpr: float = DEFAULT_FPR) -> Calibration:
-    """The calibration given held-out normal scores (None or empty: no threshold) and their maps."""
+def calibrate(normal_scores, normal_maps: Iterable | None = None, fpr: float = DEFAULT_FPR,
+              map_peaks=None) -> Calibration:
+    """The calibration given held-out normal scores (None or empty: no threshold), their maps
+    and the peaks of the maps not given whole (see ``heatmap_range``)."""
     scores = None if normal_scores is None else np.asarray(normal_scores, dtype=np.float64).ravel()
     if scores is not None and scores.size == 0:
         scores = None
     threshold = None if scores is None else threshold_from_normal_scores(scores, fpr)
-    return Calibration(scores, threshold, None if normal_maps is None else heatmap_range(normal_maps))
+    return Calibration(scores, threshold, None if normal_maps is None else heatmap_range(normal_maps, map_peaks))
 
 
 # Label-free threshold for transductive methods (musc) that see no normal image: the score a

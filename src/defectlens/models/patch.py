@@ -250,14 +250,24 @@ class PatchDetector(BackboneDetector):
 
     def calibrate_and_fit(self, features: torch.Tensor, views: tuple[torch.Tensor, np.ndarray] | None) -> None:
         """The held-out folds' scores and maps set the calibration, then the fit on all features."""
-        scores, maps = [], []
+        scores, maps, peaks = [], [], []
         for held_out in refit_folds(features.shape[0], self.seed):
             self.fit_normal(features, views, np.setdiff1d(np.arange(features.shape[0]), held_out))
-            fold_scores, fold_maps = self.score_feature_batch(features[held_out])
+            fold_scores, fold_maps, fold_peaks = self.held_out_scores(features[held_out])
             scores.append(fold_scores)
-            maps.append(fold_maps.numpy())
-        self.set_calibration(calibrate(np.concatenate(scores) if scores else None, maps or None))
+            maps.append(fold_maps)
+            peaks.append(fold_peaks)
+        self.set_calibration(calibrate(np.concatenate(scores) if scores else None, maps or None,
+                                       map_peaks=np.concatenate(peaks) if peaks else None))
         self.fit_normal(features, views, np.arange(features.shape[0]))
+
+    def held_out_scores(self, features: torch.Tensor) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """For held-out normal images: their image scores, the patch maps the heatmap range's
+        median is taken from, and the largest patch score of each image whose map is not among
+        them (``calibration.heatmap_range``). Here every image's whole map, and no peaks; a
+        method overrides it where the scores cost less than the maps."""
+        scores, maps = self.score_feature_batch(features)
+        return scores, maps.numpy(), np.zeros(0)
 
     def fit_normal(self, features: torch.Tensor, views: tuple[torch.Tensor, np.ndarray] | None,
                    keep: np.ndarray) -> None:
