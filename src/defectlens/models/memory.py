@@ -36,6 +36,11 @@ SCANNED_SHARE_MAX = 1 / 6
 #: and the IVF search (16 of 1,024 lists) finds the exact nearest row for the same 99.99 % of
 #: 30,720 held-out patches, at the same distances (5 iterations also; 10 keeps a margin).
 KMEANS_ITERATIONS = 10
+#: Bank rows per list the k-means trains on at most (a random sample beyond; faiss's default is
+#: 256). Measured like the iterations: with 32, the 65,536-row bank's k-means takes 0.5 s instead
+#: of 0.95 and the IVF search still finds the exact nearest row for all of 10,240 held-out BSData
+#: patches (16: 0.25 s, 99.99 %).
+KMEANS_POINTS_PER_LIST = 32
 #: Coreset algorithms (PatchCore's ``coreset`` parameter), see :func:`greedy_coreset`.
 CORESETS = ("pooled", "exact")
 #: Up to this many points (8 MB at 128 dims) a pass over all of them stays in cache, so the
@@ -83,6 +88,7 @@ class NearestNeighbours:
             if centroids is None:
                 self.index.cp.seed = seed
                 self.index.cp.niter = KMEANS_ITERATIONS
+                self.index.cp.max_points_per_centroid = KMEANS_POINTS_PER_LIST
                 self.index.train(prepared)
             else:
                 quantizer.add(np.ascontiguousarray(centroids, dtype=np.float32))
