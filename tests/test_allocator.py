@@ -33,3 +33,22 @@ def test_keep_freed_memory_makes_reallocation_reuse_pages():
     result = subprocess.run([sys.executable, "-c", PROBE], capture_output=True, text=True, check=True)
     default, kept = map(int, result.stdout.split())
     assert default >= 5000 and kept < default / 20
+
+
+THREAD_PROBE = PROBE.replace("print(default, kept)", """
+import threading
+faults = []
+worker = threading.Thread(target=lambda: faults.append(faults_of_reallocating()))
+worker.start()
+worker.join()
+print(default, faults[0])
+""")
+
+
+@pytest.mark.skipif(platform.libc_ver()[0] != "glibc", reason="mallopt is glibc's")
+def test_kept_memory_is_reused_by_other_threads():
+    """The ensemble fits its members in threads: a thread's first allocations reuse what the
+    main thread freed (one arena), instead of its own arena's fresh pages."""
+    result = subprocess.run([sys.executable, "-c", THREAD_PROBE], capture_output=True, text=True, check=True)
+    default, in_thread = map(int, result.stdout.split())
+    assert default >= 5000 and in_thread < default / 20
