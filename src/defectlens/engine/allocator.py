@@ -28,8 +28,8 @@ MMAP_THRESHOLD = 32 * 1024 * 1024
 
 def keep_freed_memory() -> bool:
     """From now on, allocations up to ``MMAP_THRESHOLD`` come from the heap, one arena for all
-    threads, and freed heap is kept for reuse, not trimmed. Costs peak memory (about 100 MB more for the default's fit) and
-    saves time (fit 19.0 -> 17.4 s, same model). Process-wide, so called by the commands that fit
+    threads, and freed heap is kept for reuse, not trimmed. Costs peak memory (about 100 MB more
+    for the default's fit) and saves time (fit 19.0 -> 17.4 s, same model). Process-wide, so called by the commands that fit
     (``fit``, ``benchmark``, ``demo``), not by the library; predict on an exported runtime gained nothing
     from it (ONNX Runtime and OpenVINO keep their own arenas) and would only grow. False where
     the C library has no ``mallopt`` (not glibc)."""
@@ -38,4 +38,5 @@ def keep_freed_memory() -> bool:
     except (OSError, AttributeError):
         return False
     mallopt.argtypes, mallopt.restype = (ctypes.c_int, ctypes.c_int), ctypes.c_int
-    return bool(mallopt(_M_MMAP_THRESHOLD, MMAP_THRESHOLD)) and bool(mallopt(_M_TRIM_THRESHOLD, 2**31 - 1)) and bool(mallopt(_M_ARENA_MAX, 1))
+    return (bool(mallopt(_M_MMAP_THRESHOLD, MMAP_THRESHOLD)) and bool(mallopt(_M_TRIM_THRESHOLD, 2**31 - 1))
+            and bool(mallopt(_M_ARENA_MAX, 1)))

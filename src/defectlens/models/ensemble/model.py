@@ -102,7 +102,7 @@ class Ensemble(PatchDetector):
         # The members fit at once, each in its thread: much of a fit runs on one core (patchknn's
         # per-image greedy is a Python loop of small products, PaDiM's many small factorisations),
         # and the other core takes the other member meanwhile. The default's fit of 200 images at
-        # 256 px: 10.7 -> 9.5 s (benchmarks/results/speed.md), the same model file.
+        # 256 px: 10.7 -> 9.5 s (farm-bench A/B; speed.md), the same model file byte for byte.
         with ThreadPoolExecutor(len(self.fitted_members), thread_name_prefix="defectlens-member") as pool:
             for fitting in [pool.submit(member.fit_from_features, features, canvas_hw=self.canvas_hw, views=views)
                             for member in self.fitted_members]:
