@@ -49,6 +49,7 @@ print(default, faults[0])
 def test_kept_memory_is_reused_by_other_threads():
     """The ensemble fits its members in threads: a thread's first allocations reuse what the
     main thread freed (one arena), instead of its own arena's fresh pages."""
+    assert THREAD_PROBE != PROBE  # the thread's measurement replaced the main thread's
     result = subprocess.run([sys.executable, "-c", THREAD_PROBE], capture_output=True, text=True, check=True)
     default, in_thread = map(int, result.stdout.split())
     assert default >= 5000 and in_thread < default / 20
