@@ -7,11 +7,13 @@ import pytest
 import torch
 
 from defectlens.models import Detector, create_detector
+from defectlens.models.base import ModelFileError
 from defectlens.errors import UsageError
 from defectlens.models.composition.model import (
     FUSION_MIN_SPREAD,
     NAIVE_WEIGHTS,
     SCORES,
+    WRITE_UP_SCORES,
     combine,
     nearest_patches,
     pooled_spread,
@@ -68,6 +70,39 @@ def test_logical_anomalies_raise_the_scores_that_see_them(fitted):
     assert swapped["location"] > 3 * max(g["location"] for g in goods)
     for anomaly in (missing, swapped):
         assert combine(anomaly) > max(combine(g) for g in goods)
+
+
+def with_dots(rng, count):
+    """A normal scene with ``count`` small grey dots in a row above the discs (two are normal)."""
+    image = normal(rng)
+    for x, y in [(20, 15), (48, 15), (76, 15)][:count]:
+        cv2.circle(image, (int(x + rng.integers(-2, 3)), int(y + rng.integers(-2, 3))), 4, (90, 90, 90), -1, cv2.LINE_AA)
+    return image
+
+
+def test_an_extra_small_part_raises_the_words_score():
+    """A dot a third of a disc wide: its patches are one word's more than any reference has."""
+    rng = np.random.default_rng(0)
+    detector = create_detector("composition", **PARAMS).fit([with_dots(rng, 2) for _ in range(4)])
+    goods = calibrated_scores(detector, [with_dots(rng, 2) for _ in range(6)])
+    extras = calibrated_scores(detector, [with_dots(rng, 3) for _ in range(3)])
+    assert min(e["words"] for e in extras) > 2 * max(g["words"] for g in goods)
+    assert min(combine(e) for e in extras) > max(combine(g) for g in goods)
+
+
+def test_a_model_file_without_patch_words_says_to_fit_again(fitted, tmp_path):
+    from safetensors.torch import load_file, save_file
+    from safetensors import safe_open
+
+    detector, _ = fitted
+    path = detector.save(tmp_path / "words.dlmodel")
+    with safe_open(str(path), framework="pt") as handle:
+        metadata = handle.metadata()
+    tensors = load_file(str(path))
+    del tensors["words.centroids"]
+    save_file(tensors, str(path), metadata=metadata)
+    with pytest.raises(ModelFileError, match="words.dlmodel.*fit it again"):
+        Detector.load(path)
 
 
 def test_map_shows_a_missing_part_where_it_should_be_and_a_swap_at_both_places(fitted):
@@ -213,7 +248,7 @@ def test_nearest_patches_matches_brute_force():
     def parts(count, classes):
         patches = torch.nn.functional.normalize(torch.from_numpy(rng.normal(size=(count, 8))).float(), dim=1)
         patch_class = torch.from_numpy(rng.integers(0, classes, count))
-        return ImageParts(patches, patch_class, patch_class != 0, *[None] * 5)
+        return ImageParts(patches, patch_class, patch_class != 0, *[None] * 6)
 
     test, bank = parts(30, 4), parts(50, 3)  # class 3 is missing from the bank
     anyone, same, foreground = nearest_patches(test, bank, chunk=16)
@@ -226,21 +261,22 @@ def test_nearest_patches_matches_brute_force():
 
 
 def test_class_distances_known_answers():
-    def parts(area, count, colour, location):
+    def parts(area, count, colour, location, words=(0, 0, 0)):
         classes = len(area)
         return ImageParts(None, None, None, np.array(area, float), np.array(count, float), np.array(colour, float),
-                          np.array(location, float), np.eye(classes, 3))
+                          np.array(location, float), np.eye(classes, 3), np.array(words, float))
 
     typical = np.array([0.16, 0.04])
-    refs = ImageParts.stack([parts([0.16, 0.04], [1, 2], [[0, 0], [10, 0]], [[0.5, 0.5], [0.2, 0.2]]),
-                             parts([0.25, 0.0], [1, 0], [[0, 0], [0, 0]], [[0.5, 0.5], [0.0, 0.0]])])
-    test = parts([0.09, 0.04], [1, 3], [[3, 4], [10, 5]], [[0.5, 0.8], [0.2, 0.6]])
+    refs = ImageParts.stack([parts([0.16, 0.04], [1, 2], [[0, 0], [10, 0]], [[0.5, 0.5], [0.2, 0.2]], [3, 0, 5]),
+                             parts([0.25, 0.0], [1, 0], [[0, 0], [0, 0]], [[0.5, 0.5], [0.0, 0.0]], [1, 2, 5])])
+    test = parts([0.09, 0.04], [1, 3], [[3, 4], [10, 5]], [[0.5, 0.8], [0.2, 0.6]], [2, 4, 5])
     d = class_distances(test, refs, typical)
     np.testing.assert_allclose(d["area"], [0.1, 0.0])  # |0.3 - 0.4|; the second equals the first ref
     np.testing.assert_allclose(d["count"], [0, 1])
     np.testing.assert_allclose(d["colour"], [5, 5])  # class 1 is absent from the second ref: first only
     np.testing.assert_allclose(d["location"], [0.3, 0.4])
     np.testing.assert_allclose(d["embedding"], [0, 0], atol=1e-12)
+    np.testing.assert_allclose(d["words"], [1, 2, 0])  # per word, the nearest reference's count
     absent = class_distances(parts([0.09, 0.0], [1, 0], [[0, 0]] * 2, [[0.5, 0.5]] * 2), refs, typical)
     assert np.isnan(absent["colour"][1]) and np.isnan(absent["location"][1])
 
@@ -252,7 +288,7 @@ def test_image_vectors_known_answers():
                        foreground=torch.ones(1, dtype=torch.bool), area=np.array([0.5, 0.25, 0.25]),
                        count=np.array([1.0, 1.0, 2.0]), colour=np.array([[0.0, 0.0], [10.0, -5.0], [3.0, 4.0]]),
                        location=np.array([[0.5, 0.5], [0.3, 0.4], [0.6, 0.8]]),
-                       embedding=np.array([[1.0, 0.0], [0.0, 1.0], [0.6, 0.8]]))
+                       embedding=np.array([[1.0, 0.0], [0.0, 1.0], [0.6, 0.8]]), words=np.zeros(4))
     vectors = image_vectors(parts, np.array([False, True, True]), pixels=100)
     np.testing.assert_allclose(vectors["histogram"], [25.0, 25.0])
     np.testing.assert_allclose(vectors["colour"], [10.0, -5.0, 3.0, 4.0])
@@ -278,7 +314,7 @@ def test_published_scoring_nearest_vector_leave_one_out_weights_and_sum():
         assert detector.normalisers[name] == pytest.approx(max(max(loo), 1e-6))
     test = scene(rng, [(RED, (28, 48))])
     raw, _, _ = detector.memory.scores(detector.compose([test], detector.backbone_network.embed([test]))[0][0], 0.02)
-    total = sum(raw[s] / detector.normalisers[s] for s in SCORES)
+    total = sum(raw[s] / detector.normalisers[s] for s in WRITE_UP_SCORES)  # the words are not the write-up's
     assert detector.predict([test]).scores[0] == pytest.approx(total, rel=1e-6)
     missing_ratio = raw["histogram"] / detector.normalisers["histogram"]
     assert missing_ratio > 1  # a missing disc lies beyond every left-out shot
@@ -352,7 +388,7 @@ def test_benchmark_reports_part_maps_and_spro(tmp_path):
     assert {"au_spro_0.05", "au_spro_0.3[logical]"} <= set(result.summary[0])
     records = result.records
     assert all(r.extra_panels["parts"].shape == (64, 64, 3) for r in records)
-    assert set(SCORES) == {"agnostic", "aware", "foreground", "embedding", "histogram", "colour", "location"}
+    assert set(SCORES) == {"agnostic", "aware", "foreground", "embedding", "histogram", "colour", "location", "words"}
 
 
 def test_predict_report_shows_part_maps(tmp_path):

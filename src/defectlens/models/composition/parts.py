@@ -1,5 +1,5 @@
-"""What one image is made of: per-patch features and classes, and per-class area, part count,
-colour, location and mean feature — the inputs of the seven scores.
+"""What one image is made of: per-patch features and classes, per-class area, part count,
+colour, location and mean feature, and its patch-word histogram — the inputs of the eight scores.
 
 Class-wise quantities of a class are compared only where the class is really there: a class
 covering under a quarter of its typical area has no meaningful colour, location or embedding
@@ -15,6 +15,7 @@ import numpy as np
 import torch
 
 from .segment import lab_colour
+from .words import PatchWords
 
 #: A class is present when it covers at least this share of its typical (median reference) area.
 PRESENT = 0.25
@@ -34,6 +35,7 @@ class ImageParts:
     colour: np.ndarray  # (K, 2) mean CIELAB a, b
     location: np.ndarray  # (K, 2) mean x, y as shares of the width and height
     embedding: np.ndarray  # (K, D) unit-length mean feature
+    words: np.ndarray  # (W,) patches nearest to each patch word
 
     @staticmethod
     def stack(items: list[ImageParts]) -> ImageParts:
@@ -64,13 +66,18 @@ def part_sizes(part_maps: list[np.ndarray], classes: int) -> np.ndarray:
     return np.maximum(PART_SHARE * typical, MIN_PART_PIXELS)
 
 
+def unit_patches(features: torch.Tensor) -> torch.Tensor:
+    """(h * w, C) unit-length patch features of one image's (C, h, w) features."""
+    patches = features.float().reshape(features.shape[0], -1).T
+    return patches / patches.norm(dim=1, keepdim=True).clamp_min(1e-12)
+
+
 def describe(image: np.ndarray, features: torch.Tensor, part_map: np.ndarray, background: np.ndarray,
-             min_part: np.ndarray) -> ImageParts:
-    """The composition of one image from its (C, h, w) features and its part map."""
+             min_part: np.ndarray, words: PatchWords) -> ImageParts:
+    """The composition of one image from its (C, h, w) features, its part map and the patch words."""
     classes = len(background)
-    channels, height, width = features.shape
-    patches = features.float().reshape(channels, -1).T
-    patches = patches / patches.norm(dim=1, keepdim=True).clamp_min(1e-12)
+    _, height, width = features.shape
+    patches = unit_patches(features)
     one_hot = np.stack([(part_map == k).astype(np.float64) for k in range(classes)])
     # Share of each patch cell covered by each class: patch classes and class embeddings.
     cover = np.stack([cv2.resize(plane, (width, height), interpolation=cv2.INTER_AREA) for plane in one_hot])
@@ -93,11 +100,13 @@ def describe(image: np.ndarray, features: torch.Tensor, part_map: np.ndarray, ba
         _, _, stats, _ = cv2.connectedComponentsWithStats(one_hot[k].astype(np.uint8), connectivity=8)
         count[k] = (stats[1:, cv2.CC_STAT_AREA] >= min_part[k]).sum()
     return ImageParts(patches=patches, patch_class=patch_class, foreground=torch.from_numpy(~background)[patch_class],
-                       area=area, count=count, colour=colour, location=location, embedding=embedding)
+                       area=area, count=count, colour=colour, location=location, embedding=embedding,
+                       words=words.counts(patches))
 
 
 def class_distances(test: ImageParts, refs: ImageParts, typical_area: np.ndarray) -> dict[str, np.ndarray]:
-    """Per class, the distance of ``test`` to its nearest reference (``refs`` stacked): (K,) arrays.
+    """Per class, the distance of ``test`` to its nearest reference (``refs`` stacked): (K,) arrays;
+    and per patch word, (W,) "words", the patches it has more or fewer than the nearest reference.
     Colour, location and embedding are nan where the class is absent from the test image or from
     every reference (area and count say that it is)."""
     present_test = test.area >= PRESENT * typical_area
@@ -116,6 +125,7 @@ def class_distances(test: ImageParts, refs: ImageParts, typical_area: np.ndarray
         "colour": nearest(np.linalg.norm(test.colour - refs.colour, axis=2), comparable),
         "location": nearest(np.linalg.norm(test.location - refs.location, axis=2), comparable),
         "embedding": nearest(1.0 - np.einsum("kd,rkd->rk", test.embedding, refs.embedding), comparable),
+        "words": nearest(np.abs(test.words - refs.words)),
     }
 
 

@@ -1,0 +1,55 @@
+"""Patch words: how many patches of each kind an image holds, a part count that needs no segmentation.
+
+The part maps of :mod:`.segment` give classes to what differs in colour or covers enough of the
+image; a small grey part on a grey tray (a screw, a nut) is absorbed by the region around it, so
+an extra or misplaced one changes no class's count. Its patches still look like a screw's. The
+words are a k-means of the references' unit patch features; an image's histogram of nearest
+words moves by a screw's few patches when a screw is added, and the word score compares it with
+the references' histograms word by word (see ``Memory`` in :mod:`.model`).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+#: Words in the vocabulary. On generated LOCO trays (4 shots, 3 sets x 5 draws) 32 words gave
+#: logical AUROC 0.92-0.93, 64 gave 0.92, 128 gave 0.91: with more words one part's patches
+#: spread over several, each changing by less than normal trays vary.
+WORDS = 32
+#: Reference patches the k-means sees at most (a random sample beyond).
+SAMPLES = 40_000
+
+
+class PatchWords:
+    """A vocabulary of patch features and the word histogram of an image's patches."""
+
+    def __init__(self, words: int = WORDS, seed: int = 0):
+        self.words, self.seed = words, seed
+        self.centroids: torch.Tensor | None = None  # (words, D)
+
+    def fit(self, patches: torch.Tensor) -> PatchWords:
+        """From (N, D) unit patch features of the reference images."""
+        points = patches.float().numpy()
+        if len(points) > SAMPLES:
+            points = points[np.random.default_rng(self.seed).choice(len(points), SAMPLES, replace=False)]
+        from sklearn.cluster import KMeans  # here: scikit-learn costs ~0.5 s of every CLI start
+
+        kmeans = KMeans(min(self.words, len(points)), n_init=3, random_state=self.seed).fit(points)
+        self.centroids = torch.from_numpy(kmeans.cluster_centers_.astype(np.float32))
+        return self
+
+    def counts(self, patches: torch.Tensor) -> np.ndarray:
+        """(words,) float64: how many of the (P, D) patches are nearest to each word."""
+        # Squared distances less the patch's own norm, which does not change the nearest word.
+        distances = (self.centroids**2).sum(dim=1) - 2 * patches.float() @ self.centroids.T
+        return np.bincount(distances.argmin(dim=1).numpy(), minlength=len(self.centroids)).astype(np.float64)
+
+    def state_tensors(self, prefix: str) -> dict[str, torch.Tensor]:
+        return {f"{prefix}centroids": self.centroids}
+
+    def load_state_tensors(self, tensors: dict[str, torch.Tensor], prefix: str) -> None:
+        if f"{prefix}centroids" not in tensors:
+            raise ValueError("no patch words: the model was saved by a defectlens without the words score; fit it again")
+        self.centroids = tensors[f"{prefix}centroids"].float()
+        self.words = len(self.centroids)
