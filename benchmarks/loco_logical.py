@@ -1,5 +1,5 @@
 """Logical vs structural anomalies: k-shot tables per method on generated MVTec LOCO-layout sets,
-the composition detector's seven-score ablation, and composition on the real BSData set.
+the composition detector's score ablation, and composition on the real BSData set.
 
     python benchmarks/loco_logical.py [--methods composition,patchknn,gcad] [--loco-seeds 0,1]
         [--shots 1,2,4,8] [--seeds 5] [--seeds-for gcad=1] [--ablation-shots 4]
@@ -44,7 +44,7 @@ from defectlens.engine.benchmark import parse_shots, run_benchmark
 from defectlens.engine.fit import normal_training_samples
 from defectlens.metrics import image_auroc
 from defectlens.models import REGISTRY, create_detector
-from defectlens.models.composition.model import SCORES, combine
+from defectlens.models.composition.model import SCORES, WRITE_UP_SCORES, combine
 from defectlens.report.benchmark import json_default
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -54,9 +54,10 @@ HERE = Path(__file__).resolve().parent
 PHOTOS = HERE.parents[1] / "shared" / "datasets"
 BSDATA = PHOTOS / "bsdata" / "ball_screw"
 OUT = HERE / "results" / "loco_logical"
-#: Ways to join the seven calibrated scores: the write-up's plain sum and the detector's norm.
-COMBINATIONS = {"sum": lambda c: sum(c.values()), "norm": combine}
-COMBINATION_LABELS = {"sum": "plain sum of the seven (the write-up)", "norm": "Euclidean norm of the seven (the detector)"}
+#: Ways to join the calibrated scores: the write-up's plain sum of its seven and the detector's norm
+#: of all eight (the seven and the patch words).
+COMBINATIONS = {"sum": lambda c: sum(c[s] for s in WRITE_UP_SCORES), "norm": combine}
+COMBINATION_LABELS = {"sum": "plain sum of the write-up's seven", "norm": "Euclidean norm of the eight (the detector)"}
 
 
 def mean_std(values) -> str:
@@ -84,7 +85,7 @@ def compact(result) -> dict:
 
 
 def ablation(folder: Path, shots: int, seeds: int) -> list[dict]:
-    """Each of the seven calibrated scores alone and their sum, per shot seed: logical and
+    """Each of the eight calibrated scores alone and their combinations, per shot seed: logical and
     structural image AUROC. Same shot picks as run_benchmark; features computed once."""
     dataset = load_dataset(folder)
     train = normal_training_samples(dataset)
@@ -229,7 +230,7 @@ def write_markdown(store: dict, args_line: str) -> None:
     if ablations:
         rows = [row for v in ablations.values() for row in v["rows"]]
         shots = next(iter(ablations.values()))["shots"]
-        lines += ["", f"## Ablation: the seven composition scores at {shots} shots\n",
+        lines += ["", f"## Ablation: the composition scores at {shots} shots\n",
                   (f"Each calibrated score alone, their plain sum and their norm (the detector's image score), "
                    f"{len(rows)} runs ({', '.join(k.split('/')[1] for k in sorted(ablations))} × shot seeds).\n"),
                   "| score | logical AUROC | structural AUROC |", "|---|---|---|"]
@@ -238,8 +239,9 @@ def write_markdown(store: dict, args_line: str) -> None:
                 continue  # stored before the published scoring existed
             for name in (*SCORES, *COMBINATIONS):
                 label = ("published scoring: " if prefix else "") + COMBINATION_LABELS.get(name, name)
-                lines.append(f"| {label} | {mean_std([r[f'{prefix}{name}.logical'] for r in rows])} | "
-                             f"{mean_std([r[f'{prefix}{name}.structural'] for r in rows])} |")
+                # .get: runs stored before the words score have no words column (a dash)
+                lines.append(f"| {label} | {mean_std([r.get(f'{prefix}{name}.logical') for r in rows])} | "
+                             f"{mean_std([r.get(f'{prefix}{name}.structural') for r in rows])} |")
     bsdata = {k: v for k, v in blocks.items() if k.startswith("bsdata/")}
     if bsdata:
         lines += ["", "## BSData ball_screw (real pitting defects: structural only)\n",

@@ -1,5 +1,5 @@
 """Which logical and structural anomaly types composition finds at few shots, and by which of its
-seven scores: image AUROC per defect type on generated LOCO sets.
+calibrated scores: image AUROC per defect type on generated LOCO sets.
 
     python benchmarks/loco_types.py [--categories assembly,photo_assembly] [--loco-seeds 0,1,2]
         [--seeds 5] [--shots 4] [--config LABEL=composition:KEY=VALUE,...] [--work DIR] [--out NAME]
@@ -9,7 +9,7 @@ train, 16 good and 4 of each anomaly type per test set (the sets of composition_
 loco_fewshot_structural.md; written when missing). A test image's type is the defect of its
 first mask (a misplaced part's, not the missing part its compartment then has), named by the
 mask's pixel value in defects_config.json. For each configuration and shot draw, composition is
-fitted on ``--shots`` good images; each test image gets the detector's score and the seven
+fitted on ``--shots`` good images; each test image gets the detector's score and the eight
 calibrated scores (``score_parts``). Every score's AUROC against the good test images, per type
 and per group, mean over all runs (generator sets × draws). Runs are kept in NAME.json and
 skipped when the script runs again; NAME.md is rewritten from it.
@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import time
 from pathlib import Path
 
@@ -126,7 +127,7 @@ def main() -> None:
         label, _, spec = text.partition("=")
         method, params = parse_config(spec)
         if method != "composition":
-            parser.error(f"--config {text}: the seven scores are composition's")
+            parser.error(f"--config {text}: the calibrated scores are composition's")
         configs.append((label, method, params))
     out = Path(args.out)
     store = json.loads(out.with_suffix(".json").read_text()) if out.with_suffix(".json").is_file() else []
@@ -135,9 +136,11 @@ def main() -> None:
         out.with_suffix(".json").write_text(json.dumps(store))
 
     collect(args, configs, store, save)
-    text = ("# Composition per anomaly type: the detector's score and its seven calibrated scores\n\n"
+    default_out = parser.get_default("out")
+    text = ("# Composition per anomaly type: the detector's score and each of its calibrated scores\n\n"
             f"`python benchmarks/loco_types.py --categories {args.categories} --loco-seeds {args.loco_seeds} "
             f"--seeds {args.seeds} --shots {args.shots}" + "".join(f" --config '{c}'" for c in args.config)
+            + ("" if args.out == default_out else f" --out {os.path.relpath(Path(args.out).resolve(), HERE.parent)}")
             + f"`, {time.strftime('%Y-%m-%d')}. Generated LOCO trays at 256 px, {args.shots} shots, 16 good and 4 of "
             "each anomaly type per test set. Image AUROC against the good test images: per group mean ± std over "
             "runs, per type the mean over runs (4 images of a type per run: read the columns as coarse).\n\n"
