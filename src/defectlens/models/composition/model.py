@@ -11,11 +11,12 @@ with SAM and DINOv2", on the embedded backbone:
    and mean location (the write-up's seven), and per patch word (:mod:`.words`) the number of
    patches (words): the count of parts too small or too plain for the part maps;
 3. self-calibration by leave-one-out over the shots. A patch score is divided by the largest
-   value it takes on a shot left out of the others. The class-wise scores (and the words) are
-   calibrated per class (per word) instead, because a screw's area and a tray's area do not vary alike: each class's distance is
+   value it takes on a shot left out of the others. The class-wise scores are calibrated per class
+   instead, because a screw's area and a tray's area do not vary alike: each class's distance is
    divided by the largest leave-one-out distance of that class (at least a floor, the smallest
-   difference that matters), and the score is the worst class; so the words, whose worst-word score
-   is then divided by its held-out value like a patch score. The image score is the Euclidean
+   difference that matters), and the score is the worst class. The words are calibrated per word
+   the same way, and their worst-word score is then divided by its held-out value like a patch
+   score (``HELD_OUT_NORMALISED``). The image score is the Euclidean
    norm of the calibrated scores: like the write-up's weighted sum it adds evidence, but one score
    far outside its normal range counts more than several slightly raised ones (on four generated
    LOCO sets it raised logical AUROC by 0.003-0.04 over the plain sum at 1-8 shots). With a single
