@@ -13,9 +13,10 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-#: Words in the vocabulary. On generated LOCO trays (4 shots, 3 sets x 5 draws) 32 words gave
-#: logical AUROC 0.92-0.93, 64 gave 0.92, 128 gave 0.91: with more words one part's patches
-#: spread over several, each changing by less than normal trays vary.
+#: Words in the vocabulary. In a prototype of the score on generated LOCO trays (assembly sets
+#: 0-2, 4 shots, 5 draws each) 32 words gave logical AUROC 0.92-0.93, 64 gave 0.92, 128 gave 0.91:
+#: with more words one part's patches spread over several, each changing by less than normal
+#: trays vary.
 WORDS = 32
 #: Reference patches the k-means sees at most (a random sample beyond).
 SAMPLES = 40_000
