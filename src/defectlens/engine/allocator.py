@@ -29,10 +29,10 @@ MMAP_THRESHOLD = 32 * 1024 * 1024
 def keep_freed_memory() -> bool:
     """From now on, allocations up to ``MMAP_THRESHOLD`` come from the heap, one arena for all
     threads, and freed heap is kept for reuse, not trimmed. Costs peak memory (about 100 MB more
-    for the default's fit) and saves time (fit 19.0 -> 17.4 s, same model). Process-wide, so called by the commands that fit
-    (``fit``, ``benchmark``, ``demo``), not by the library; predict on an exported runtime gained nothing
-    from it (ONNX Runtime and OpenVINO keep their own arenas) and would only grow. False where
-    the C library has no ``mallopt`` (not glibc)."""
+    for the default's fit) and saves time (fit 19.0 -> 17.4 s, same model). Process-wide, so
+    called by the commands that fit (``fit``, ``benchmark``, ``demo``), not by the library;
+    predict on an exported runtime gained nothing from it (ONNX Runtime and OpenVINO keep their
+    own arenas) and would only grow. False where the C library has no ``mallopt`` (not glibc)."""
     try:
         mallopt = ctypes.CDLL(None).mallopt
     except (OSError, AttributeError):

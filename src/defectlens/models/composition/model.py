@@ -178,8 +178,8 @@ class Memory:
         """Per quantity and class (per word for the words): the nearest-reference distances of
         left-out shots (a shot and its views are left out together, and all of them measured),
         their largest or, pooled, their mean; at least the quantity's floor."""
-        shapes = class_distances(self.refs[0], self.stacked, self.typical_area)
-        norms = {q: np.full(shapes[q].shape, floor) for q, floor in FLOORS.items()}
+        words = self.stacked.words.shape[1]
+        norms = {q: np.full(words if q == "words" else len(self.typical_area), floor) for q, floor in FLOORS.items()}
         shots = np.unique(self.sources)
         if len(shots) < SHOTS_TO_CALIBRATE:
             return norms
