@@ -221,6 +221,25 @@ def test_structural_fusion_is_the_larger_standardised_score_and_round_trips(tmp_
         create_detector("composition", structural="patchknn", **PARAMS).fit([normal(rng)])
 
 
+def test_structural_member_learns_from_its_own_augmented_copies():
+    rng = np.random.default_rng(5)
+    shots = [normal(rng) for _ in range(3)]
+    plain, flipped = (create_detector("composition", structural="patchknn", views=1, seed=0, **PARAMS,
+                                      structural_params={"augment": augment}).fit(shots)
+                      for augment in ("none", "flips"))
+    # Three shots and one view each: six images, and with flips each image's two mirrors as well.
+    rows = plain.structural_member.bank.shape[0]
+    assert flipped.structural_member.bank.shape[0] == 3 * rows
+    # A shot mirrored left-right (blue left of red) is one of the flipped member's own copies: every
+    # patch of it is in that memory (distance 0), while the plain member has never seen its discs' edges.
+    mirrored = [np.ascontiguousarray(shot[:, ::-1]) for shot in shots]
+    features = plain.structural_member.backbone_network.embed(mirrored)
+    plain_scores, _ = plain.structural_member.score_feature_batch(features)
+    flipped_scores, _ = flipped.structural_member.score_feature_batch(features)
+    np.testing.assert_allclose(flipped_scores, 0.0, atol=1e-4)
+    assert (plain_scores > 0.05).all()
+
+
 @pytest.mark.parametrize("params, message", [
     ({"structural_params": {"size": 512}}, "needs structural"),
     ({"structural": "patchknn", "structural_params": {"seed": 3}}, "sets seed: set those on the composition"),

@@ -353,6 +353,8 @@ class Composition(BackboneDetector):
         if self.structural is not None:
             self.structural_member = self._new_member()
             member_features = self._member_features(self.structural_member, images, features)
+            # The member's own augmented copies (its ``augment``) of the shots and their views.
+            member_views = self.structural_member.embed_views(images)
         for fold in refit_folds(count, self.seed):  # the map range (and threshold) need these even when the naive weights stay
             kept, left_out = np.flatnonzero(~np.isin(sources, fold)), np.flatnonzero(np.isin(sources, fold))
             memory = Memory([refs[i] for i in kept], typical_area, self.background, pixels=self._published_pixels(),
@@ -363,7 +365,7 @@ class Composition(BackboneDetector):
                 patch_maps.append(distances)
             if self.structural is not None:
                 member = self._new_member()
-                member.fit_features(member_features[kept])
+                member.fit_normal(member_features, member_views, kept)
                 fold_scores, fold_maps = member.score_feature_batch(member_features[left_out])
                 member_scores.extend(fold_scores)
                 member_maps.extend(fold_maps.numpy())
@@ -383,7 +385,7 @@ class Composition(BackboneDetector):
             member_scores = np.asarray(member_scores, np.float64)
             self.fusion = [float(np.mean(normal_scores)), spread(normal_scores), float(np.mean(member_scores)),
                            spread(member_scores)]
-            self.structural_member.fit_features(member_features)
+            self.structural_member.fit_normal(member_features, member_views, np.arange(len(images)))
             grid = features.shape[2:]
             normal_maps = [finer_maximum(own.reshape(grid), member / self._member_map_scale())
                            for own, member in zip(normal_maps, member_maps)]
