@@ -5,6 +5,7 @@ import pytest
 
 from defectlens.models import ParameterError, create_detector
 from defectlens.models.calibration import threshold_from_normal_scores
+from defectlens.models.ensemble.model import SOFT_MAX_TEMPERATURE
 
 
 def test_ensemble_of_one_member_is_that_member_in_z_scores(normal_images, defect_image):
@@ -84,3 +85,29 @@ def test_max_fusion_takes_each_images_largest_member_z_score_and_map(normal_imag
     # Same members, same norms: only the combination differs.
     np.testing.assert_allclose(mean.score_feature_batch(features)[0], np.mean(z, axis=0), rtol=1e-6)
     assert largest.predict([defect_image]).scores[0] > largest.threshold
+
+
+def test_soft_max_fusion_is_the_larger_z_score_softened_by_the_temperature(normal_images, defect_image):
+    """fusion="soft_max": T·log(e^(a/T) + e^(b/T)) of the members' z-scores, held-out scores alike,
+    so never below the larger one and at most T·log 2 above it; the maps are the larger scaled map."""
+    params = dict(size=64, members=["patchknn", "padim"], fusion="soft_max",
+                  member_params={"patchknn": {"bank_size": 256}, "padim": {"feature_dims": 16}})
+    soft = create_detector("ensemble", **params).fit(normal_images[:5])
+    tests = [normal_images[5], defect_image]
+    features = soft.embed_images(tests)
+    z, maps = [], []
+    for member, (centre, spread, low, high) in zip(soft.fitted_members, soft.norms.tolist()):
+        member_scores, member_maps = member.score_feature_batch(features)
+        z.append((member_scores - centre) / spread)
+        maps.append(((member_maps.double() - low) / (high - low)).numpy())
+    scores, fused_maps = soft.score_feature_batch(features)
+    temperature = SOFT_MAX_TEMPERATURE
+    np.testing.assert_allclose(scores, temperature * np.log(np.exp(z[0] / temperature) + np.exp(z[1] / temperature)),
+                               rtol=1e-9)
+    assert (scores >= np.max(z, axis=0)).all() and (scores <= np.max(z, axis=0) + temperature * np.log(2) + 1e-12).all()
+    np.testing.assert_allclose(fused_maps.numpy(), np.max(maps, axis=0), rtol=1e-5)
+    held_out = [(np.asarray(m.normal_scores) - centre) / spread
+                for m, (centre, spread, _, _) in zip(soft.fitted_members, soft.norms.tolist())]
+    np.testing.assert_allclose(soft.normal_scores, temperature * np.logaddexp(held_out[0] / temperature,
+                                                                              held_out[1] / temperature), rtol=1e-9)
+    assert soft.predict([defect_image]).scores[0] > soft.threshold
