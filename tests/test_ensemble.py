@@ -61,6 +61,15 @@ def test_threshold_is_set_on_the_members_held_out_scores_in_the_final_normalisat
     assert abs(float(np.mean(ensemble.normal_scores))) < 1e-9  # z-scores of the very scores that set the norms
 
 
+def member_z_scores_and_maps(ensemble, features):
+    """Each member's image z-scores and its patch maps scaled to its normal map range, by hand."""
+    z, maps = [], []
+    for member, (centre, spread, low, high) in zip(ensemble.fitted_members, ensemble.norms.tolist()):
+        member_scores, member_maps = member.score_feature_batch(features)
+        z.append((member_scores - centre) / spread)
+        maps.append(((member_maps.double() - low) / (high - low)).numpy())
+    return z, maps
+
 def test_max_fusion_takes_each_images_largest_member_z_score_and_map(normal_images, defect_image):
     """fusion="max": the fused score is the larger of the members' z-scores, image by image (a
     member blind to a defect cannot dilute the other's evidence), held-out scores alike; the map
@@ -71,14 +80,10 @@ def test_max_fusion_takes_each_images_largest_member_z_score_and_map(normal_imag
     largest = create_detector("ensemble", fusion="max", **params).fit(normal_images[:5])
     tests = [normal_images[5], defect_image]
     features = largest.embed_images(tests)
-    z, maps = [], []
-    for member, (centre, spread, low, high) in zip(largest.fitted_members, largest.norms.tolist()):
-        member_scores, member_maps = member.score_feature_batch(features)
-        z.append((member_scores - centre) / spread)
-        maps.append((member_maps.double() - low) / (high - low))
+    z, maps = member_z_scores_and_maps(largest, features)
     scores, fused_maps = largest.score_feature_batch(features)
     np.testing.assert_allclose(scores, np.max(z, axis=0), rtol=1e-9)
-    np.testing.assert_allclose(fused_maps.numpy(), np.max([m.numpy() for m in maps], axis=0), rtol=1e-5)
+    np.testing.assert_allclose(fused_maps.numpy(), np.max(maps, axis=0), rtol=1e-5)
     held_out = np.max([(np.asarray(m.normal_scores) - centre) / spread
                        for m, (centre, spread, _, _) in zip(largest.fitted_members, largest.norms.tolist())], axis=0)
     np.testing.assert_allclose(largest.normal_scores, held_out, rtol=1e-9)
@@ -95,11 +100,7 @@ def test_soft_max_fusion_is_the_larger_z_score_softened_by_the_temperature(norma
     soft = create_detector("ensemble", **params).fit(normal_images[:5])
     tests = [normal_images[5], defect_image]
     features = soft.embed_images(tests)
-    z, maps = [], []
-    for member, (centre, spread, low, high) in zip(soft.fitted_members, soft.norms.tolist()):
-        member_scores, member_maps = member.score_feature_batch(features)
-        z.append((member_scores - centre) / spread)
-        maps.append(((member_maps.double() - low) / (high - low)).numpy())
+    z, maps = member_z_scores_and_maps(soft, features)
     scores, fused_maps = soft.score_feature_batch(features)
     temperature = SOFT_MAX_TEMPERATURE
     np.testing.assert_allclose(scores, temperature * np.log(np.exp(z[0] / temperature) + np.exp(z[1] / temperature)),
