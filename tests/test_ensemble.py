@@ -44,6 +44,22 @@ def test_too_few_normal_images_to_normalise_members_is_a_clear_error(normal_imag
         create_detector("ensemble", size=64, members=["patchknn"]).fit(normal_images[:1])
 
 
+def member_z_scores_and_maps(ensemble, features):
+    """Each member's image z-scores and its patch maps scaled to its normal map range, by hand."""
+    z, maps = [], []
+    for member, (centre, spread, low, high) in zip(ensemble.fitted_members, ensemble.norms.tolist()):
+        member_scores, member_maps = member.score_feature_batch(features)
+        z.append((member_scores - centre) / spread)
+        maps.append(((member_maps.double() - low) / (high - low)).numpy())
+    return z, maps
+
+
+def member_held_out_z_scores(ensemble):
+    """Each member's held-out normal scores as z-scores against its final statistics, by hand."""
+    return [(np.asarray(member.normal_scores) - centre) / spread
+            for member, (centre, spread, _, _) in zip(ensemble.fitted_members, ensemble.norms.tolist())]
+
+
 def test_threshold_is_set_on_the_members_held_out_scores_in_the_final_normalisation(normal_images):
     """The fused held-out scores are the members' own held-out scores (same folds) as z-scores
     against the final members' statistics: the scale new images are scored on."""
@@ -54,21 +70,11 @@ def test_threshold_is_set_on_the_members_held_out_scores_in_the_final_normalisat
     ensemble.fit(normal_images)
     members = ensemble.fitted_members
     assert len(members[0].normal_scores) == len(members[1].normal_scores) == len(normal_images)
-    expected = np.mean([(np.asarray(m.normal_scores) - mean) / spread
-                        for m, (mean, spread, _, _) in zip(members, ensemble.norms.tolist())], axis=0)
+    expected = np.mean(member_held_out_z_scores(ensemble), axis=0)
     np.testing.assert_allclose(ensemble.normal_scores, expected, rtol=1e-9)
     assert ensemble.threshold == pytest.approx(threshold_from_normal_scores(expected, ensemble.operating_fpr))
     assert abs(float(np.mean(ensemble.normal_scores))) < 1e-9  # z-scores of the very scores that set the norms
 
-
-def member_z_scores_and_maps(ensemble, features):
-    """Each member's image z-scores and its patch maps scaled to its normal map range, by hand."""
-    z, maps = [], []
-    for member, (centre, spread, low, high) in zip(ensemble.fitted_members, ensemble.norms.tolist()):
-        member_scores, member_maps = member.score_feature_batch(features)
-        z.append((member_scores - centre) / spread)
-        maps.append(((member_maps.double() - low) / (high - low)).numpy())
-    return z, maps
 
 def test_max_fusion_takes_each_images_largest_member_z_score_and_map(normal_images, defect_image):
     """fusion="max": the fused score is the larger of the members' z-scores, image by image (a
@@ -84,9 +90,7 @@ def test_max_fusion_takes_each_images_largest_member_z_score_and_map(normal_imag
     scores, fused_maps = largest.score_feature_batch(features)
     np.testing.assert_allclose(scores, np.max(z, axis=0), rtol=1e-9)
     np.testing.assert_allclose(fused_maps.numpy(), np.max(maps, axis=0), rtol=1e-5)
-    held_out = np.max([(np.asarray(m.normal_scores) - centre) / spread
-                       for m, (centre, spread, _, _) in zip(largest.fitted_members, largest.norms.tolist())], axis=0)
-    np.testing.assert_allclose(largest.normal_scores, held_out, rtol=1e-9)
+    np.testing.assert_allclose(largest.normal_scores, np.max(member_held_out_z_scores(largest), axis=0), rtol=1e-9)
     # Same members, same norms: only the combination differs.
     np.testing.assert_allclose(mean.score_feature_batch(features)[0], np.mean(z, axis=0), rtol=1e-6)
     assert largest.predict([defect_image]).scores[0] > largest.threshold
@@ -107,8 +111,7 @@ def test_soft_max_fusion_is_the_larger_z_score_softened_by_the_temperature(norma
                                rtol=1e-9)
     assert (scores >= np.max(z, axis=0)).all() and (scores <= np.max(z, axis=0) + temperature * np.log(2) + 1e-12).all()
     np.testing.assert_allclose(fused_maps.numpy(), np.max(maps, axis=0), rtol=1e-5)
-    held_out = [(np.asarray(m.normal_scores) - centre) / spread
-                for m, (centre, spread, _, _) in zip(soft.fitted_members, soft.norms.tolist())]
+    held_out = member_held_out_z_scores(soft)
     np.testing.assert_allclose(soft.normal_scores, temperature * np.logaddexp(held_out[0] / temperature,
                                                                               held_out[1] / temperature), rtol=1e-9)
     assert soft.predict([defect_image]).scores[0] > soft.threshold
