@@ -1,6 +1,8 @@
 """The composition detector on tiny scenes whose answers are known: two coloured discs on a grey
 tray, where a missing, swapped or extra disc is a logical anomaly no patch looks wrong for."""
 
+import json
+
 import cv2
 import numpy as np
 import pytest
@@ -10,6 +12,8 @@ from defectlens.models import Detector, create_detector
 from defectlens.models.base import ModelFileError
 from defectlens.errors import UsageError
 from defectlens.models.composition.model import (
+    FLOORS,
+    FLOORS_BEFORE_2026_12_02,
     FUSION_MIN_SPREAD,
     NAIVE_WEIGHTS,
     SCORES,
@@ -103,6 +107,27 @@ def test_a_model_file_without_patch_words_says_to_fit_again(fitted, tmp_path):
     save_file(tensors, str(path), metadata=metadata)
     with pytest.raises(ModelFileError, match="words.dlmodel.*fit it again"):
         Detector.load(path)
+
+
+def test_a_model_file_keeps_the_floors_it_was_calibrated_with(fitted, tmp_path):
+    """Its threshold was set with them: a file from before the location floor rose keeps 2 %."""
+    from safetensors import safe_open
+    from safetensors.torch import load_file, save_file
+
+    detector, _ = fitted
+    path = detector.save(tmp_path / "floors.dlmodel")
+    current = Detector.load(path).memory
+    assert current.floors == FLOORS
+    with safe_open(str(path), framework="pt") as handle:
+        config = json.loads(handle.metadata()["defectlens"])
+    del config["extra"]["floors"]
+    save_file(load_file(str(path)), str(path), metadata={"defectlens": json.dumps(config)})
+    older = Detector.load(path).memory
+    assert older.floors == FLOORS_BEFORE_2026_12_02 and older.floors["location"] == 0.02
+    # The per-class spreads are the file's own; only the floor under them differs.
+    np.testing.assert_allclose(np.maximum(older.class_norms["location"], FLOORS["location"]),
+                               current.class_norms["location"])
+    assert older.class_norms["location"].min() < FLOORS["location"]
 
 
 def test_map_shows_a_missing_part_where_it_should_be_and_a_swap_at_both_places(fitted):
