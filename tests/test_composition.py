@@ -13,7 +13,6 @@ from defectlens.models.base import ModelFileError
 from defectlens.errors import UsageError
 from defectlens.models.composition.model import (
     FLOORS,
-    FLOORS_BEFORE_2026_12_02,
     FUSION_MIN_SPREAD,
     NAIVE_WEIGHTS,
     SCORES,
@@ -31,6 +30,7 @@ from defectlens.models.composition.segment import (
     majority_filter,
 )
 from defectlens.models.composition.views import MAX_GAIN, shot_views
+from defectlens.models.composition.words import out_of_place, word_places
 
 SIZE = 96
 PARAMS = {"size": 96, "part_size": 48, "parts": 4}
@@ -76,6 +76,37 @@ def test_logical_anomalies_raise_the_scores_that_see_them(fitted):
         assert combine(anomaly) > max(combine(g) for g in goods)
 
 
+def test_a_part_moved_where_no_shot_has_it_raises_the_placement_score(fitted):
+    """The red disc in the far corner: every count and colour is right, its patches are not."""
+    detector, rng = fitted
+    goods = calibrated_scores(detector, [normal(rng) for _ in range(4)])
+    images = [scene(rng, [(RED, (82, 82)), (BLUE, (68, 48))]) for _ in range(2)]
+    moved = calibrated_scores(detector, images)
+    assert min(m["placement"] for m in moved) > 3 * max(1.0, max(g["placement"] for g in goods))
+    assert min(combine(m) for m in moved) > max(combine(g) for g in goods)
+    # The map paints the patches out of place: the disc in the far corner of the 12 x 12 grid (and
+    # tray patches around it, whose features see it), and nothing on a good scene.
+    images.append(normal(rng))
+    compositions, _ = detector.compose(images, detector.backbone_network.embed(images))
+    for composition, calibrated in zip(compositions, moved):
+        painted = detector.placement_map(composition, calibrated)
+        assert painted[9:12, 9:12].all() and painted.max() == pytest.approx(calibrated["placement"] - 2.0)
+    assert not detector.placement_map(compositions[-1], detector.score_parts(compositions[-1])[0]).any()
+
+
+def test_word_places_known_answer():
+    references = np.zeros((2, 6, 6), np.int64)
+    references[0, 0, 0], references[1, 5, 5] = 1, 2
+    places = word_places(references, 3, radius=1)
+    assert places[0].all()  # the tray's word is everywhere
+    np.testing.assert_array_equal(np.argwhere(places[1]), [[0, 0], [0, 1], [1, 0], [1, 1]])
+    np.testing.assert_array_equal(np.argwhere(places[2]), [[4, 4], [4, 5], [5, 4], [5, 5]])
+    test = np.zeros((6, 6), np.int64)
+    test[0, 1], test[3, 3], test[4, 4], test[0, 5] = 1, 1, 2, 2  # in place, out, in place, out
+    np.testing.assert_array_equal(np.argwhere(out_of_place(test, places)), [[0, 5], [3, 3]])
+    assert not out_of_place(references[0], places).any()
+
+
 def with_dots(rng, count):
     """A normal scene with ``count`` small grey dots in a row above the discs (two are normal)."""
     image = normal(rng)
@@ -110,7 +141,7 @@ def test_a_model_file_without_patch_words_says_to_fit_again(fitted, tmp_path):
 
 
 def test_a_model_file_keeps_the_floors_it_was_calibrated_with(fitted, tmp_path):
-    """Its threshold was set with them: a file from before the location floor rose keeps 2 %."""
+    """Its threshold was set with them: floors changed in a later version must not move its scores."""
     from safetensors import safe_open
     from safetensors.torch import load_file, save_file
 
@@ -120,14 +151,29 @@ def test_a_model_file_keeps_the_floors_it_was_calibrated_with(fitted, tmp_path):
     assert current.floors == FLOORS
     with safe_open(str(path), framework="pt") as handle:
         config = json.loads(handle.metadata()["defectlens"])
-    del config["extra"]["floors"]
+    config["extra"]["floors"]["location"] = FLOORS["location"] / 2
     save_file(load_file(str(path)), str(path), metadata={"defectlens": json.dumps(config)})
     older = Detector.load(path).memory
-    assert older.floors == FLOORS_BEFORE_2026_12_02 and older.floors["location"] == 0.02
+    assert older.floors["location"] == FLOORS["location"] / 2
     # The per-class spreads are the file's own; only the floor under them differs.
     np.testing.assert_allclose(np.maximum(older.class_norms["location"], FLOORS["location"]),
                                current.class_norms["location"])
     assert older.class_norms["location"].min() < FLOORS["location"]
+
+
+def test_a_model_file_without_word_maps_says_to_fit_again(fitted, tmp_path):
+    from safetensors import safe_open
+    from safetensors.torch import load_file, save_file
+
+    detector, _ = fitted
+    path = detector.save(tmp_path / "places.dlmodel")
+    with safe_open(str(path), framework="pt") as handle:
+        metadata = handle.metadata()
+    tensors = load_file(str(path))
+    del tensors["refs.word_map"]
+    save_file(tensors, str(path), metadata=metadata)
+    with pytest.raises(ModelFileError, match="places.dlmodel.*placement.*fit it again"):
+        Detector.load(path)
 
 
 def test_map_shows_a_missing_part_where_it_should_be_and_a_swap_at_both_places(fitted):
@@ -292,7 +338,7 @@ def test_nearest_patches_matches_brute_force():
     def parts(count, classes):
         patches = torch.nn.functional.normalize(torch.from_numpy(rng.normal(size=(count, 8))).float(), dim=1)
         patch_class = torch.from_numpy(rng.integers(0, classes, count))
-        return ImageParts(patches, patch_class, patch_class != 0, *[None] * 6)
+        return ImageParts(patches, patch_class, patch_class != 0, *[None] * 7)
 
     test, bank = parts(30, 4), parts(50, 3)  # class 3 is missing from the bank
     anyone, same, foreground = nearest_patches(test, bank, chunk=16)
@@ -308,7 +354,7 @@ def test_class_distances_known_answers():
     def parts(area, count, colour, location, words=(0, 0, 0)):
         classes = len(area)
         return ImageParts(None, None, None, np.array(area, float), np.array(count, float), np.array(colour, float),
-                          np.array(location, float), np.eye(classes, 3), np.array(words, float))
+                          np.array(location, float), np.eye(classes, 3), np.array(words, float), None)
 
     typical = np.array([0.16, 0.04])
     refs = ImageParts.stack([parts([0.16, 0.04], [1, 2], [[0, 0], [10, 0]], [[0.5, 0.5], [0.2, 0.2]], [3, 0, 5]),
@@ -332,7 +378,8 @@ def test_image_vectors_known_answers():
                        foreground=torch.ones(1, dtype=torch.bool), area=np.array([0.5, 0.25, 0.25]),
                        count=np.array([1.0, 1.0, 2.0]), colour=np.array([[0.0, 0.0], [10.0, -5.0], [3.0, 4.0]]),
                        location=np.array([[0.5, 0.5], [0.3, 0.4], [0.6, 0.8]]),
-                       embedding=np.array([[1.0, 0.0], [0.0, 1.0], [0.6, 0.8]]), words=np.zeros(4))
+                       embedding=np.array([[1.0, 0.0], [0.0, 1.0], [0.6, 0.8]]), words=np.zeros(4),
+                       word_map=np.zeros((1, 1), np.int64))
     vectors = image_vectors(parts, np.array([False, True, True]), pixels=100)
     np.testing.assert_allclose(vectors["histogram"], [25.0, 25.0])
     np.testing.assert_allclose(vectors["colour"], [10.0, -5.0, 3.0, 4.0])
@@ -432,7 +479,8 @@ def test_benchmark_reports_part_maps_and_spro(tmp_path):
     assert {"au_spro_0.05", "au_spro_0.3[logical]"} <= set(result.summary[0])
     records = result.records
     assert all(r.extra_panels["parts"].shape == (64, 64, 3) for r in records)
-    assert set(SCORES) == {"agnostic", "aware", "foreground", "embedding", "histogram", "colour", "location", "words"}
+    assert set(SCORES) == {"agnostic", "aware", "foreground", "embedding", "histogram", "colour", "location", "words",
+                           "placement"}
 
 
 def test_predict_report_shows_part_maps(tmp_path):

@@ -1,5 +1,6 @@
 """What one image is made of: per-patch features and classes, per-class area, part count,
-colour, location and mean feature, and its patch-word histogram — the inputs of the eight scores.
+colour, location and mean feature, its patch-word histogram and word map — the inputs of the nine
+scores.
 
 Class-wise quantities of a class are compared only where the class is really there: a class
 covering under a quarter of its typical area has no meaningful colour, location or embedding
@@ -36,6 +37,7 @@ class ImageParts:
     location: np.ndarray  # (K, 2) mean x, y as shares of the width and height
     embedding: np.ndarray  # (K, D) unit-length mean feature
     words: np.ndarray  # (W,) patches nearest to each patch word
+    word_map: np.ndarray  # (h, w) int64, the word nearest to each patch
 
     @staticmethod
     def stack(items: list[ImageParts]) -> ImageParts:
@@ -99,9 +101,10 @@ def describe(image: np.ndarray, features: torch.Tensor, part_map: np.ndarray, ba
     for k in range(classes):
         _, _, stats, _ = cv2.connectedComponentsWithStats(one_hot[k].astype(np.uint8), connectivity=8)
         count[k] = (stats[1:, cv2.CC_STAT_AREA] >= min_part[k]).sum()
+    nearest = words.nearest(patches)
     return ImageParts(patches=patches, patch_class=patch_class, foreground=torch.from_numpy(~background)[patch_class],
                        area=area, count=count, colour=colour, location=location, embedding=embedding,
-                       words=words.counts(patches))
+                       words=words.counts(nearest), word_map=nearest.reshape(height, width))
 
 
 def class_distances(test: ImageParts, refs: ImageParts, typical_area: np.ndarray) -> dict[str, np.ndarray]:

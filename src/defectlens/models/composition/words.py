@@ -6,10 +6,16 @@ an extra or misplaced one changes no class's count. Its patches still look like 
 words are a k-means of the references' unit patch features; an image's histogram of nearest
 words moves by a screw's few patches when a screw is added, and the word score compares it with
 the references' histograms word by word (see ``Memory`` in :mod:`.model`).
+
+Where the words lie tells what the count cannot: a screw moved into the nut's compartment keeps
+every count, but its patches now show a word that no reference shows anywhere near. The
+placement score counts such patches: out of place is a patch whose word is not within
+``PLACE_RADIUS`` cells of any place where a reference shows that word.
 """
 
 from __future__ import annotations
 
+import cv2
 import numpy as np
 import torch
 
@@ -24,6 +30,11 @@ import torch
 WORDS = 16
 #: Reference patches the k-means sees at most (a random sample beyond).
 SAMPLES = 40_000
+#: A word may lie this many patch cells (Chebyshev) from where a reference shows it, about an
+#: eighth of the side at 256 px: a part moves within its compartment between normal trays, not
+#: into the next one. Chosen among 1-6 on generated LOCO trays (assembly sets 0-2, 4 shots; 4, 5
+#: and 6 within 0.003 of each other), 2026-12-02.
+PLACE_RADIUS = 4
 
 
 class PatchWords:
@@ -44,11 +55,15 @@ class PatchWords:
         self.centroids = torch.from_numpy(kmeans.cluster_centers_.astype(np.float32))
         return self
 
-    def counts(self, patches: torch.Tensor) -> np.ndarray:
-        """(words,) float64: how many of the (P, D) patches are nearest to each word."""
+    def nearest(self, patches: torch.Tensor) -> np.ndarray:
+        """(P,) int64: the word nearest to each of the (P, D) patches."""
         # Squared distances less the patch's own norm, which does not change the nearest word.
         distances = (self.centroids**2).sum(dim=1) - 2 * patches.float() @ self.centroids.T
-        return np.bincount(distances.argmin(dim=1).numpy(), minlength=len(self.centroids)).astype(np.float64)
+        return distances.argmin(dim=1).numpy()
+
+    def counts(self, nearest: np.ndarray) -> np.ndarray:
+        """(words,) float64: how many patches are nearest to each word, from ``nearest``'s words."""
+        return np.bincount(nearest.ravel(), minlength=len(self.centroids)).astype(np.float64)
 
     def state_tensors(self, prefix: str) -> dict[str, torch.Tensor]:
         return {f"{prefix}centroids": self.centroids}
@@ -58,3 +73,16 @@ class PatchWords:
             raise ValueError("no patch words: the model was saved by a defectlens without the words score; fit it again")
         self.centroids = tensors[f"{prefix}centroids"].float()
         self.words = len(self.centroids)
+
+
+def word_places(word_maps: np.ndarray, words: int, radius: int = PLACE_RADIUS) -> np.ndarray:
+    """(words, h, w) bool: where each word may lie, within ``radius`` cells of a place where one of
+    the references' (R, h, w) word maps shows it."""
+    reach = np.ones((2 * radius + 1, 2 * radius + 1), np.uint8)
+    return np.stack([cv2.dilate((word_maps == w).any(axis=0).astype(np.uint8), reach) > 0 for w in range(words)])
+
+
+def out_of_place(word_map: np.ndarray, places: np.ndarray) -> np.ndarray:
+    """(h, w) bool: the patches of an (h, w) word map that show a word where ``places`` does not allow it."""
+    rows, cols = np.indices(word_map.shape)
+    return ~places[word_map, rows, cols]
