@@ -55,9 +55,9 @@ PHOTOS = HERE.parents[1] / "shared" / "datasets"
 BSDATA = PHOTOS / "bsdata" / "ball_screw"
 OUT = HERE / "results" / "loco_logical"
 #: Ways to join the calibrated scores: the write-up's plain sum of its seven and the detector's norm
-#: of all eight (the seven and the patch words).
+#: of all nine (the seven, the patch words and their placement).
 COMBINATIONS = {"sum": lambda c: sum(c[s] for s in WRITE_UP_SCORES), "norm": combine}
-COMBINATION_LABELS = {"sum": "plain sum of the write-up's seven", "norm": "Euclidean norm of the eight (the detector)"}
+COMBINATION_LABELS = {"sum": "plain sum of the write-up's seven", "norm": "Euclidean norm of the nine (the detector)"}
 
 
 def mean_std(values) -> str:
@@ -85,7 +85,7 @@ def compact(result) -> dict:
 
 
 def ablation(folder: Path, shots: int, seeds: int) -> list[dict]:
-    """Each of the eight calibrated scores alone and their combinations, per shot seed: logical and
+    """Each of the nine calibrated scores alone and their combinations, per shot seed: logical and
     structural image AUROC. Same shot picks as run_benchmark; features computed once."""
     dataset = load_dataset(folder)
     train = normal_training_samples(dataset)

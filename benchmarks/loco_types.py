@@ -9,7 +9,7 @@ train, 16 good and 4 of each anomaly type per test set (the sets of composition_
 loco_fewshot_structural.md; written when missing). A test image's type is the defect of its
 first mask (a misplaced part's, not the missing part its compartment then has), named by the
 mask's pixel value in defects_config.json. For each configuration and shot draw, composition is
-fitted on ``--shots`` good images; each test image gets the detector's score and the eight
+fitted on ``--shots`` good images; each test image gets the detector's score and the nine
 calibrated scores (``score_parts``). Every score's AUROC against the good test images, per type
 and per group, mean over all runs (generator sets × draws). Runs are kept in NAME.json and
 skipped when the script runs again; NAME.md is rewritten from it.
