@@ -125,55 +125,42 @@ def test_an_extra_small_part_raises_the_words_score():
     assert min(combine(e) for e in extras) > max(combine(g) for g in goods)
 
 
-def test_a_model_file_without_patch_words_says_to_fit_again(fitted, tmp_path):
-    from safetensors.torch import load_file, save_file
+def rewritten(detector, path, drop: str | None = None, location_floor: float | None = None):
+    """The detector saved to ``path``, then the file rewritten as an older or edited one: without
+    the tensor ``drop``, or with another location floor."""
     from safetensors import safe_open
+    from safetensors.torch import load_file, save_file
 
-    detector, _ = fitted
-    path = detector.save(tmp_path / "words.dlmodel")
+    detector.save(path)
     with safe_open(str(path), framework="pt") as handle:
-        metadata = handle.metadata()
+        config = json.loads(handle.metadata()["defectlens"])
     tensors = load_file(str(path))
-    del tensors["words.centroids"]
-    save_file(tensors, str(path), metadata=metadata)
-    with pytest.raises(ModelFileError, match="words.dlmodel.*fit it again"):
-        Detector.load(path)
+    if drop is not None:
+        del tensors[drop]
+    if location_floor is not None:
+        config["extra"]["floors"]["location"] = location_floor
+    save_file(tensors, str(path), metadata={"defectlens": json.dumps(config)})
+    return path
+
+
+@pytest.mark.parametrize("tensor, message", [("words.centroids", "no patch words.*fit it again"),
+                                             ("refs.word_map", "no word maps.*placement.*fit it again")])
+def test_a_model_file_from_before_a_score_says_to_fit_again(fitted, tmp_path, tensor, message):
+    with pytest.raises(ModelFileError, match=f"older.dlmodel.*{message}"):
+        Detector.load(rewritten(fitted[0], tmp_path / "older.dlmodel", drop=tensor))
 
 
 def test_a_model_file_keeps_the_floors_it_was_calibrated_with(fitted, tmp_path):
     """Its threshold was set with them: floors changed in a later version must not move its scores."""
-    from safetensors import safe_open
-    from safetensors.torch import load_file, save_file
-
     detector, _ = fitted
-    path = detector.save(tmp_path / "floors.dlmodel")
-    current = Detector.load(path).memory
+    current = Detector.load(detector.save(tmp_path / "current.dlmodel")).memory
     assert current.floors == FLOORS
-    with safe_open(str(path), framework="pt") as handle:
-        config = json.loads(handle.metadata()["defectlens"])
-    config["extra"]["floors"]["location"] = FLOORS["location"] / 2
-    save_file(load_file(str(path)), str(path), metadata={"defectlens": json.dumps(config)})
-    older = Detector.load(path).memory
+    older = Detector.load(rewritten(detector, tmp_path / "older.dlmodel", location_floor=FLOORS["location"] / 2)).memory
     assert older.floors["location"] == FLOORS["location"] / 2
     # The per-class spreads are the file's own; only the floor under them differs.
     np.testing.assert_allclose(np.maximum(older.class_norms["location"], FLOORS["location"]),
                                current.class_norms["location"])
     assert older.class_norms["location"].min() < FLOORS["location"]
-
-
-def test_a_model_file_without_word_maps_says_to_fit_again(fitted, tmp_path):
-    from safetensors import safe_open
-    from safetensors.torch import load_file, save_file
-
-    detector, _ = fitted
-    path = detector.save(tmp_path / "places.dlmodel")
-    with safe_open(str(path), framework="pt") as handle:
-        metadata = handle.metadata()
-    tensors = load_file(str(path))
-    del tensors["refs.word_map"]
-    save_file(tensors, str(path), metadata=metadata)
-    with pytest.raises(ModelFileError, match="places.dlmodel.*placement.*fit it again"):
-        Detector.load(path)
 
 
 def test_map_shows_a_missing_part_where_it_should_be_and_a_swap_at_both_places(fitted):
