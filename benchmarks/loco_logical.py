@@ -135,6 +135,28 @@ def per_set_std(runs: list[dict], key: str) -> str:
     return f"{np.mean(stds):.3f}" if stds else "–"
 
 
+def bsdata_lines(blocks: dict) -> list[str]:
+    """The BSData table of composition, when the store holds BSData runs."""
+    bsdata = {k: v for k, v in blocks.items() if k.startswith("bsdata/")}
+    if not bsdata:
+        return []
+    lines = ["", "## BSData ball_screw (real pitting defects: structural only)\n",
+             ("325 pitting and 284 good test images; image AUROC, pixel AUROC of the maps. Patch-kNN and the "
+              "other detectors on the same protocol: bsdata_quality.md.\n"),
+             "| method | shots | runs | image AUROC | pixel AUROC | FPR / TPR at threshold | fit s | ms/image |",
+             "|---|---|---|---|---|---|---|---|"]
+    for key, value in sorted(bsdata.items()):
+        for shots in sorted({r["shots"] for r in value["runs"]}):
+            group = [r for r in value["runs"] if r["shots"] == shots]
+            def col(name, group=group):
+                return mean_std([r.get(name) for r in group])
+            lines.append(f"| {key.split('/')[1]} | {shots} | {len(group)} | {col('all.image_auroc')} | "
+                         f"{col('all.pixel_auroc')} | {col('fpr_at_threshold')} / {col('tpr_at_threshold')} | "
+                         f"{np.mean([r['fit_seconds'] for r in group]):.1f} | "
+                         f"{np.mean([r['score_ms_per_image'] for r in group]):.0f} |")
+    return lines
+
+
 def write_categories_markdown(store: dict, args_line: str) -> None:
     """Tables per category and configuration, for runs over several categories and configs."""
     loco = {k: v for k, v in store["blocks"].items() if k.startswith("loco/")}
@@ -178,6 +200,7 @@ def write_categories_markdown(store: dict, args_line: str) -> None:
             group = [r for r in loco[key]["runs"] if r["shots"] == shots]
             lines.append(f"| {label} | {data} | {shots} | {mean_std([r['logical.image_auroc'] for r in group])} | "
                          f"{mean_std([r['structural.image_auroc'] for r in group])} |")
+    lines += bsdata_lines(store["blocks"])
     store_out = Path(store["out"])
     store_out.with_suffix(".md").write_text("\n".join(lines) + "\n")
 
@@ -242,22 +265,7 @@ def write_markdown(store: dict, args_line: str) -> None:
                 # .get: runs stored before the words score have no words column (a dash)
                 lines.append(f"| {label} | {mean_std([r.get(f'{prefix}{name}.logical') for r in rows])} | "
                              f"{mean_std([r.get(f'{prefix}{name}.structural') for r in rows])} |")
-    bsdata = {k: v for k, v in blocks.items() if k.startswith("bsdata/")}
-    if bsdata:
-        lines += ["", "## BSData ball_screw (real pitting defects: structural only)\n",
-                  ("325 pitting and 284 good test images; image AUROC, pixel AUROC of the maps. Patch-kNN and the "
-                   "other detectors on the same protocol: bsdata_quality.md.\n"),
-                  "| method | shots | runs | image AUROC | pixel AUROC | FPR / TPR at threshold | fit s | ms/image |",
-                  "|---|---|---|---|---|---|---|---|"]
-        for key, value in sorted(bsdata.items()):
-            for shots in sorted({r["shots"] for r in value["runs"]}):
-                group = [r for r in value["runs"] if r["shots"] == shots]
-                def col(name, group=group):
-                    return mean_std([r.get(name) for r in group])
-                lines.append(f"| {key.split('/')[1]} | {shots} | {len(group)} | {col('all.image_auroc')} | "
-                             f"{col('all.pixel_auroc')} | {col('fpr_at_threshold')} / {col('tpr_at_threshold')} | "
-                             f"{np.mean([r['fit_seconds'] for r in group]):.1f} | "
-                             f"{np.mean([r['score_ms_per_image'] for r in group]):.0f} |")
+    lines += bsdata_lines(blocks)
     OUT.with_suffix(".md").write_text("\n".join(lines) + "\n")
 
 
