@@ -123,6 +123,12 @@ def finer_maximum(first: np.ndarray, second: np.ndarray) -> np.ndarray:
     return np.maximum(first, second)
 
 
+def paint_level(evidence: float) -> float:
+    """The map value of evidence above ``PAINT_ABOVE`` (a part class's or the placement score):
+    shifted so that evidence just above the bound ranks with the worst normal patches (near 1)."""
+    return evidence - (PAINT_ABOVE - 1.0)
+
+
 def spread(values: np.ndarray) -> float:
     """Standard deviation of held-out normal scores, floored (see ``FUSION_MIN_SPREAD``)."""
     deviation = float(np.std(values, ddof=1)) if len(values) > 1 else 0.0
@@ -474,7 +480,7 @@ class Composition(BackboneDetector):
         range (above ``PAINT_ABOVE``), the patches out of place, painted as the part classes are."""
         painted = np.zeros(composition.word_map.shape, np.float32)
         if "placement" in self.scores and calibrated["placement"] > PAINT_ABOVE:
-            painted[self.memory.out_of_place(composition)] = calibrated["placement"] - (PAINT_ABOVE - 1.0)
+            painted[self.memory.out_of_place(composition)] = paint_level(calibrated["placement"])
         return painted
 
     def evidence_map(self, part_map: np.ndarray, evidence: np.ndarray) -> np.ndarray:
@@ -484,8 +490,7 @@ class Composition(BackboneDetector):
         for k in np.flatnonzero(evidence > PAINT_ABOVE):
             here = part_map == k
             where = here | (self.memory.usual_place[k] & ~here)
-            # Shifted so that a class just above the bound ranks with the worst normal patches.
-            painted[where] = np.maximum(painted[where], evidence[k] - (PAINT_ABOVE - 1.0))
+            painted[where] = np.maximum(painted[where], paint_level(evidence[k]))
         return painted
 
     # -- state ------------------------------------------------------------------------------
