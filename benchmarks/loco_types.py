@@ -36,7 +36,7 @@ from composition_fusion import fewshot_loco_set, loco_set_arguments
 from real_suite import parse_config
 
 HERE = Path(__file__).resolve().parent
-DEFAULT_CONFIG = 'views2pooled=composition:size=256,views=2,normalise=pooled'
+DEFAULT_CONFIG = 'defaults=composition:size=256'
 
 
 def defect_names(dataset) -> list[str]:

@@ -52,8 +52,9 @@ def normal(rng):
 
 @pytest.fixture(scope="module")
 def fitted():
+    """Four shots alone (no views): the known answers below are about the shots' own patches."""
     rng = np.random.default_rng(0)
-    detector = create_detector("composition", **PARAMS).fit([normal(rng) for _ in range(4)])
+    detector = create_detector("composition", views=0, **PARAMS).fit([normal(rng) for _ in range(4)])
     return detector, rng
 
 
@@ -199,6 +200,28 @@ def test_prediction_contract_and_model_file_round_trip(fitted, tmp_path):
     for a, b in zip(after.part_maps, before.part_maps):
         np.testing.assert_array_equal(a, b)
     assert loaded.threshold == detector.threshold
+
+
+@pytest.mark.parametrize("params, shots, resolved", [
+    ({}, 2, (0, "max")), ({}, 3, (2, "pooled")), ({}, 8, (2, "pooled")), ({}, 9, (0, "max")),
+    ({"scoring": "published"}, 4, (0, "max")), ({"views": 1}, 2, (1, "pooled")),
+    ({"views": 2, "normalise": "max"}, 4, (2, "max")), ({"views": 0, "normalise": "pooled"}, 4, (0, "pooled")),
+])
+def test_views_and_normalise_default_by_the_number_of_shots(params, shots, resolved):
+    assert create_detector("composition", **params).resolve_views(shots) == resolved
+
+
+def test_default_at_four_shots_fits_views_and_keeps_them_in_the_model_file(tmp_path):
+    rng = np.random.default_rng(1)
+    detector = create_detector("composition", **PARAMS).fit([normal(rng) for _ in range(4)])
+    assert detector.views is None and (detector.views_used, detector.normalise_used) == (2, "pooled")
+    assert detector.normal_scores.shape == (12,)  # every shot and each of its two views held out
+    images = [normal(rng), scene(rng, [(RED, (28, 48))])]
+    before = detector.predict(images).scores
+    assert before[1] > detector.threshold > before[0]
+    loaded = Detector.load(detector.save(tmp_path / "composition.dlmodel"))
+    assert (loaded.views, loaded.views_used, loaded.normalise_used) == (None, 2, "pooled")
+    np.testing.assert_allclose(loaded.predict(images).scores, before, rtol=1e-6)
 
 
 def test_calibration_one_shot_and_single_score_ablation(fitted):
