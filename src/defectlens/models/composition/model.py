@@ -276,9 +276,10 @@ class Composition(BackboneDetector):
         with refined scoring from 3 to ``VIEWS_UP_TO`` shots, else none. ``normalise``:
         each score's spread from the held-out shots, their largest value ("max", the write-up)
         or their mean ("pooled": every held-out shot and view counts, not only the most
-        extreme); None: pooled where there are views, else max. ``structural``: a patch detector fused in for structural defects (fit on the
-        same shots and features); the image score is then the larger of the two detectors'
-        scores, each standardised by its own held-out normal scores. ``structural_params``: the
+        extreme); None: pooled where there are views, else max. ``structural``: a patch detector
+        fused in for structural defects (fit on the same shots and features); the image score is
+        then the larger of the two detectors' scores, each standardised by its own held-out normal
+        scores. ``structural_params``: the
         member's own parameters (backbone, seed and blur_sigma are the composition's, and its view
         is the composition's square one); a ``size`` other than the composition's makes the member
         embed the images itself: structural defects are often a few pixels wide while parts and
