@@ -17,6 +17,7 @@ from defectlens.models.composition.model import (
     NAIVE_WEIGHTS,
     SCORES,
     WRITE_UP_SCORES,
+    ClassSortedPatches,
     combine,
     nearest_patches,
     pooled_spread,
@@ -351,13 +352,16 @@ def test_nearest_patches_matches_brute_force():
         return ImageParts(patches, patch_class, patch_class != 0, *[None] * 7)
 
     test, bank = parts(30, 4), parts(50, 3)  # class 3 is missing from the bank
-    anyone, same, foreground = nearest_patches(test, bank, chunk=16)
+    anyone, same, foreground = nearest_patches(test, ClassSortedPatches.of(bank), chunk=16)
     distance = 1 - test.patches @ bank.patches.T
     torch.testing.assert_close(anyone, distance.min(dim=1).values)
     for i in range(30):
         mine = bank.patch_class == test.patch_class[i]
         assert same[i] == pytest.approx(float(distance[i, mine].min()) if mine.any() else 1.0, abs=1e-6)
         assert foreground[i] == pytest.approx(float(distance[i, bank.foreground].min()), abs=1e-6)
+    bank.foreground[0] = ~bank.foreground[0]  # one patch of its class differs: no column ranges
+    with pytest.raises(ValueError, match="partly foreground"):
+        ClassSortedPatches.of(bank)
 
 
 def test_class_distances_known_answers():
