@@ -53,6 +53,8 @@ def guided_upsample(cells: torch.Tensor, lab: np.ndarray, radius: int = 2) -> to
     cell_colour = F.adaptive_avg_pool2d(guide[None], (height, width))[0]
     ys = (torch.arange(size) + 0.5) * height / size - 0.5  # pixel centres in cell coordinates
     xs = (torch.arange(size) + 0.5) * width / size - 0.5
+    # Features and mean colours of the cells, gathered for every pixel by one flat index per offset.
+    per_cell = torch.cat([cells, cell_colour]).reshape(dims + 3, height * width)
     total, weight_sum = torch.zeros(dims, size, size), torch.zeros(size, size)
     for dy in range(-radius, radius + 1):
         row = (ys.round().long() + dy).clamp(0, height - 1)
@@ -60,9 +62,10 @@ def guided_upsample(cells: torch.Tensor, lab: np.ndarray, radius: int = 2) -> to
         for dx in range(-radius, radius + 1):
             col = (xs.round().long() + dx).clamp(0, width - 1)
             near = near_y[:, None] * torch.exp(-0.5 * (col - xs) ** 2)[None, :]
-            alike = torch.exp(-0.5 * ((guide - cell_colour[:, row][:, :, col]) ** 2).sum(0) / GUIDE_COLOUR**2)
+            gathered = per_cell.index_select(1, (row[:, None] * width + col[None, :]).reshape(-1)).reshape(dims + 3, size, size)
+            alike = torch.exp(-0.5 * ((guide - gathered[dims:]) ** 2).sum(0) / GUIDE_COLOUR**2)
             weight = near * alike
-            total += weight * cells[:, row][:, :, col]
+            total += weight * gathered[:dims]
             weight_sum += weight
     return total / weight_sum.clamp_min(1e-12)
 
