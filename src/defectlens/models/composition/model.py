@@ -293,14 +293,15 @@ class Composition(BackboneDetector):
                              "top_fraction": Real(0.0, 1.0, open_low=True), "blur_sigma": BLUR_SIGMA,
                              "segmenter": Choice(("clusters", "sam")), "sam_model": Optional(Text()),
                              "scoring": Choice(("refined", "published")), "views": Optional(Integer(0, 16)),
-                             "normalise": Optional(Choice(("max", "pooled"))), "structural": Optional(Choice(STRUCTURAL_METHODS)),
+                             "normalise": Optional(Choice(("max", "pooled"))),
+                             "structural": Optional(Choice(STRUCTURAL_METHODS)),
                              "structural_params": Optional(Params())}
 
     def __init__(self, backbone: str = DEFAULT_BACKBONE, size: int = 256, seed: int = 0, parts: int = 12,
                  part_size: int = 128, scores: tuple[str, ...] = SCORES, top_fraction: float = 0.02,
                  blur_sigma: float = 4.0, segmenter: str = "clusters", sam_model: str | None = None,
-                 scoring: str = "refined", views: int | None = None, normalise: str | None = None, structural: str | None = None,
-                 structural_params: dict | None = None):
+                 scoring: str = "refined", views: int | None = None, normalise: str | None = None,
+                 structural: str | None = None, structural_params: dict | None = None):
         """``parts``: number of part classes. ``part_size``: side of the part maps in pixels.
         ``scores``: which of the nine scores to combine (all by default; one alone for an ablation).
         ``segmenter``: "clusters" (embedded, no weights) or "sam" (cluster classes voted inside

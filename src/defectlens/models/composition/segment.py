@@ -62,7 +62,8 @@ def guided_upsample(cells: torch.Tensor, lab: np.ndarray, radius: int = 2) -> to
         for dx in range(-radius, radius + 1):
             col = (xs.round().long() + dx).clamp(0, width - 1)
             near = near_y[:, None] * torch.exp(-0.5 * (col - xs) ** 2)[None, :]
-            gathered = per_cell.index_select(1, (row[:, None] * width + col[None, :]).reshape(-1)).reshape(dims + 3, size, size)
+            at = (row[:, None] * width + col[None, :]).reshape(-1)
+            gathered = per_cell.index_select(1, at).reshape(dims + 3, size, size)
             alike = torch.exp(-0.5 * ((guide - gathered[dims:]) ** 2).sum(0) / GUIDE_COLOUR**2)
             weight = near * alike
             total += weight * gathered[:dims]
