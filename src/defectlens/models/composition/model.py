@@ -316,11 +316,10 @@ class Composition(BackboneDetector):
         extreme); None: pooled where there are views, else max. ``structural``: a patch detector
         fused in for structural defects (fit on the same shots and features); the image score is
         then the larger of the two detectors' scores, each standardised by its own held-out normal
-        scores. ``structural_params``: the
-        member's own parameters (backbone, seed and blur_sigma are the composition's, and its view
-        is the composition's square one); a ``size`` other than the composition's makes the member
-        embed the images itself: structural defects are often a few pixels wide while parts and
-        their layout are not."""
+        scores. ``structural_params``: the member's own parameters (backbone, seed and blur_sigma
+        are the composition's, and its view is the composition's square one); a ``size`` other
+        than the composition's makes the member embed the images itself: structural defects are
+        often a few pixels wide while parts and their layout are not."""
         self.backbone = backbone
         self.size = size
         self.seed = seed
