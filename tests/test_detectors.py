@@ -104,7 +104,7 @@ def test_cli_fit_target_fpr_says_what_the_threshold_means(tmp_path, normal_image
 
 @pytest.mark.parametrize("method,params", [("patchcore", {"top_k": 3, "bank_size": 100}),
                                            ("patchcore", {"geometry": "tiles", "tile_size": 48}),
-                                           ("patchknn", {"search": "ivf"}),
+                                           ("patchknn", {"search": "ivf"}), ("patchknn", {"metric": "l2"}),
                                            ("patchknn", {"geometry": "tiles", "tile_size": 48, "search": "ivf"}),
                                            ("ensemble", {"members": ["padim", "patchknn"], "fusion": "max",
                                                          "member_params": {"patchknn": {"search": "ivf"}}}),
@@ -119,6 +119,27 @@ def test_scores_without_maps_are_the_scores_with_maps(method, params, normal_ima
     # The most distant patches are searched again: equal up to float32 rounding.
     np.testing.assert_allclose(scores_only.scores, with_maps.scores, rtol=1e-5)
     assert detector.predict([], maps=False).scores.shape == (0,)
+
+
+@pytest.mark.parametrize("metric", ["cosine", "l2"])
+def test_patchknn_patch_score_is_the_distance_to_the_nearest_normal_patch_in_its_metric(metric, normal_images,
+                                                                                      defect_image, tmp_path):
+    from defectlens.models.patchcore.model import flatten_patches
+
+    detector = create_detector("patchknn", size=64, metric=metric, bank_size=None).fit(normal_images[:3])
+    features = detector.embed_images([defect_image])
+    queries, bank = flatten_patches(features).double(), flatten_patches(detector.embed_images(normal_images[:3])).double()
+    if metric == "cosine":
+        unit = torch.nn.functional.normalize
+        expected = 1.0 - (unit(queries, dim=1) @ unit(bank, dim=1).T).amax(dim=1)
+    else:
+        expected = torch.cdist(queries, bank).amin(dim=1)
+    np.testing.assert_allclose(detector.score_features(features).flatten().numpy(), expected.numpy(), rtol=1e-4, atol=1e-5)
+    loaded = Detector.load(detector.save(tmp_path / "m.dlmodel"))
+    assert loaded.metric == metric
+    np.testing.assert_array_equal(loaded.score_features(features).numpy(), detector.score_features(features).numpy())
+    with pytest.raises(ParameterError, match="metric"):
+        create_detector("patchknn", metric="manhattan")
 
 
 def test_patchcore_batch_scores_are_its_contract_scores(normal_images, defect_image):
