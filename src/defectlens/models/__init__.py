@@ -25,7 +25,8 @@ for _module in pkgutil.iter_modules(__path__):
 # DeepPCB's defects, a few pixels across, vanish when its 640-px scans are squashed to 256
 # (patchknn 0.685 square, 0.924 tiled; at 4 shots 0.588 -> 0.810; ELPV's 300-px cells are one tile
 # either way). With few images, tiled patchknn leads every configuration measured (4-shot mean
-# 0.887 over 5 draws of the shots). From MANY_IMAGES on, the padim + patchknn ensemble in tiles, fused by a soft
+# 0.887 over 5 draws of the shots) but its own copy with flipped shots (0.889: two sets up, two down, the
+# left-out mean not up; README, "Few shots"). From MANY_IMAGES on, the padim + patchknn ensemble in tiles, fused by a soft
 # maximum of the member z-scores, with patchknn's bank at 65,536 rows searched by IVF, leads full-shot (see
 # MANY_IMAGES_PARAMS): PaDiM adds what patchknn misses on the aligned sets (BSData, ELPV), the
 # soft maximum keeps patchknn's lead where PaDiM is blind (DeepPCB) and, where the two agree,
