@@ -371,6 +371,11 @@ def shot_curves(table: dict) -> dict[str, dict[str, float]]:
     return {config: points for config, points in curves.items() if len(points) >= 2}
 
 
+def _curve_regimes(curves: dict[str, dict[str, float]]) -> list[str]:
+    """Every regime of the shot curves, in ``_shots_order``."""
+    return sorted({regime for points in curves.values() for regime in points}, key=_shots_order)
+
+
 def plot_shot_curves(curves: dict[str, dict[str, float]], path: Path) -> None:
     """The shot curves as a figure: mean image AUROC over the real sets against the number of shots."""
     import matplotlib
@@ -378,7 +383,7 @@ def plot_shot_curves(curves: dict[str, dict[str, float]], path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    regimes = sorted({regime for points in curves.values() for regime in points}, key=_shots_order)
+    regimes = _curve_regimes(curves)
     figure, axes = plt.subplots(figsize=(10, 5.5))
     for config, points in sorted(curves.items(), key=lambda item: item[0] != AS_FIT_TAKES_IT):
         shown = [regime for regime in regimes if regime in points]
@@ -397,14 +402,13 @@ def plot_shot_curves(curves: dict[str, dict[str, float]], path: Path) -> None:
     plt.close(figure)
 
 
-def _shots_section(table: dict, figure: str | None) -> list[str]:
-    """The mean over the real sets by the number of shots, per configuration measured in two regimes or more."""
-    curves = shot_curves(table)
+def _shots_section(curves: dict[str, dict[str, float]], figure: str | None) -> list[str]:
+    """The shot curves as a table, below their ``figure`` (named relative to the report) if any."""
     if not curves:
         return []
-    regimes = sorted({regime for points in curves.values() for regime in points}, key=_shots_order)
+    regimes = _curve_regimes(curves)
     lines = ["## By the number of shots: mean image AUROC over the real sets", "",
-             "Each configuration measured on all four real sets in two regimes or more (k-shot cells: the mean "
+             f"Each configuration measured on all {len(REAL_SETS)} real sets in two regimes or more (k-shot cells: the mean "
              "over draws on each set, then over the sets). The default as `fit` takes it changes configuration "
              f"at {MANY_IMAGES} good images.", ""]
     if figure:
@@ -436,9 +440,12 @@ def _regime_order(regime: str) -> tuple[int, int]:
     return (0, 0) if regime == "full-shot" else (2, 0) if regime == "zero-shot" else (1, int(regime.split("-")[0]))
 
 
-def render(runs: dict, figure: str | None = None) -> str:
-    """The Markdown report; ``figure``: the shot curves' image, named relative to the report."""
+def render(runs: dict, figure: Path | None = None) -> str:
+    """The Markdown report; with ``figure``, the shot curves are also drawn there (beside the report)."""
     table = aggregate(runs)
+    curves = shot_curves(table)
+    if figure is not None and curves:
+        plot_shot_curves(curves, figure)
     sets = [name for name in (*REAL_SETS, *SANITY_SETS) if any(e["set"] == name for e in runs.values())]
     lines = [
         "# Real-data suite: image AUROC across sets nobody tuned on",
@@ -468,7 +475,7 @@ def render(runs: dict, figure: str | None = None) -> str:
         "exactly either way).",
         "",
     ]
-    lines += _shots_section(table, figure)
+    lines += _shots_section(curves, figure.name if figure is not None else None)
     for regime in sorted(table, key=_regime_order):
         configs = table[regime]
         lines += [f"## {regime}: image AUROC", "",
@@ -602,12 +609,8 @@ def main(argv: list[str] | None = None) -> int:
                     save_run(json_path, key, entry)
                     print(f"  image AUROC {entry['image_auroc']:.3f}  FPR {entry['fpr']}  TPR {entry['tpr']}  "
                           f"wall {entry['wall_seconds']:.0f} s", flush=True)
-    runs = load_runs(json_path)
-    figure = md_path.with_name(md_path.stem + "_shots.png")
-    curves = shot_curves(aggregate(runs))
-    if curves:
-        plot_shot_curves(curves, figure)
-    md_path.write_text(render(runs, figure.name if curves else None), encoding="utf-8")
+    report = render(load_runs(json_path), md_path.with_name(md_path.stem + "_shots.png"))
+    md_path.write_text(report, encoding="utf-8")
     print(f"wrote {md_path}")
     return 0
 
