@@ -381,7 +381,7 @@ class _ListBalls(NamedTuple):
     sizes: np.ndarray
 
     @classmethod
-    def of(cls, rows: np.ndarray, prepare, centres: np.ndarray, row_lists: np.ndarray, chunk: int = 8192) -> _ListBalls:
+    def of(cls, rows: np.ndarray, prepare, centres: np.ndarray, row_lists: np.ndarray, chunk: int = 1024) -> _ListBalls:
         """From the bank ``rows`` as given, brought to the index's space by ``prepare`` ``chunk``
         rows at a time: a float64 (or normalised) copy of the default's 65,536 rows would be 80
         (40) MB more of every predict."""
