@@ -4,6 +4,7 @@ import csv
 import json
 import math
 import os
+import threading
 
 import numpy as np
 import pytest
@@ -62,6 +63,14 @@ def rows_of(path):
 
 def predict(model, *args):
     return main(["predict", str(model), *map(str, args)])
+
+
+@pytest.fixture(params=[1, 2], ids=["one chunk at a time", "two chunks in flight"])
+def chunks_in_flight(request, monkeypatch):
+    """The batch loop as on one core (chunks one at a time) and on two (a chunk scored in a
+    thread of its own while the next one's forward runs); torch keeps one thread either way."""
+    monkeypatch.setattr(predict_module, "configure_threads", lambda: request.param)
+    return request.param
 
 
 # -- every target checked before scoring ---------------------------------------------------------
@@ -137,18 +146,19 @@ def test_rows_survive_an_interruption_and_resume_scores_only_the_rest(model, ima
     assert len(rows_of(out)) == 4
 
 
-def test_an_internal_error_keeps_the_finished_rows_and_says_it_is_a_bug(model, images, tmp_path, monkeypatch, capsys):
+def test_an_internal_error_keeps_the_finished_rows_and_says_it_is_a_bug(model, images, tmp_path, monkeypatch, capsys,
+                                                                      chunks_in_flight):
     out = tmp_path / "out.csv"
     monkeypatch.setattr(Detector, "predict_chunk", 1)
-    real, calls = type(Detector.load(model)).predict, []
+    real, calls = type(Detector.load(model)).start_predict, []
 
-    def failing_second(self, batch, **options):
+    def failing_second(self, batch, **options):  # the batch loop's entry: the first chunk is still scoring
         calls.append(1)
         if len(calls) == 2:
             raise TypeError("boom")
         return real(self, batch, **options)
 
-    monkeypatch.setattr(type(Detector.load(model)), "predict", failing_second)
+    monkeypatch.setattr(type(Detector.load(model)), "start_predict", failing_second)
     assert predict(model, images, "--csv", out) == 3
     err = capsys.readouterr().err
     assert "internal error" in err and "--debug" in err and "Traceback" not in err
@@ -158,6 +168,57 @@ def test_an_internal_error_keeps_the_finished_rows_and_says_it_is_a_bug(model, i
     assert "Traceback" in capsys.readouterr().err
     calls.clear()
     assert main(["predict", str(model), str(images), "--csv", str(out), "--overwrite", "--debug"]) == 3
+
+
+def test_an_error_while_scoring_keeps_the_rows_scored_before_it(model, images, tmp_path, monkeypatch, capsys,
+                                                                 chunks_in_flight):
+    out = tmp_path / "out.csv"
+    monkeypatch.setattr(Detector, "predict_chunk", 1)
+    detector_type = type(Detector.load(model))
+    real, calls = detector_type.staged_prediction, []
+
+    def second_fails_when_scored(self, batch, maps):
+        finish = real(self, batch, maps)
+        calls.append(1)
+        if len(calls) == 2:
+            def failing():
+                raise TypeError("boom")
+            return failing
+        return finish
+
+    monkeypatch.setattr(detector_type, "staged_prediction", second_fails_when_scored)
+    assert predict(model, images, "--csv", out) == 3
+    assert "internal error" in capsys.readouterr().err
+    assert [os.path.basename(row["path"]) for row in rows_of(out)] == ["img_0.png"]
+
+
+def test_two_chunks_in_flight_write_what_one_chunk_at_a_time_writes(model, images, tmp_path, monkeypatch):
+    monkeypatch.setattr(Detector, "predict_chunk", 1)
+    detector_type = type(Detector.load(model))
+    real, scored_in = detector_type.staged_prediction, []
+
+    def recording(self, batch, maps):
+        finish = real(self, batch, maps)
+
+        def finished():
+            scored_in.append(threading.current_thread().name)
+            return finish()
+        return finished
+
+    monkeypatch.setattr(detector_type, "staged_prediction", recording)
+    written = {}
+    for cores in (1, 2):
+        monkeypatch.setattr(predict_module, "configure_threads", lambda: cores)
+        scored_in.clear()
+        out, maps = tmp_path / f"{cores}.csv", tmp_path / f"maps{cores}"
+        assert predict(model, images, "--csv", out, "--maps", maps) == 0
+        rows = rows_of(out)
+        written[cores] = ([(row["path"], row["score"], row["label"]) for row in rows],
+                          [np.load(row["map"]) for row in rows])
+        # where the scoring ran: here one at a time, in the scoring thread with two in flight
+        assert len(scored_in) == 4 and all(name.startswith("defectlens-score") == (cores == 2) for name in scored_in)
+    assert written[1][0] == written[2][0]
+    assert all(np.array_equal(a, b) for a, b in zip(written[1][1], written[2][1]))
 
 
 # -- names: not UTF-8, and never confused -------------------------------------------------------------

@@ -8,9 +8,10 @@ from __future__ import annotations
 
 import json
 import os
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 from enum import Enum
+from functools import partial
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -103,6 +104,10 @@ class Detector:
     #: for transductive methods that score the images of a batch against each other (they also
     #: set their threshold from each batch).
     predict_chunk: ClassVar[int | None] = 8
+    #: Chunks a batch loop (engine.predict) may have in flight: 2 where one chunk's second
+    #: stage (``start_predict``: the search) fills the cores the next one's first stage (the
+    #: forward) leaves idle; 1 (one chunk at a time) elsewhere.
+    predict_in_flight: ClassVar[int] = 1
     #: Parameter name -> accepted values; merged along the class hierarchy.
     parameter_constraints: ClassVar[dict[str, Constraint]] = {}
 
@@ -196,15 +201,34 @@ class Detector:
         integer); maps at each image's own size. An empty input gives an empty prediction.
         ``maps=False``: the same scores without maps (``maps`` is None), for callers that write
         none; methods whose maps cost time of their own skip that work (``score_images``)."""
+        return self.start_predict(images, maps)()
+
+    def start_predict(self, images: Sequence, maps: bool = True) -> Callable[[], Prediction]:
+        """``predict`` in two stages: the first (``staged_prediction``; patch detectors: the
+        backbone forward) runs now, the rest is returned as a function that gives the
+        Prediction, to call once, in any thread. A batch loop scores one chunk in another thread
+        while the next chunk's first stage runs (engine.predict)."""
         images = list(images)
         if not images:
-            return Prediction(scores=np.zeros(0), maps=[] if maps else None)
+            return lambda: Prediction(scores=np.zeros(0), maps=[] if maps else None)
         if not self._fitted:
             raise NotFittedError(f"{self.name}: call fit (or Detector.load) before predict")
-        prediction = self.predict_images(images) if maps else self.score_images(images)
-        if len(prediction.scores) != len(images):
-            raise RuntimeError(f"{self.name} returned {len(prediction.scores)} scores for {len(images)} images")
-        return prediction
+        finish = self.staged_prediction(images, maps)
+
+        def checked() -> Prediction:
+            prediction = finish()
+            if len(prediction.scores) != len(images):
+                raise RuntimeError(f"{self.name} returned {len(prediction.scores)} scores for {len(images)} images")
+            return prediction
+
+        return checked
+
+    def staged_prediction(self, images: list, maps: bool) -> Callable[[], Prediction]:
+        """Do the first stage of predicting a non-empty list of ``images`` and return the rest.
+        Here nothing is done before: ``predict_images`` (or ``score_images`` without maps) runs
+        whole when the function is called. A method whose first stage is a forward on hardware it
+        holds overrides it; its second stage must then be safe to run in another thread."""
+        return partial(self.predict_images if maps else self.score_images, images)
 
     def fit_images(self, images: list, masks: list, labels: list[int]) -> None:
         """Learn from checked inputs and set the calibration (``set_calibration``)."""

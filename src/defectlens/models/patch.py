@@ -31,7 +31,7 @@ from __future__ import annotations
 import math
 import os
 import tempfile
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 
 import cv2
 import numpy as np
@@ -98,6 +98,8 @@ class PatchDetector(BackboneDetector):
     features, see models/augment.py) and ``augment_max_images`` (augment only fits on at most
     this many normal images, so full-shot fits are unchanged)."""
 
+    # The scoring only reads what fit and load set (the kNN index builds its lazy parts under a lock).
+    predict_in_flight = 2
     parameter_constraints = {"backbone": BACKBONE, "size": INPUT_SIZE, "blur_sigma": BLUR_SIGMA, "seed": SEED,
                              "geometry": Choice(GEOMETRIES), "tile_size": Optional(Integer(32, 4096)),
                              "tile_overlap": Real(0.0, 0.75), "tile_max_pixels": Optional(Integer(1024, 10**9)),
@@ -279,16 +281,21 @@ class PatchDetector(BackboneDetector):
         kept = features if np.array_equal(keep, np.arange(features.shape[0])) else features[keep]
         self.fit_features(kept if views is None else torch.cat([kept, views[0]]))
 
-    def predict_images(self, images: list) -> Prediction:
+    def staged_prediction(self, images: list, maps: bool) -> Callable[[], Prediction]:
+        """The backbone forward now; the scoring (without maps, ``feature_scores``, which may
+        skip the patch scores the image scores do not depend on) and the maps' upsampling later."""
         images = [as_image(image) for image in images]
-        scores, patch_scores = self.score_feature_batch(self.embed_images(images))
-        maps = [self.upsample_map(patch_map.numpy(), image.shape[:2]) for patch_map, image in zip(patch_scores, images)]
-        return Prediction(scores=scores, maps=maps)
+        features = self.embed_images(images)
+        if not maps:
+            return lambda: Prediction(scores=self.feature_scores(features))
+        shapes = [image.shape[:2] for image in images]
 
-    def score_images(self, images: list) -> Prediction:
-        """``predict_images``'s scores without maps: no map upsampling, and ``feature_scores``
-        may skip the patch scores the image scores do not depend on."""
-        return Prediction(scores=self.feature_scores(self.embed_images(images)))
+        def scored() -> Prediction:
+            scores, patch_scores = self.score_feature_batch(features)
+            return Prediction(scores=scores, maps=[self.upsample_map(patch_map.numpy(), shape)
+                                                   for patch_map, shape in zip(patch_scores, shapes)])
+
+        return scored
 
     def feature_scores(self, features: torch.Tensor) -> np.ndarray:
         """The image scores of ``score_feature_batch`` alone; a method overrides it when it can
