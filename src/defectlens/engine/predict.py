@@ -8,7 +8,7 @@ import math
 import os
 from collections import deque
 from collections.abc import Callable, Iterator, Sequence
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
@@ -97,8 +97,13 @@ def predict_paths(detector: Detector, paths: Sequence[Path], keep_images: bool =
         # stage stays in one thread, so each thread's freed memory is reused by the same stage
         # (two threads each doing both made each one's malloc arena hold both: +100 MiB).
         with ThreadPoolExecutor(max_workers=1, thread_name_prefix="defectlens-score") as scorer:
-            waiting: deque = deque()
+            waiting: deque = deque()  # (chunk, its scoring's future), in input order
             upcoming = chunks()
+
+            def oldest() -> list[Result]:
+                pending, future = waiting.popleft()
+                return finished(pending, future.result())
+
             while True:
                 try:
                     pending = next(upcoming, None)
@@ -107,21 +112,16 @@ def predict_paths(detector: Detector, paths: Sequence[Path], keep_images: bool =
                     # The chunks started before a failure still get their rows, as they would
                     # one at a time: work done is not lost to a later error.
                     while waiting:
-                        yield from finished(*_result_of(waiting.popleft()))
+                        yield from oldest()
                     raise
                 if finish is None:
                     break
                 waiting.append((pending, scorer.submit(finish)))
                 if len(waiting) >= in_flight:
-                    yield from finished(*_result_of(waiting.popleft()))
+                    yield from oldest()
             while waiting:
-                yield from finished(*_result_of(waiting.popleft()))
+                yield from oldest()
     bar.close()
-
-
-def _result_of(waiting: tuple[list[Result], Future]) -> tuple[list[Result], Prediction]:
-    pending, future = waiting
-    return pending, future.result()
 
 
 def decoded_ahead(paths: Sequence[Path], max_pixels: int | None, ahead: int) -> Iterator[tuple[Path, np.ndarray | ImageReadError]]:
