@@ -133,7 +133,7 @@ def test_param_reaches_the_method_and_bad_params_are_one_line_errors(tmp_path, n
 def test_fit_without_method_takes_the_suite_default_says_so_and_lets_params_override(tmp_path, capsys):
     """No --method: patchknn at native resolution in tiles (the suite's winner at 4 shots and
     full-shot); fit names what it took; an explicit --param wins over the default's."""
-    from defectlens.models import DEFAULT_METHOD, DEFAULT_PARAMS, Detector
+    from defectlens.models import DEFAULT_METHOD, DEFAULT_PARAMS, MANY_IMAGES, Detector
     from conftest import textured_image
 
     rng = np.random.default_rng(5)
@@ -143,12 +143,12 @@ def test_fit_without_method_takes_the_suite_default_says_so_and_lets_params_over
         Image.fromarray(textured_image(rng, 96)).save(folder / f"good_{i}.png")
     default, square = tmp_path / "default.dlmodel", tmp_path / "square.dlmodel"
     assert main(["fit", str(folder), "-o", str(default), "--size", "32"]) == 0
-    assert f"took {DEFAULT_METHOD} with geometry=tiles (the default below 32 good images" in capsys.readouterr().out
+    assert f"took {DEFAULT_METHOD} with geometry=tiles (the default below {MANY_IMAGES} good images" in capsys.readouterr().out
     loaded = Detector.load(default)
     assert loaded.name == DEFAULT_METHOD and loaded.geometry == DEFAULT_PARAMS["geometry"] == "tiles"
     assert len(loaded._tiles()) == 4 * 4  # 96 px at 32-px tiles overlapping by a quarter: 4 a side
     assert main(["fit", str(folder), "-o", str(square), "--size", "32", "--param", "geometry=square"]) == 0
-    assert "with geometry=square (the default below 32" in capsys.readouterr().out
+    assert f"with geometry=square (the default below {MANY_IMAGES}" in capsys.readouterr().out
     assert Detector.load(square).geometry == "square"
 
 
@@ -180,7 +180,7 @@ def test_the_default_squashes_when_the_tiles_would_not_fit_the_feature_budget(tm
     """Hundreds of large images in tiles would exhaust memory: past TILED_FEATURE_BUDGET the
     default takes the square input and says why; an explicit geometry is kept whatever it costs."""
     from defectlens.engine import fit as fit_module
-    from defectlens.models import Detector
+    from defectlens.models import MANY_IMAGES, Detector
     from conftest import textured_image
 
     rng = np.random.default_rng(6)
@@ -193,10 +193,10 @@ def test_the_default_squashes_when_the_tiles_would_not_fit_the_feature_budget(tm
     squashed, tiled = tmp_path / "squashed.dlmodel", tmp_path / "tiled.dlmodel"
     assert main(["fit", str(folder), "-o", str(squashed), "--size", "32"]) == 0
     said = capsys.readouterr().out
-    assert "with geometry=square (the default below 32 good images, squashed: 4 images in 16 tiles would hold" in said
+    assert f"with geometry=square (the default below {MANY_IMAGES} good images, squashed: 4 images in 16 tiles would hold" in said
     assert Detector.load(squashed).geometry == "square"
     assert main(["fit", str(folder), "-o", str(tiled), "--size", "32", "--param", "geometry=tiles"]) == 0
     assert Detector.load(tiled).geometry == "tiles"
     monkeypatch.setattr(fit_module, "TILED_FEATURE_BUDGET", 700_000)
     assert main(["fit", str(folder), "-o", str(tmp_path / "fits.dlmodel"), "--size", "32"]) == 0
-    assert "with geometry=tiles (the default below 32 good images: the best mean" in capsys.readouterr().out
+    assert f"with geometry=tiles (the default below {MANY_IMAGES} good images: the best mean" in capsys.readouterr().out
