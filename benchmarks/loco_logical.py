@@ -55,8 +55,9 @@ PHOTOS = HERE.parents[1] / "shared" / "datasets"
 BSDATA = PHOTOS / "bsdata" / "ball_screw"
 OUT = HERE / "results" / "loco_logical"
 #: Ways to join the calibrated scores: the write-up's plain sum of its seven and the detector's norm
-#: of all nine (the seven, the patch words and their placement).
-COMBINATIONS = {"sum": lambda c: sum(c[s] for s in WRITE_UP_SCORES), "norm": combine}
+#: of all nine (the seven, the patch words and their placement) with the detector's weights.
+COMBINATIONS = {"sum": lambda c, weights: sum(c[s] for s in WRITE_UP_SCORES),
+                "norm": lambda c, weights: combine(c, SCORES, weights)}
 COMBINATION_LABELS = {"sum": "plain sum of the write-up's seven", "norm": "Euclidean norm of the nine (the detector)"}
 
 
@@ -104,7 +105,7 @@ def ablation(folder: Path, shots: int, seeds: int) -> list[dict]:
             parts, _ = detector.compose(images, features)
             calibrated = [detector.score_parts(p)[0] for p in parts]
             for name in (*SCORES, *COMBINATIONS):
-                scores = np.array([COMBINATIONS[name](c) if name in COMBINATIONS else c[name] for c in calibrated])
+                scores = np.array([COMBINATIONS[name](c, detector.weights) if name in COMBINATIONS else c[name] for c in calibrated])
                 for group in ("logical", "structural"):
                     chosen = (groups == group) | (groups == "good")
                     row[f"{prefix}{name}.{group}"] = image_auroc(labels[chosen], scores[chosen])

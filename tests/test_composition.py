@@ -14,6 +14,7 @@ from defectlens.errors import UsageError
 from defectlens.models.composition.model import (
     FLOORS,
     FUSION_MIN_SPREAD,
+    HELD_OUT_WEIGHTS,
     NAIVE_WEIGHTS,
     SCORES,
     WRITE_UP_SCORES,
@@ -127,9 +128,10 @@ def test_an_extra_small_part_raises_the_words_score():
     assert min(combine(e) for e in extras) > max(combine(g) for g in goods)
 
 
-def rewritten(detector, path, drop: str | None = None, location_floor: float | None = None):
+def rewritten(detector, path, drop: str | None = None, location_floor: float | None = None,
+              drop_extra: str | None = None):
     """The detector saved to ``path``, then the file rewritten as an older or edited one: without
-    the tensor ``drop``, or with another location floor."""
+    the tensor ``drop`` or the learned entry ``drop_extra``, or with another location floor."""
     from safetensors import safe_open
     from safetensors.torch import load_file, save_file
 
@@ -141,6 +143,8 @@ def rewritten(detector, path, drop: str | None = None, location_floor: float | N
         del tensors[drop]
     if location_floor is not None:
         config["extra"]["floors"]["location"] = location_floor
+    if drop_extra is not None:
+        del config["extra"][drop_extra]
     save_file(tensors, str(path), metadata={"defectlens": json.dumps(config)})
     return path
 
@@ -163,6 +167,20 @@ def test_a_model_file_keeps_the_floors_it_was_calibrated_with(fitted, tmp_path):
     np.testing.assert_allclose(np.maximum(older.class_norms["location"], FLOORS["location"]),
                                current.class_norms["location"])
     assert older.class_norms["location"].min() < FLOORS["location"]
+
+
+def test_held_out_weights_count_in_the_image_score_and_older_files_weigh_scores_alike(fitted, tmp_path):
+    detector, rng = fitted
+    assert detector.weights == HELD_OUT_WEIGHTS
+    image = scene(rng, [(BLUE, (28, 48)), (RED, (68, 48))])
+    calibrated = calibrated_scores(detector, [image])[0]
+    weighted = np.sqrt(sum((HELD_OUT_WEIGHTS.get(s, 1.0) * calibrated[s]) ** 2 for s in SCORES))
+    assert detector.predict([image]).scores[0] == pytest.approx(weighted, rel=1e-6)
+    assert weighted != pytest.approx(combine(calibrated), rel=1e-3)  # the weights matter for this image
+    # A file saved before the weights keeps scoring as it was calibrated: every score counts once.
+    older = Detector.load(rewritten(detector, tmp_path / "older.dlmodel", drop_extra="weights"))
+    assert older.weights == {}
+    assert older.predict([image]).scores[0] == pytest.approx(combine(calibrated), rel=1e-6)
 
 
 def test_map_shows_a_missing_part_where_it_should_be_and_a_swap_at_both_places(fitted):
@@ -236,7 +254,8 @@ def test_calibration_one_shot_and_single_score_ablation(fitted):
     # Two shots leave one distance out: the naive weights stay, and two held-out scores set no
     # threshold (they are nearly equal by symmetry); the heatmap range still comes from them.
     two = create_detector("composition", **PARAMS).fit([normal(rng) for _ in range(2)])
-    assert two.normalisers == NAIVE_WEIGHTS and two.threshold is None and two.map_range is not None
+    assert two.normalisers == NAIVE_WEIGHTS and two.weights == {}  # the weights go with held-out normalisers
+    assert two.threshold is None and two.map_range is not None
     one = create_detector("composition", **PARAMS).fit([normal(rng)])
     assert one.threshold is None and one.normal_scores is None
     assert np.isfinite(one.predict([normal(rng)]).scores).all()

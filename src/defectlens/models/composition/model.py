@@ -18,7 +18,8 @@ with SAM and DINOv2", on the embedded backbone:
    difference that matters), and the score is the worst class. The words are calibrated per word
    the same way, and their worst-word score is then divided by its held-out value like a patch
    score (``HELD_OUT_NORMALISED``), as is the placement count. The image score is the Euclidean
-   norm of the calibrated scores: like the write-up's weighted sum it adds evidence, but one score
+   norm of the calibrated scores (the words weighing 1.5, placement 0.5 where the held-out values
+   divide them: ``HELD_OUT_WEIGHTS``): like the write-up's weighted sum it adds evidence, but one score
    far outside its normal range counts more than several slightly raised ones (on four generated
    LOCO sets it raised logical AUROC by 0.003-0.04 over the plain sum at 1-8 shots). With a single
    shot nothing can be left out, and two give one distance: below three shots naive weights
@@ -69,6 +70,16 @@ WRITE_UP_SCORES = SCORES[:7]
 #: worst of 16 words, which on a good image is several spreads (on generated trays it drowned the
 #: other scores in the norm: logical AUROC 0.85 against 0.92 with this second division).
 HELD_OUT_NORMALISED = (*PATCH_SCORES, "words", "placement")
+#: How much each held-out-normalised score counts in the norm (the others 1). A count of patches
+#: out of place swings on good trays when four shots cover few places (one draw's good trays held 5
+#: to 11 such patches against a held-out mean under one), and the worst of 16 words stands out
+#: less than it should after its division. Chosen among placement 0.25-1 and words 1-3 by
+#: benchmarks/composition_weights.py on generated LOCO trays (4 shots, 5 draws on each of assembly
+#: sets 0-2, 3-5 and photo_assembly 0-2; ranked by the groups' mean less std of the logical AUROC;
+#: chosen on two groups, the third gained +0.013, +0.000 and +0.019); at 8 shots +0.010, at 3 and
+#: 12 within +-0.005, at 1 and 2 shots (naive weights, where these are not used) -0.009 and -0.006.
+#: docs/logical.md, 2026-12-03.
+HELD_OUT_WEIGHTS = {"words": 1.5, "placement": 0.5}
 #: The least a held-out normaliser may be: a count of patches out of place is at least one patch
 #: (four shots often place every held-out patch, and a mean of 0 would make any patch infinite).
 MIN_NORMALISER = {"placement": 1.0}
@@ -159,9 +170,11 @@ def top_mean(distances: torch.Tensor, fraction: float) -> float:
     return float(distances.topk(max(1, round(fraction * distances.numel()))).values.mean())
 
 
-def combine(calibrated: dict[str, float], chosen: Sequence[str] = SCORES) -> float:
-    """The image score: the Euclidean norm of the chosen calibrated scores."""
-    return float(np.sqrt(sum(calibrated[s] ** 2 for s in chosen)))
+def combine(calibrated: dict[str, float], chosen: Sequence[str] = SCORES, weights: dict[str, float] | None = None) -> float:
+    """The image score: the Euclidean norm of the chosen calibrated scores, each times its weight
+    (1 where ``weights`` has none)."""
+    weights = weights or {}
+    return float(np.sqrt(sum((weights.get(s, 1.0) * calibrated[s]) ** 2 for s in chosen)))
 
 
 class ClassSortedPatches(NamedTuple):
@@ -344,6 +357,7 @@ class Composition(BackboneDetector):
         self.background: np.ndarray | None = None
         self.min_part: np.ndarray | None = None
         self.normalisers: dict[str, float] = {}
+        self.weights: dict[str, float] = {}  # ``HELD_OUT_WEIGHTS`` where the held-out normalisers are used
         self.views_used: int | None = None  # ``views`` and ``normalise`` as the fit resolved them
         self.normalise_used: str | None = None
 
@@ -427,6 +441,7 @@ class Composition(BackboneDetector):
         standardisation, the threshold and the map range."""
         count = len(np.unique(sources))
         self.fusion = None
+        self.weights = {}
         if count < 2:
             self.normalisers = dict(NAIVE_WEIGHTS)
             return
@@ -458,6 +473,7 @@ class Composition(BackboneDetector):
             self.normalisers = dict(NAIVE_WEIGHTS)
         else:  # class-wise scores are already divided by their per-class leave-one-out spreads
             self.normalisers = {s: held[s] if s in HELD_OUT_NORMALISED else 1.0 for s in SCORES}
+            self.weights = dict(HELD_OUT_WEIGHTS)
         # The held-out shots were scored without their own per-class spreads: an honest, slightly
         # high estimate of what good images score, which keeps false alarms rare.
         normal_maps = [(patches / self.normalisers["agnostic"]).numpy() for patches in patch_maps]
@@ -494,7 +510,7 @@ class Composition(BackboneDetector):
         """The image score: the write-up's sum of the chosen calibrated scores, or their norm."""
         if self.scoring == "published":
             return float(sum(calibrated[s] for s in self.scores if s in WRITE_UP_SCORES))
-        return combine(calibrated, self.scores)
+        return combine(calibrated, self.scores, self.weights)
 
     def score_parts(self, parts: ImageParts) -> tuple[dict[str, float], torch.Tensor, np.ndarray]:
         """The nine calibrated scores of one image (the image score is ``combine`` of the chosen
@@ -573,7 +589,7 @@ class Composition(BackboneDetector):
         return tensors
 
     def extra_state(self) -> dict:
-        extra = {"normalisers": self.normalisers, "fusion": self.fusion, "floors": self.memory.floors,
+        extra = {"normalisers": self.normalisers, "weights": self.weights, "fusion": self.fusion, "floors": self.memory.floors,
                  "views": self.views_used, "normalise": self.normalise_used}
         if self.structural_member is not None:
             extra["structural"] = self.structural_member.extra_state()
@@ -602,6 +618,7 @@ class Composition(BackboneDetector):
                              sources=sources, pooled=self.normalise_used == "pooled",
                              floors=extra["floors"])
         self.normalisers = {s: float(v) for s, v in extra["normalisers"].items()}
+        self.weights = {s: float(v) for s, v in extra.get("weights", {}).items()}  # older files: all 1
         self.fusion = extra.get("fusion")
         self.structural_member = None
         if self.fusion is not None:
