@@ -9,9 +9,12 @@ and 4 of each anomaly type per test set: the sets of loco_fewshot_structural.md)
 draw, composition with views=2, normalise=pooled and the structural member is fitted on 4 shots
 and scores the test set. Its fusion step is observed, not changed: the two detectors' raw scores of
 the held-out shots (which standardise them) and of the test images are recorded, so every rule is
-evaluated on the same numbers. Rules: ``max`` of the two z-scores (composition's rule),
-``softmax`` log(e^a + e^b), ``mean``, and ``max`` of robust z-scores (median and MAD). Image AUROC of logical and of structural anomalies against the good test images, mean ± std
-over runs, and each rule's paired difference from ``max`` (mean ± standard error, and per set).
+evaluated on the same numbers. Rules: ``max`` of the two z-scores with the spread floored at 2 %,
+10 %, 15 % or 20 % of the held-out mean (2 % was composition's rule until 2026-12-03), ``max`` of
+each score over its held-out mean, ``softmax`` log(e^a + e^b), ``mean``, and ``max`` of robust
+z-scores (median and MAD). Image AUROC of logical, of structural and of all anomalies against the
+good test images, mean ± std
+over runs, and each rule's paired difference from the 2 % rule (mean ± standard error, and per set).
 
 Raw scores go to benchmarks/results/composition_fusion.json (resumed), the tables to
 composition_fusion.md.
@@ -32,7 +35,7 @@ from defectlens.data.generator import generate
 from defectlens.data.io import read_image
 from defectlens.engine.fit import training_set
 from defectlens.models import LearningType, create_detector
-from defectlens.models.composition.model import Composition, spread
+from defectlens.models.composition.model import Composition
 
 HERE = Path(__file__).resolve().parent
 PHOTOS = HERE.parent.parent / "shared" / "datasets"
@@ -58,34 +61,43 @@ def fewshot_loco_set(work: Path, category: str, loco_seed: int, photos: str):
     return load_dataset(folder / category)
 
 
-def standardised(run: dict, robust: bool = False) -> tuple[np.ndarray, np.ndarray]:
-    """The two detectors' test scores as z-scores against their own held-out normal scores."""
+def standardised(run: dict, floor: float = 0.02, robust: bool = False, centred: bool = True) -> tuple[np.ndarray, np.ndarray]:
+    """The two detectors' test scores against their own held-out normal scores: less the centre
+    (mean, or median when ``robust``) unless not ``centred``, over the spread (std, or 1.4826 MAD),
+    floored at ``floor`` times the centre; not centred and floor 1: each score over its held-out mean."""
     out = []
     for held, test in ((run["held_comp"], run["test_comp"]), (run["held_member"], run["test_member"])):
         held, test = np.asarray(held), np.asarray(test)
-        if robust:
-            centre = float(np.median(held))
-            deviation = max(1.4826 * float(np.median(np.abs(held - centre))), 0.02 * abs(centre), 1e-9)
-        else:
-            centre, deviation = float(np.mean(held)), spread(held)
-        out.append((test - centre) / deviation)
+        centre = float(np.median(held)) if robust else float(np.mean(held))
+        deviation = 1.4826 * float(np.median(np.abs(held - centre))) if robust else float(np.std(held, ddof=1))
+        deviation = max(deviation, floor * abs(centre), 1e-9)
+        out.append((test - centre * centred) / deviation)
     return out[0], out[1]
 
 
+#: The rule composition used until 2026-12-03 (``max`` of z-scores, spread at least 2 % of the
+#: mean): the others are paired against it.
+BASE = "max, floor 2 %"
 RULES = {
-    "max": lambda run: np.maximum(*standardised(run)),
+    BASE: lambda run: np.maximum(*standardised(run)),
+    "max, floor 10 %": lambda run: np.maximum(*standardised(run, floor=0.1)),
+    "max, floor 15 %": lambda run: np.maximum(*standardised(run, floor=0.15)),
+    "max, floor 20 %": lambda run: np.maximum(*standardised(run, floor=0.2)),
+    "max of ratios to the held-out mean": lambda run: np.maximum(*standardised(run, floor=1.0, centred=False)),
     "softmax": lambda run: np.logaddexp(*standardised(run)),
     "mean": lambda run: np.mean(standardised(run), axis=0),
     "robust max": lambda run: np.maximum(*standardised(run, robust=True)),
 }
+GROUPS = ("logical", "structural", "all")
 
 
 def aurocs(run: dict, scores: np.ndarray) -> dict[str, float]:
+    """Image AUROC of each kind of anomaly, and of all of them, against the good test images."""
     groups = np.asarray(run["groups"])
     result = {}
-    for group in ("logical", "structural"):
-        keep = (groups == "good") | (groups == group)
-        result[group] = float(roc_auc_score(groups[keep] == group, np.asarray(scores)[keep]))
+    for group in GROUPS:
+        keep = (groups == "good") | (groups == group) if group != "all" else np.ones(len(groups), bool)
+        result[group] = float(roc_auc_score(groups[keep] != "good", np.asarray(scores)[keep]))
     return result
 
 
@@ -131,21 +143,22 @@ def tables(store: list[dict], member: dict) -> str:
         sets = sorted({r["set"] for r in runs})
         results = {name: [aurocs(run, rule(run)) for run in runs] for name, rule in RULES.items()}
         lines += [f"## {category}: {len(runs)} runs ({len(sets)} sets × draws)", "",
-                  "| rule | logical AUROC | structural AUROC | logical − max | structural − max | per set (logical / structural − max) |",
-                  "|---|---|---|---|---|---|"]
+                  "| rule | logical AUROC | structural AUROC | all AUROC | logical − base | structural − base | all − base "
+                  "| per set (logical / structural − base) |",
+                  "|---|---|---|---|---|---|---|---|"]
         for name, result in results.items():
             cells = [name]
-            for group in ("logical", "structural"):
+            for group in GROUPS:
                 values = np.array([x[group] for x in result])
                 cells.append(f"{values.mean():.3f} ± {values.std(ddof=1):.3f}")
             per_set = []
-            for group in ("logical", "structural"):
-                differences = np.array([x[group] - b[group] for x, b in zip(result, results["max"])])
-                cells.append("" if name == "max" else f"{differences.mean():+.3f} ± {differences.std(ddof=1) / np.sqrt(len(differences)):.3f}")
+            for group in GROUPS:
+                differences = np.array([x[group] - b[group] for x, b in zip(result, results[BASE])])
+                cells.append("" if name == BASE else f"{differences.mean():+.3f} ± {differences.std(ddof=1) / np.sqrt(len(differences)):.3f}")
             for s in sets:
-                pairs = [(x, b) for x, b, r in zip(result, results["max"], runs) if r["set"] == s]
+                pairs = [(x, b) for x, b, r in zip(result, results[BASE], runs) if r["set"] == s]
                 per_set.append(" / ".join(f"{np.mean([x[g] - b[g] for x, b in pairs]):+.3f}" for g in ("logical", "structural")))
-            cells.append("" if name == "max" else "; ".join(per_set))
+            cells.append("" if name == BASE else "; ".join(per_set))
             lines.append("| " + " | ".join(cells) + " |")
         lines.append("")
     return "\n".join(lines)
@@ -170,7 +183,8 @@ def main() -> None:
             f"--seeds {args.seeds} --member '{args.member}'`, {time.strftime('%Y-%m-%d')}. Composition at {SHOTS} shots, "
             "size=256, views=2, normalise=pooled, structural=patchknn with the member's parameters above; trays at "
             "256 px, 16 good and 4 of each anomaly type per test set. AUROC mean ± std over runs; differences from "
-            "`max` paired run by run (mean ± standard error), then per generator set.\n\n" + tables(store, member))
+            f"`{BASE}` (the rule until 2026-12-03) paired run by run (mean ± standard error), then per generator set. "
+            "The tables count every run of this member stored in the JSON, also those of earlier invocations.\n\n" + tables(store, member))
     out.with_suffix(".md").write_text(text)
     print(text)
 
