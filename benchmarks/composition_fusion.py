@@ -13,8 +13,8 @@ evaluated on the same numbers. Rules: ``max`` of the two z-scores with the sprea
 10 %, 15 % or 20 % of the held-out mean (2 % was composition's rule until 2026-12-03), ``max`` of
 each score over its held-out mean, ``softmax`` log(e^a + e^b), ``mean``, and ``max`` of robust
 z-scores (median and MAD). Image AUROC of logical, of structural and of all anomalies against the
-good test images, mean ± std
-over runs, and each rule's paired difference from the 2 % rule (mean ± standard error, and per set).
+good test images, mean ± std over runs, and each rule's paired difference from the 2 % rule (mean ±
+standard error, and per set).
 
 Raw scores go to benchmarks/results/composition_fusion.json (resumed), the tables to
 composition_fusion.md.

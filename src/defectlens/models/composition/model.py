@@ -132,10 +132,11 @@ STRUCTURAL_SHARED = ("backbone", "blur_sigma", "seed")
 #: mean: a few held-out shots that happen to agree must not make every small rise a large one. The
 #: patch member's held-out spread from four shots is often far below its spread over good test
 #: trays (3 % to 23 % of its mean, median 11 %), and a good tray's member z-score then outran a
-#: logical anomaly's. Chosen among 2, 5, 10, 15, 20 and 30 % on the mean image AUROC of all
-#: anomalies over three groups of generated LOCO trays (4 shots, 5 draws each, the fusion's recorded
-#: inputs; benchmarks/composition_fusion.py): 15 %, chosen on two groups, gained on the third
-#: +0.012, +0.005 and +0.003 (logical up, structural slightly down). docs/logical.md, 2026-12-03.
+#: logical anomaly's. Chosen among 2, 10, 15 and 20 % (5 % gave what 2 % did, 30 % less than 15)
+#: on the mean image AUROC of all anomalies over three groups of generated LOCO trays (4 shots, 5
+#: draws each, the fusion's recorded inputs; benchmarks/composition_fusion.py): 15 %, chosen on two
+#: groups, gained on the third +0.012, +0.005 and +0.003 (logical up, structural slightly down).
+#: docs/logical.md, 2026-12-03.
 FUSION_MIN_SPREAD = 0.15
 
 
