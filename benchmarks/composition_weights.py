@@ -28,7 +28,7 @@ from pathlib import Path
 import numpy as np
 from sklearn.metrics import roc_auc_score
 
-from defectlens.models.composition.model import SCORES
+from defectlens.models.composition.model import SCORES, combine
 
 RESULTS = Path(__file__).resolve().parent / "results"
 #: Weights tried per score (the others stay 1): the two patch counts, whose spread over good trays
@@ -37,9 +37,9 @@ RESULTS = Path(__file__).resolve().parent / "results"
 GRID = {"placement": (0.25, 0.5, 0.75, 1.0), "words": (1.0, 1.5, 2.0, 2.5, 3.0)}
 
 
-def load_runs(spec: str) -> list[tuple[np.ndarray, np.ndarray]]:
-    """Per run: the (images, scores) calibrated scores of the good and logical test images, and
-    which of them are logical anomalies."""
+def load_runs(spec: str) -> list[tuple[list[dict[str, float]], np.ndarray]]:
+    """Per run: the calibrated scores of each good and logical test image, and which of them are
+    logical anomalies."""
     name, _, config = spec.partition(":")
     path = Path(name) if Path(name).is_file() else RESULTS / name
     runs = [r for r in json.loads(path.read_text()) if not config or r["config"] == config]
@@ -49,14 +49,14 @@ def load_runs(spec: str) -> list[tuple[np.ndarray, np.ndarray]]:
     for run in runs:
         types = np.array(run["types"])
         chosen = (types == "good") | np.array(run["logical"], bool)
-        scores = np.array([[image[s] for s in SCORES] for image in run["seven"]])[chosen]
-        out.append((scores, types[chosen] != "good"))
+        out.append(([image for image, kept in zip(run["seven"], chosen) if kept], types[chosen] != "good"))
     return out
 
 
 def aurocs(runs, weights: dict[str, float]) -> np.ndarray:
-    w = np.array([weights.get(s, 1.0) for s in SCORES])
-    return np.array([roc_auc_score(labels, np.linalg.norm(scores * w, axis=1)) for scores, labels in runs])
+    """Per run: the logical image AUROC of the detector's own image score (``combine``) with ``weights``."""
+    return np.array([roc_auc_score(labels, [combine(image, SCORES, weights) for image in images])
+                     for images, labels in runs])
 
 
 def named_specs(text: str) -> dict[str, str]:
