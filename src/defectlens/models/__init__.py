@@ -39,9 +39,9 @@ DEFAULT_PARAMS = {"geometry": "tiles"}
 #: need images to estimate; an ensemble cannot be normalised on one). Measured on the four real sets
 #: in tiles (2026-12-03; BSData and DeepPCB on 200 test images; mean image AUROC, ensemble against
 #: tiled patchknn): 32 shots 0.937 / 0.943 (2-3 draws), 64 shots 0.956 / 0.956 (2 draws), 128 shots
-#: 0.956 / 0.954 (one draw); full-shot the ensemble leads by 0.02-0.03 on ELPV. Below 128 the ensemble's
-#: normal-only threshold also caught far fewer defects (BSData TPR 0.00-0.08 against 0.66-0.76 at
-#: 32 and 64 shots). It was 32, chosen on ELPV alone.
+#: 0.960 / 0.956 (3 draws, the ensemble ahead on every set), full-shot 0.961 / 0.935. Below 128 the
+#: ensemble's normal-only threshold also caught far fewer defects (BSData TPR 0.00-0.08 against
+#: 0.66-0.76 at 32 and 64 shots; 0.40 against 0.82 at 128). It was 32, chosen on ELPV alone.
 MANY_IMAGES = 128
 MANY_IMAGES_METHOD = "ensemble"
 MANY_IMAGES_PARAMS = {"geometry": "tiles", "fusion": "soft_max", "members": ["padim", "patchknn"],
