@@ -174,6 +174,24 @@ def test_approximate_indexes_find_true_bank_rows_and_mostly_the_nearest(kind, me
     assert np.mean(np.isclose(distance[:, 0], exact_distance[:, 0], rtol=1e-4, atol=1e-5)) >= 0.9
 
 
+@pytest.mark.parametrize("metric", ["l2", "cosine"])
+def test_a_bank_added_in_chunks_builds_the_index_one_call_builds(metric, monkeypatch):
+    import defectlens.models.memory as memory
+
+    bank, queries = clustered_bank(3000)
+    whole_ivf = NearestNeighbours(bank, metric=metric, index="ivf")
+    whole = [NearestNeighbours(bank, metric=metric),
+             NearestNeighbours(bank, metric=metric, index="ivf", centroids=whole_ivf.centroids, row_lists=whole_ivf.row_lists)]
+    monkeypatch.setattr(memory, "ADD_CHUNK", 700)  # 5 chunks, the last one short
+    chunked = [NearestNeighbours(bank, metric=metric),
+               NearestNeighbours(bank, metric=metric, index="ivf", centroids=whole_ivf.centroids, row_lists=whole_ivf.row_lists)]
+    for one, other in zip(whole, chunked):
+        assert one.index.ntotal == other.index.ntotal == len(bank)
+        for got, expected in zip(other.search(queries, k=3), one.search(queries, k=3)):
+            np.testing.assert_array_equal(got, expected)
+    np.testing.assert_array_equal(chunked[1].row_lists, whole_ivf.row_lists)
+
+
 def test_auto_index_switches_to_ivf_for_large_banks(monkeypatch):
     import defectlens.models.memory as memory
 

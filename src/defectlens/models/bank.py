@@ -48,11 +48,13 @@ class SearchedBank:
         patches and how many patches there are; a patch's IVF list, found in one fit, is then
         looked up in the next instead of searched for again (the five held-out folds' banks and
         the final one share most of their rows)."""
-        self.bank = bank
         if self._sharing:
             centroids = self._shared_partition if centroids is None else centroids
             if patches is not None and centroids is not None:
                 row_lists = self._lists_of_patches(bank, *patches)
+        # The fit before's bank and index go before the new index is built, not after: two
+        # banks' worth (80 MB for the default's 65,536 rows) at the peak of a calibrating fit.
+        self.bank, self._index = bank, None
         self._index = NearestNeighbours(bank.numpy(), metric=self.metric, index=self.search, seed=self.seed,
                                         centroids=centroids, row_lists=row_lists)
         if self._sharing and self._shared_partition is None:
