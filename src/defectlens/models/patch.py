@@ -41,6 +41,7 @@ from tqdm.auto import tqdm
 from ..backbones import DEFAULT_BACKBONE, get_backbone
 from ..data.io import as_image
 from ..errors import UsageError
+from ..heap import release_free_memory
 from .base import BackboneDetector, Prediction
 from .augment import AUGMENTS, augmented_set
 from .calibration import calibrate, refit_folds
@@ -225,7 +226,9 @@ class PatchDetector(BackboneDetector):
     # -- contract ---------------------------------------------------------------------------
     def fit_images(self, images: list, masks: list, labels: list[int]) -> None:
         features = self.embed_images(images, fit=True, progress="features", total=len(images))
-        self.fit_from_features(features, views=self.embed_views(images))
+        views = self.embed_views(images)
+        release_free_memory()  # the backbone's activations
+        self.fit_from_features(features, views=views)
 
     def embed_views(self, images: list) -> tuple[torch.Tensor, np.ndarray] | None:
         """Features of the augmented copies of ``images`` (the normal training images, after the
@@ -249,6 +252,7 @@ class PatchDetector(BackboneDetector):
                 raise UsageError(f"{self.name}: geometry={self.geometry}: pass the canvas_hw of the detector "
                                  "whose embed_images made these features")
         self.calibrate_and_fit(features, views)
+        release_free_memory()  # an ensemble's other member fits on in the memory this one freed
         self._fitted = True
         return self
 
@@ -257,10 +261,12 @@ class PatchDetector(BackboneDetector):
         scores, maps, peaks = [], [], []
         for held_out in refit_folds(features.shape[0], self.seed):
             self.fit_normal(features, views, np.setdiff1d(np.arange(features.shape[0]), held_out))
+            release_free_memory()  # the fit's temporaries (an index's k-means, the fit before's bank)
             fold_scores, fold_maps, fold_peaks = self.held_out_scores(features[held_out])
             scores.append(fold_scores)
             maps.append(fold_maps)
             peaks.append(fold_peaks)
+            release_free_memory()  # the fold's fit and scoring temporaries
         self.set_calibration(calibrate(np.concatenate(scores) if scores else None, maps or None,
                                        map_peaks=np.concatenate(peaks) if peaks else None))
         self.fit_normal(features, views, np.arange(features.shape[0]))

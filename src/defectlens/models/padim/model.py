@@ -7,6 +7,7 @@ import numpy as np
 import torch
 
 from ...backbones import DEFAULT_BACKBONE
+from ...heap import release_free_memory
 from ..base import register
 from ..calibration import calibrate, refit_folds
 from ..params import Integer, ParameterError, Real
@@ -86,6 +87,7 @@ class PaDiM(PatchDetector):
             mean, precision = self._gaussian(sums, outer, block.shape[1], invert=True)
             means.append(mean.float())
             precisions.append(precision.float())
+            release_free_memory()  # the block's float64 tensors (module doc)
         self.mean, self.precision = torch.cat(means), torch.cat(precisions)
         return squared
 
