@@ -32,6 +32,14 @@ def test_exported_features_match_pytorch(export_dir, normal_images, defect_image
     assert read_spec(export_dir)["max_feature_difference"] <= FEATURE_TOLERANCE
 
 
+def test_a_backbone_that_frees_its_memory_after_each_batch_computes_the_same_features(export_dir, normal_images):
+    held, freed = open_exported(export_dir), open_exported(export_dir, hold_memory=False)
+    assert held.hold_memory and not freed.hold_memory
+    if held.runtime == "onnx":
+        assert held.session.get_session_options().enable_cpu_mem_arena
+        assert not freed.session.get_session_options().enable_cpu_mem_arena
+    np.testing.assert_array_equal(freed.embed(normal_images[:5]).numpy(), held.embed(normal_images[:5]).numpy())
+
 
 def test_an_export_of_named_stages_computes_those_stages(normal_images, tmp_path):
     pytest.importorskip("onnxruntime")
@@ -112,6 +120,7 @@ def test_fit_auto_embeds_on_a_cached_export_with_the_pytorch_fit_bank_and_thresh
     cache_with(detector)
     detector, _ = fit_from_folder(folder, params={"size": SIZE}, runtime="auto")
     assert runtime_of(detector) == read_spec(export_dir)["format"]
+    assert not detector.backbone_network.hold_memory  # a fit embeds once: nothing held between batches
     # Every patch kept (6 images × 8 × 8 < bank_size): the banks agree to the features' tolerance.
     assert detector.bank.shape == reference.bank.shape
     assert (detector.bank - reference.bank).abs().max() <= FEATURE_TOLERANCE

@@ -170,5 +170,5 @@ def fit_from_folder(data: str | os.PathLike, method: str | None = None, shots: i
     if runtime != "torch":
         from ..runtime import load_runtime
 
-        detector = load_runtime(detector, runtime, export_missing=False)
+        detector = load_runtime(detector, runtime, export_missing=False, fitting=True)
     return training.fit(detector), training

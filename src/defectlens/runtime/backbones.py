@@ -26,8 +26,12 @@ class ExportedBackbone(PatchBackbone):
     # MiB, OpenVINO 712 against 773; farm-bench A/B, 5 pairs, 2026-12-03).
     batch_size = 4
 
-    def __init__(self, export_dir: str | os.PathLike, spec: dict):
+    def __init__(self, export_dir: str | os.PathLike, spec: dict, hold_memory: bool = True):
+        """``hold_memory``: keep the memory of a batch's intermediate tensors for the next batch
+        (ONNX Runtime's arena), as a predict that runs batch after batch wants; a fit embeds its
+        images once and then needs that memory for the memory banks (see OnnxRuntimeBackbone)."""
         super().__init__(tuple(spec["input_hw"]))
+        self.hold_memory = hold_memory
         self.export_dir = Path(export_dir)
         self.name = spec["backbone"]
         self.stride = spec["stride"]
@@ -57,8 +61,8 @@ class ExportedBackbone(PatchBackbone):
 class OnnxRuntimeBackbone(ExportedBackbone):
     runtime = "onnx"
 
-    def __init__(self, export_dir: str | os.PathLike, spec: dict):
-        super().__init__(export_dir, spec)
+    def __init__(self, export_dir: str | os.PathLike, spec: dict, hold_memory: bool = True):
+        super().__init__(export_dir, spec, hold_memory)
         import onnxruntime
 
         options = onnxruntime.SessionOptions()
@@ -69,6 +73,11 @@ class OnnxRuntimeBackbone(ExportedBackbone):
         # tensors: 8 images at 256 px, +175 MB of peak memory against +103 MB without it, and no
         # faster (10.2-11.1 against 8.5-8.9 ms/img, two alternating runs each; the arena stays).
         options.enable_mem_pattern = False
+        # Without the arena each batch's tensors go back to malloc after the run. The default's fit
+        # of 200 images at 256 px (--runtime auto): peak 929 -> 758 MiB, wall 1.03x (farm-bench
+        # A/B, 5 pairs, 2026-12-03); its 300-image predict: peak 719 -> 749 MiB, wall 0.98x, so
+        # predict keeps it.
+        options.enable_cpu_mem_arena = self.hold_memory
         # Its threads wait asleep, not spinning, between runs: the search and PaDiM that follow each
         # batch need the same two cores (a 300-image predict CSV 7.61 -> 7.03 s, cpu 12.0 -> 10.4 s).
         options.add_session_config_entry("session.intra_op.allow_spinning", "0")
@@ -82,8 +91,8 @@ class OnnxRuntimeBackbone(ExportedBackbone):
 class OpenVinoBackbone(ExportedBackbone):
     runtime = "openvino"
 
-    def __init__(self, export_dir: str | os.PathLike, spec: dict):
-        super().__init__(export_dir, spec)
+    def __init__(self, export_dir: str | os.PathLike, spec: dict, hold_memory: bool = True):
+        super().__init__(export_dir, spec, hold_memory)  # OpenVINO sizes its own buffers per request
         import openvino as ov
 
         core = ov.Core()
@@ -106,7 +115,8 @@ class OpenVinoBackbone(ExportedBackbone):
 RUNTIME_BACKBONES = {"onnx": OnnxRuntimeBackbone, "openvino": OpenVinoBackbone}
 
 
-def open_exported(export_dir: str | os.PathLike) -> ExportedBackbone:
-    """The runtime backbone for an export folder, in the runtime of its format."""
+def open_exported(export_dir: str | os.PathLike, hold_memory: bool = True) -> ExportedBackbone:
+    """The runtime backbone for an export folder, in the runtime of its format (``hold_memory``:
+    see ``ExportedBackbone``)."""
     spec = read_spec(export_dir)
-    return RUNTIME_BACKBONES[spec["format"]](export_dir, spec)
+    return RUNTIME_BACKBONES[spec["format"]](export_dir, spec, hold_memory)

@@ -31,14 +31,16 @@ def cache_dir() -> Path:
 
 
 def load_runtime(detector, runtime: str = "auto", export_dir: str | os.PathLike | None = None,
-                 export_missing: bool = True):
+                 export_missing: bool = True, fitting: bool = False):
     """Run ``detector``'s backbone on ``runtime`` and return the detector.
 
     "auto" takes the fastest installed runtime the detector can use and keeps PyTorch for
     methods that cannot be exported; naming a runtime makes those an error. Without
     ``export_dir`` the backbone is exported once into the cache (about 10 s) and reused;
     ``export_missing=False`` makes "auto" keep PyTorch instead when the cache has no export yet
-    (for work too short to pay for one, e.g. a fit on a few hundred images).
+    (for work too short to pay for one, e.g. a fit on a few hundred images). ``fitting``: the
+    backbone embeds the training images once, and its runtime frees their memory after each batch
+    instead of holding it for the next (``ExportedBackbone``'s ``hold_memory``).
     """
     if runtime not in RUNTIMES:
         raise UsageError(f"runtime must be one of {', '.join(RUNTIMES)}, not {runtime!r}")
@@ -73,7 +75,7 @@ def load_runtime(detector, runtime: str = "auto", export_dir: str | os.PathLike 
     expected = [size, size] if isinstance(size, int) else list(size)
     if spec["backbone"] != name or spec["input_hw"] != expected:
         raise UsageError(f"{export_dir} exports {spec['backbone']} at {spec['input_hw']} px; the model needs {name} at {expected}")
-    detector.backbone_network = open_exported(export_dir)
+    detector.backbone_network = open_exported(export_dir, hold_memory=not fitting)
     return detector
 
 
