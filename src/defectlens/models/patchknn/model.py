@@ -11,8 +11,7 @@ tiles 0.969 either way; benchmarks/results/real_suite.md).
 On an approximate index (``search="ivf"``, the default ensemble's), the patches an image score
 averages get their exact distances, found by an exact search of those few
 (``NearestNeighbours.exact_nearest``: through the IVF lists that could hold a nearer row, or all
-rows where those lists are most of the bank); every patch of a map is searched in fewer lists
-(``MAP_PROBES``), the map being a heatmap and those bounds only. The approximate distances of the top
+rows where those lists are most of the bank); the index still searches every other patch (the map). The approximate distances of the top
 patches cost the default ensemble on DeepPCB: 0.974 / 0.981 / 0.983 / 0.986 with 8 of 512 / 16 /
 32 / 64 of 1,024 lists visited, 0.988 exact. Model files written before keep their index's
 distances (``exact_top`` in their state is absent)."""
