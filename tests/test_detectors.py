@@ -312,13 +312,13 @@ def test_ivf_partition_is_trained_once_per_fit_and_loaded_from_the_model_file(me
 
 def test_patchknn_on_ivf_scores_an_image_by_its_top_patches_exact_distances(normal_images, defect_image, tmp_path):
     """With and without a map, the image score is the mean of the top patches' exact distances
-    (a flat search's), while the map keeps its search's; a model file written before scores by
+    (a flat search's), while the map keeps the index's; a model file written before scores by
     the index's distances, as it did."""
     from defectlens.models.memory import NearestNeighbours
     from defectlens.models.patchcore.model import patch_groups
 
     detector = create_detector("patchknn", size=128, search="ivf").fit(normal_images[:4])
-    detector._index.index.nprobe = detector.map_probes = 1  # a coarse search, so that it errs
+    detector._index.index.nprobe = 1  # a coarse search, so that it errs
     features = detector.embed_images([normal_images[4], defect_image, normal_images[5]])
     exact = NearestNeighbours(detector.bank.numpy(), metric="cosine").search(patch_groups(features).reshape(-1, features.shape[1]).numpy())[0]
     exact = torch.from_numpy(exact[:, 0].reshape(3, -1))
@@ -337,34 +337,6 @@ def test_patchknn_on_ivf_scores_an_image_by_its_top_patches_exact_distances(norm
     assert not earlier.exact_top
     np.testing.assert_allclose(earlier.score_feature_batch(features)[0], approximate, rtol=1e-5)
     np.testing.assert_allclose(earlier.feature_scores(features), approximate, rtol=1e-5)
-
-
-def test_patchknn_maps_visit_map_probes_lists_and_a_file_from_before_its_indexs(normal_images, defect_image, tmp_path):
-    """A map on IVF searches ``MAP_PROBES`` lists (a heatmap, and the bounds of the image scores'
-    exact search), the index keeps its own number for everything else; a model file written
-    before maps with the index's number, as its heatmap range was set."""
-    from defectlens.models.patchcore.model import flatten_patches
-    from defectlens.models.patchknn.model import MAP_PROBES
-
-    detector = create_detector("patchknn", size=128, search="ivf").fit(normal_images[:4])
-    features = detector.embed_images([normal_images[4], defect_image])
-
-    def searched(probes):
-        distances = detector._index.search(flatten_patches(features).numpy(), k=1, probes=probes)[0][:, 0]
-        return torch.from_numpy(distances).reshape(features.shape[0], *features.shape[2:])
-
-    assert detector.map_probes == MAP_PROBES < detector._index.index.nprobe
-    assert not torch.equal(searched(MAP_PROBES), searched(None))
-    assert torch.equal(detector.score_features(features), searched(MAP_PROBES))
-    scores, _ = detector.score_feature_batch(features)
-    np.testing.assert_allclose(scores, detector.feature_scores(features), rtol=1e-6)  # both exact
-    earlier = Detector.load(detector.save(tmp_path / "model.dlmodel"))
-    assert earlier.map_probes == MAP_PROBES
-    extra = earlier.extra_state()
-    del extra["map_probes"]
-    earlier.load_state_tensors(earlier.state_tensors(), extra)  # the state of a file without "map_probes"
-    assert earlier.map_probes is None
-    assert torch.equal(earlier.score_features(features), searched(None))
 
 
 def test_patchknn_on_ivf_maps_a_sample_of_held_out_images_and_scores_every_one(normal_images, defect_image):

@@ -185,9 +185,8 @@ class NearestNeighbours:
 
         ``exact``: on an approximate index, the distances are the exact ones (``exact_nearest``)
         instead of the index's, for the few queries they are needed for. ``bounds``: (N, P) this
-        index's ``search`` distances of all the queries, with any number of probes, when the caller
-        has them (a patch map; their nearest rows are not given, so only the exact phase finds rows,
-        and it takes them only as distances to real bank rows: use with ``exact``);
+        index's ``search`` distances of all the queries, when the caller has them (a patch map;
+        their nearest rows are not given, so only the exact phase finds rows: use with ``exact``);
         else every query first gets a cheaper upper bound (``_distance_bounds``).
 
         Each query's distance is known at one of three levels, each at most the one before: an

@@ -39,14 +39,6 @@ from ..patchcore.model import flatten_patches, patch_groups, patches_at
 METRICS = ("cosine", "l2")
 #: The default image score: the mean of this share of one tile's patches (module doc).
 TILE_TOP_FRACTION = 0.01
-#: IVF lists each patch of a map visits, where the image scores do not come from the map (their
-#: top patches get exact distances, module doc): the heatmap only needs each patch's distance to a
-#: near bank row, and the search of 16 lists was 14 of a maps predict's 32 ms per image (256 px).
-#: Maps of the default ensemble from 16 / 4 / 1 lists, pixel AUROC and AU-PRO: BSData at 256 px
-#: (80 defective and 40 good test images) 0.9887 / 0.9886 / 0.9888 and 0.7594 / 0.7592 / 0.7602;
-#: DeepPCB in tiles (fit on 80, 60 defective and 30 good) 0.9534 / 0.9525 / 0.9496 and
-#: 0.8480 / 0.8447 / 0.8347. Four lists: -0.002 AU-PRO on the two sets' mean, one list -0.006.
-MAP_PROBES = 4
 #: Held-out images per calibration fold whose whole patch maps are searched on an approximate
 #: index (``held_out_scores``): five folds' 40 maps at 256 px hold 41k patch distances, plenty
 #: for the heatmap range's median.
@@ -106,9 +98,6 @@ class PatchKNN(SearchedBank, PatchDetector):
         #: Image scores from the top patches' exact distances on an approximate index (module doc);
         #: learned state, False for model files written before it.
         self.exact_top = True
-        #: IVF lists a map's patches visit (``MAP_PROBES``); learned state, None (the index's own
-        #: number) for model files written before it, whose heatmap range was set that way.
-        self.map_probes: int | None = MAP_PROBES
 
     def fit_features(self, features: torch.Tensor) -> None:
         patches = flatten_patches(features)
@@ -167,19 +156,11 @@ class PatchKNN(SearchedBank, PatchDetector):
 
     def score_features(self, features: torch.Tensor) -> torch.Tensor:
         count, _, height, width = features.shape
-        distances, _ = self._index.search(flatten_patches(features).numpy(), k=1, probes=self._map_search_probes())
+        distances, _ = self._index.search(flatten_patches(features).numpy(), k=1)
         scores = torch.from_numpy(distances[:, 0]).reshape(count, height, width)
         if self.foreground:
             scores = scores * pca_foreground(features, self.pca_axis, self.pca_mean)
         return scores
-
-    def _map_search_probes(self) -> int | None:
-        """``map_probes`` where a map's distances are only a heatmap and the bounds of the image
-        scores' exact search (``image_scores``); None (the index's own) where the image scores are
-        the map's top patches."""
-        if self._index.kind == "ivf" and self.exact_top and not self.foreground:
-            return self.map_probes
-        return None
 
     def image_scores(self, patch_scores: torch.Tensor, features: torch.Tensor) -> torch.Tensor:
         flat = patch_scores.flatten(1)
@@ -235,12 +216,11 @@ class PatchKNN(SearchedBank, PatchDetector):
         return tensors
 
     def extra_state(self) -> dict:
-        return {**super().extra_state(), "exact_top": self.exact_top, "map_probes": self.map_probes}
+        return {**super().extra_state(), "exact_top": self.exact_top}
 
     def load_state_tensors(self, tensors, extra) -> None:
         super().load_state_tensors(tensors, extra)
         self.exact_top = bool(extra.get("exact_top", False))
-        self.map_probes = extra.get("map_probes")
         self.pca_axis = tensors.get("pca_axis")
         self.pca_mean = tensors.get("pca_mean")
         self.load_bank(tensors)
