@@ -87,7 +87,7 @@ class PaDiM(PatchDetector):
             mean, precision = self._gaussian(sums, outer, block.shape[1], invert=True)
             means.append(mean.float())
             precisions.append(precision.float())
-            release_free_memory()  # the block's float64 tensors (module doc)
+            release_free_memory()  # the block's float64 tensors (see defectlens/heap.py)
         self.mean, self.precision = torch.cat(means), torch.cat(precisions)
         return squared
 
