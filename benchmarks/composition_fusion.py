@@ -35,7 +35,7 @@ from defectlens.data.generator import generate
 from defectlens.data.io import read_image
 from defectlens.engine.fit import training_set
 from defectlens.models import LearningType, create_detector
-from defectlens.models.composition.model import Composition
+from defectlens.models.composition.model import Composition, spread
 
 HERE = Path(__file__).resolve().parent
 PHOTOS = HERE.parent.parent / "shared" / "datasets"
@@ -63,14 +63,17 @@ def fewshot_loco_set(work: Path, category: str, loco_seed: int, photos: str):
 
 def standardised(run: dict, floor: float = 0.02, robust: bool = False, centred: bool = True) -> tuple[np.ndarray, np.ndarray]:
     """The two detectors' test scores against their own held-out normal scores: less the centre
-    (mean, or median when ``robust``) unless not ``centred``, over the spread (std, or 1.4826 MAD),
-    floored at ``floor`` times the centre; not centred and floor 1: each score over its held-out mean."""
+    (mean, or median when ``robust``) unless not ``centred``, over the spread (the detector's
+    ``spread``, or 1.4826 MAD), floored at ``floor`` times the centre; not centred and floor 1: each
+    score over its held-out mean."""
     out = []
     for held, test in ((run["held_comp"], run["test_comp"]), (run["held_member"], run["test_member"])):
         held, test = np.asarray(held), np.asarray(test)
-        centre = float(np.median(held)) if robust else float(np.mean(held))
-        deviation = 1.4826 * float(np.median(np.abs(held - centre))) if robust else float(np.std(held, ddof=1))
-        deviation = max(deviation, floor * abs(centre), 1e-9)
+        if robust:
+            centre = float(np.median(held))
+            deviation = max(1.4826 * float(np.median(np.abs(held - centre))), floor * abs(centre), 1e-9)
+        else:
+            centre, deviation = float(np.mean(held)), spread(held, floor)
         out.append((test - centre * centred) / deviation)
     return out[0], out[1]
 

@@ -155,10 +155,11 @@ def paint_level(evidence: float) -> float:
     return evidence - (PAINT_ABOVE - 1.0)
 
 
-def spread(values: np.ndarray) -> float:
-    """Standard deviation of held-out normal scores, floored (see ``FUSION_MIN_SPREAD``)."""
+def spread(values: np.ndarray, floor: float = FUSION_MIN_SPREAD) -> float:
+    """Standard deviation of held-out normal scores, at least ``floor`` times their mean (see
+    ``FUSION_MIN_SPREAD``)."""
     deviation = float(np.std(values, ddof=1)) if len(values) > 1 else 0.0
-    return max(deviation, FUSION_MIN_SPREAD * abs(float(np.mean(values))), 1e-9)
+    return max(deviation, floor * abs(float(np.mean(values))), 1e-9)
 
 
 def pooled_spread(values: np.ndarray, pooled: bool) -> np.ndarray:
