@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from defectlens.models import Detector, create_detector
-from defectlens.models.base import ModelFileError
+from defectlens.models import ModelFileError
 from defectlens.errors import UsageError
 from defectlens.models.composition.model import (
     FLOORS,

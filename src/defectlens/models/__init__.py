@@ -12,7 +12,8 @@ import importlib
 import json
 import pkgutil
 
-from .base import REGISTRY, Detector, LearningType, ModelFileError, NotFittedError, Prediction
+from .base import REGISTRY, Detector, LearningType, NotFittedError, Prediction
+from .modelfile import ModelFileError
 from .params import ParameterError
 
 for _module in pkgutil.iter_modules(__path__):

@@ -17,24 +17,15 @@ from typing import Any, ClassVar
 
 import numpy as np
 import torch
-from safetensors import SafetensorError, safe_open
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 
 from ..backbones import get_backbone
 from ..errors import DefectlensError, UsageError
 from .calibration import DEFAULT_FPR, NONE, Calibration, threshold_from_normal_scores
+from .modelfile import FORMAT, FORMAT_VERSION, ModelFileError, read_model_file
 from .params import Constraint, ParameterError, check_names, check_values, get_param_names
 
-FORMAT = "defectlens-model"
-#: 2: PaDiM keeps its precisions' upper triangles, patchknn / patchcore an IVF index's centroids
-#: (version 1 files still load; version 1 readers refuse version 2 files by name instead of failing).
-FORMAT_VERSION = 2
-
 REGISTRY: dict[str, type[Detector]] = {}
-
-
-class ModelFileError(DefectlensError, ValueError):
-    """A model file is missing, corrupt, or from a format version this defectlens cannot read."""
 
 
 class NotFittedError(DefectlensError, RuntimeError):
@@ -328,25 +319,3 @@ class BackboneDetector(Detector):
     @backbone_network.setter
     def backbone_network(self, network) -> None:
         self._backbone = network
-
-
-def read_model_file(path: str | os.PathLike) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
-    path = Path(path)
-    if not path.is_file():
-        raise ModelFileError(f"{path}: model file does not exist")
-    try:
-        with safe_open(str(path), framework="pt") as handle:
-            metadata = handle.metadata() or {}
-        tensors = load_file(str(path))
-    except (SafetensorError, OSError, ValueError) as error:
-        raise ModelFileError(f"{path}: not a defectlens model file ({error})") from None
-    if "defectlens" not in metadata:
-        raise ModelFileError(f"{path}: a safetensors file, but not a defectlens model (no 'defectlens' metadata)")
-    try:
-        config = json.loads(metadata["defectlens"])
-    except json.JSONDecodeError as error:
-        raise ModelFileError(f"{path}: corrupt model config ({error})") from None
-    from .modelfile import validate_model_config  # imports this module
-
-    validate_model_config(config, path)
-    return config, tensors

@@ -1,4 +1,5 @@
-"""Checks on a model file's JSON config, field by field, before anything is built from it.
+"""The model file as read from disk: a safetensors file whose ``defectlens`` metadata entry is
+the JSON config, and the checks on that config, field by field, before anything is built from it.
 
 A model file may come from another version, another tool or a careless edit: each wrong field
 gets a one-line :class:`ModelFileError` naming the file, the field and what was found, instead
@@ -7,11 +8,47 @@ of a traceback from deep inside a detector.
 
 from __future__ import annotations
 
+import json
 import math
 import os
+from pathlib import Path
 from typing import Any
 
-from .base import FORMAT, FORMAT_VERSION, ModelFileError
+import torch
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import load_file
+
+from ..errors import DefectlensError
+
+FORMAT = "defectlens-model"
+#: 2: PaDiM keeps its precisions' upper triangles, patchknn / patchcore an IVF index's centroids
+#: (version 1 files still load; version 1 readers refuse version 2 files by name instead of failing).
+FORMAT_VERSION = 2
+
+
+class ModelFileError(DefectlensError, ValueError):
+    """A model file is missing, corrupt, or from a format version this defectlens cannot read."""
+
+
+def read_model_file(path: str | os.PathLike) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
+    """The checked config and the tensors of the model file at ``path``."""
+    path = Path(path)
+    if not path.is_file():
+        raise ModelFileError(f"{path}: model file does not exist")
+    try:
+        with safe_open(str(path), framework="pt") as handle:
+            metadata = handle.metadata() or {}
+        tensors = load_file(str(path))
+    except (SafetensorError, OSError, ValueError) as error:
+        raise ModelFileError(f"{path}: not a defectlens model file ({error})") from None
+    if "defectlens" not in metadata:
+        raise ModelFileError(f"{path}: a safetensors file, but not a defectlens model (no 'defectlens' metadata)")
+    try:
+        config = json.loads(metadata["defectlens"])
+    except json.JSONDecodeError as error:
+        raise ModelFileError(f"{path}: corrupt model config ({error})") from None
+    validate_model_config(config, path)
+    return config, tensors
 
 
 def _is_number(value: Any) -> bool:

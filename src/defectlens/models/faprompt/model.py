@@ -27,7 +27,8 @@ from tqdm.auto import tqdm
 from ...backbones.base import configure_threads
 from ...backbones.hf import load_clip, resolve_model
 from ...data.io import as_image, as_mask
-from ..base import Detector, LearningType, ModelFileError, Prediction, register
+from ..base import Detector, LearningType, Prediction, register
+from ..modelfile import ModelFileError
 from ..calibration import calibrate, held_out_split
 from ..maps import upsample_map
 from . import losses
