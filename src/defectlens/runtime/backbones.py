@@ -15,7 +15,7 @@ import numpy as np
 import torch
 
 from ..backbones.base import PatchBackbone, configure_threads
-from .export import GRAPH_FILES, read_spec
+from .spec import GRAPH_FILES, read_spec
 
 
 class ExportedBackbone(PatchBackbone):

@@ -21,11 +21,10 @@ import torch
 from .. import __version__
 from ..errors import OutputExistsError, UsageError
 from ..backbones import EFFICIENTNET_LITE_VARIANTS, get_backbone, is_efficientnet_lite_name
+from .backbones import open_exported
 from .graph import FeatureGraph
+from .spec import FORMATS, GRAPH_FILES, SPEC_FILE
 
-FORMATS = ("onnx", "openvino")
-GRAPH_FILES = {"onnx": "features.onnx", "openvino": "features.xml"}
-SPEC_FILE = "export.json"
 #: Largest absolute feature difference from PyTorch an export may have (features are O(10)).
 FEATURE_TOLERANCE = 1e-3
 
@@ -57,13 +56,6 @@ def check_exportable(detector) -> None:
     if not is_efficientnet_lite_name(backbone):
         raise NotExportableError(f"backbone '{backbone}' cannot be exported; exportable: "
                                  f"{', '.join(sorted(EFFICIENTNET_LITE_VARIANTS))} (with any @STAGES)")
-
-
-def read_spec(export_dir: str | os.PathLike) -> dict:
-    path = Path(export_dir) / SPEC_FILE
-    if not path.is_file():
-        raise UsageError(f"{export_dir}: not a defectlens export folder (no {SPEC_FILE}); write one with `defectlens export`")
-    return json.loads(path.read_text())
 
 
 def export_backbone(name: str, size: int | tuple[int, int], out_dir: str | os.PathLike, format: str = "onnx",
@@ -104,8 +96,6 @@ def export_backbone(name: str, size: int | tuple[int, int], out_dir: str | os.Pa
         (staging / SPEC_FILE).write_text(json.dumps(spec, indent=2))
         with torch.inference_mode():
             reference = backbone.forward(backbone.to_tensor(sample.numpy())).numpy()
-        from .backbones import open_exported
-
         difference = float(np.abs(open_exported(staging).forward(sample).numpy() - reference).max())
         if not difference <= FEATURE_TOLERANCE:
             raise RuntimeError(f"exported {format} features differ from PyTorch by {difference:.3g} (> {FEATURE_TOLERANCE})")

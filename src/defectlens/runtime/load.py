@@ -11,7 +11,8 @@ import torch
 from .. import __version__
 from ..errors import UsageError
 from .backbones import open_exported
-from .export import SPEC_FILE, NotExportableError, check_exportable, export_backbone, read_spec
+from .export import NotExportableError, check_exportable, export_backbone
+from .spec import SPEC_FILE, read_spec
 
 RUNTIMES = ("auto", "torch", "onnx", "openvino")
 # Fastest first: "auto" takes the first one installed. The default's whole predict process on
