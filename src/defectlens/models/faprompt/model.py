@@ -28,9 +28,9 @@ from ...backbones.base import configure_threads
 from ...backbones.hf import load_clip, resolve_model
 from ...data.io import as_image, as_mask
 from ..base import Detector, LearningType, Prediction, register
-from ..modelfile import ModelFileError
 from ..calibration import calibrate, held_out_split
 from ..maps import upsample_map
+from ..modelfile import ModelFileError
 from . import losses
 from .clip import default_layers, encode_images, input_side, preprocess
 from ..params import BLUR_SIGMA, INPUT_SIZE, SEED, Choice, Integer, ListOf, Optional, Real, Text
