@@ -82,6 +82,31 @@ def test_predict_with_a_corrupt_model_file_is_a_clear_error(tmp_path, mixed_inpu
     assert "bad.dlmodel" in capsys.readouterr().err
 
 
+def test_info_shows_the_threshold_and_the_operating_points_predict_would_set(model_path, tmp_path, capsys):
+    """`info` reads a model file without fitting anything: the threshold stored, and for each
+    listed false-alarm rate the threshold `--target-fpr` would set from the same held-out scores."""
+    from defectlens.models import Detector
+
+    assert main(["info", str(model_path), "--json"]) == 0
+    info = json.loads(capsys.readouterr().out)
+    detector = Detector.load(model_path)
+    assert info["method"] == detector.name == "patchknn" and info["params"] == detector.get_params()
+    assert info["threshold"] == detector.threshold
+    assert info["normal_scores"]["count"] == len(detector.normal_scores) == 4
+    for point in info["operating_points"]:
+        assert point["threshold"] == pytest.approx(detector.set_operating_point(point["fpr"]), rel=1e-12)
+    assert [point["fpr"] for point in info["operating_points"] if point["fpr"] == detector.operating_fpr]
+    assert info["tensors"]["bank"]["shape"][1] == 152
+    assert main(["info", str(model_path)]) == 0
+    text = capsys.readouterr().out
+    assert f"threshold {info['threshold']:.4g}: flags about 1 % of good parts" in text
+    assert "patchknn with size=128, geometry=tiles (other parameters at the method's defaults)" in text
+    bad = tmp_path / "notes.dlmodel"
+    bad.write_text("not a model")
+    assert main(["info", str(bad)]) == 2
+    assert "notes.dlmodel: not a defectlens model file" in capsys.readouterr().err
+
+
 def test_benchmark_writes_json_and_report(synthetic_mvtec, tmp_path):
     out_json, report = tmp_path / "bench.json", tmp_path / "bench.html"
     assert main(["benchmark", str(synthetic_mvtec), "--shots", "1,2,full", "--seeds", "2", "--size", "128",

@@ -212,6 +212,42 @@ def cmd_predict(args) -> int:
     return EXIT_INPUT_FAILED if failed else EXIT_OK
 
 
+# -- info ---------------------------------------------------------------------------------------
+def cmd_info(args) -> int:
+    from .models import REGISTRY, describe_config
+    from .models.modelfile import describe_model_file
+
+    info = describe_model_file(args.model)
+    if args.json:
+        print(json.dumps(info, indent=2))
+        return 0
+    method, params = info["method"], info["params"]
+    # Parameters the file sets away from the method's defaults; all of them with --json.
+    defaults = REGISTRY[method]().get_params() if method in REGISTRY else {}
+    changed = {key: value for key, value in params.items() if key not in defaults or defaults[key] != value}
+    rest = "other parameters" if changed else "all parameters"
+    print(f"{args.model}: {describe_config(method, changed)} ({rest} at the method's defaults), "
+          f"model file format {info['format_version']}, {info['bytes'] / 2**20:.1f} MiB")
+    scores = info["normal_scores"]
+    spread = (f", {scores['min']:.4g} to {scores['max']:.4g} (median {scores['median']:.4g})" if scores["count"] else "")
+    print(f"{scores['count']} held-out normal scores{spread}")
+    if info["threshold"] is None:
+        print("threshold: none (fewer than 3 held-out normal scores); predict leaves labels empty unless given --threshold")
+    else:
+        print(f"threshold {info['threshold']:.4g}: flags about {info['operating_fpr'] * 100:g} % of good parts")
+    points = [point for point in info["operating_points"] if point["threshold"] is not None]
+    if points:
+        print("other operating points (predict --target-fpr F):")
+        for point in points:
+            print(f"  F = {point['fpr']:<6g} threshold {point['threshold']:.4g}")
+    if info["map_range"] is not None:
+        low, high = info["map_range"]
+        print(f"heatmap colour range {low:.4g} to {high:.4g}")
+    print("stored tensors: " + ", ".join(f"{name} {'×'.join(map(str, tensor['shape']))} {tensor['dtype']}"
+                                         for name, tensor in info["tensors"].items()))
+    return 0
+
+
 def cmd_export(args) -> int:
     from .models import Detector
     from .runtime import export_model, read_spec
@@ -424,6 +460,11 @@ def build_parser() -> argparse.ArgumentParser:
     predict.add_argument("--dask", metavar="SCHEDULER", default=None,
                          help="score on a Dask cluster: local, local:N (N worker processes) or a scheduler address (see docs/scale.md)")
     predict.set_defaults(func=cmd_predict)
+
+    info = commands.add_parser("info", help="what a model file holds: method, parameters, threshold and other operating points")
+    info.add_argument("model")
+    info.add_argument("--json", action="store_true", help="everything as JSON, every parameter included")
+    info.set_defaults(func=cmd_info)
 
     export = commands.add_parser("export", help="export a model's backbone feature graph to ONNX or OpenVINO (checked against PyTorch)")
     export.add_argument("model")

@@ -22,7 +22,7 @@ from safetensors.torch import save_file
 from ..backbones import get_backbone
 from ..errors import DefectlensError, UsageError
 from .calibration import DEFAULT_FPR, NONE, Calibration, threshold_from_normal_scores
-from .modelfile import FORMAT, FORMAT_VERSION, ModelFileError, read_model_file
+from .modelfile import FORMAT, FORMAT_VERSION, NORMAL_SCORES, ModelFileError, read_model_file
 from .params import Constraint, ParameterError, check_names, check_values, get_param_names
 
 REGISTRY: dict[str, type[Detector]] = {}
@@ -264,7 +264,7 @@ class Detector:
         }
         tensors = {k: v.detach().contiguous().cpu() for k, v in self.state_tensors().items()}
         if self.normal_scores is not None:
-            tensors["__normal_scores__"] = torch.as_tensor(np.asarray(self.normal_scores, np.float32))
+            tensors[NORMAL_SCORES] = torch.as_tensor(np.asarray(self.normal_scores, np.float32))
         path.parent.mkdir(parents=True, exist_ok=True)
         # Write next to the target, then rename: an interrupted save never leaves half a file.
         partial = path.with_name(path.name + ".partial")
@@ -286,7 +286,7 @@ class Detector:
         except ParameterError as error:
             raise ModelFileError(f"{path}: {error}") from None
         detector = detector_cls(**config["params"])
-        normal = tensors.pop("__normal_scores__", None)
+        normal = tensors.pop(NORMAL_SCORES, None)
         detector.normal_scores = None if normal is None else normal.numpy().astype(np.float64)
         detector.threshold = config["threshold"]
         fpr = config.get("operating_fpr", DEFAULT_FPR)

@@ -14,16 +14,20 @@ import os
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file
 
 from ..errors import DefectlensError
+from .calibration import DEFAULT_FPR, threshold_from_normal_scores
 
 FORMAT = "defectlens-model"
 #: 2: PaDiM keeps its precisions' upper triangles, patchknn / patchcore an IVF index's centroids
 #: (version 1 files still load; version 1 readers refuse version 2 files by name instead of failing).
 FORMAT_VERSION = 2
+#: The tensor of held-out normal scores a model file keeps beside its method's own.
+NORMAL_SCORES = "__normal_scores__"
 
 
 class ModelFileError(DefectlensError, ValueError):
@@ -49,6 +53,38 @@ def read_model_file(path: str | os.PathLike) -> tuple[dict[str, Any], dict[str, 
         raise ModelFileError(f"{path}: corrupt model config ({error})") from None
     validate_model_config(config, path)
     return config, tensors
+
+
+#: False-alarm rates ``describe_model_file`` gives the threshold of.
+OPERATING_FPRS = (0.001, 0.005, 0.01, 0.02, 0.05, 0.1)
+
+
+def describe_model_file(path: str | os.PathLike) -> dict[str, Any]:
+    """What the model file at ``path`` holds, read without building its detector: method,
+    parameters, threshold and the false-alarm rate it was set for, the held-out normal scores'
+    count and range, the threshold each of ``OPERATING_FPRS`` would take (the calibration rule
+    on those scores, as ``--target-fpr`` sets it; None with fewer than three), the heatmap range,
+    and each stored tensor's shape and type."""
+    config, tensors = read_model_file(path)
+    normal = tensors.pop(NORMAL_SCORES, None)
+    scores = np.zeros(0) if normal is None else normal.numpy().astype(np.float64)
+    scores = scores[np.isfinite(scores)]
+    return {
+        "path": os.fspath(path),
+        "bytes": os.path.getsize(path),
+        "method": config["method"],
+        "format_version": config["format_version"],
+        "params": config["params"],
+        "threshold": config.get("threshold"),
+        "operating_fpr": config.get("operating_fpr", DEFAULT_FPR),
+        "normal_scores": {"count": int(scores.size),
+                          **({"min": float(scores.min()), "median": float(np.median(scores)), "max": float(scores.max())}
+                             if scores.size else {})},
+        "operating_points": [{"fpr": fpr, "threshold": threshold_from_normal_scores(scores, fpr)} for fpr in OPERATING_FPRS],
+        "map_range": config.get("map_range"),
+        "tensors": {name: {"shape": list(tensor.shape), "dtype": str(tensor.dtype).removeprefix("torch.")}
+                    for name, tensor in tensors.items()},
+    }
 
 
 def _is_number(value: Any) -> bool:
