@@ -15,6 +15,7 @@ import pytest
 from conftest import textured_image
 from defectlens.models import REGISTRY, Detector, LearningType, ParameterError, create_detector
 from defectlens.models.calibration import MIN_SCORES
+from defectlens.models.modelfile import describe_model_file
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -126,11 +127,16 @@ def test_save_load_gives_identical_predictions(fitted, images, tmp_path):
     normal, anomalous = images
     batch = [normal[3], normal[4], anomalous[1]]
     before = detector.predict(batch)
-    loaded = Detector.load(detector.save(tmp_path / f"{method}.dlmodel"))
+    path = detector.save(tmp_path / f"{method}.dlmodel")
+    loaded = Detector.load(path)
     after = loaded.predict(batch)
     as_stored = json.loads(json.dumps(detector.get_params()))  # the model file holds JSON: tuples come back as lists
     assert type(loaded) is type(detector) and loaded.get_params() == as_stored
     assert loaded.threshold == detector.threshold and loaded.map_range == detector.map_range
+    info = describe_model_file(path)  # what `defectlens info` shows, read without building the detector
+    assert info["method"] == method and info["params"] == as_stored and info["threshold"] == detector.threshold
+    held_out = np.zeros(0) if detector.normal_scores is None else np.asarray(detector.normal_scores, np.float64)
+    assert info["normal_scores"]["count"] == int(np.isfinite(held_out).sum())
     np.testing.assert_allclose(after.scores, before.scores, rtol=1e-5, atol=1e-6)
     np.testing.assert_allclose(np.asarray(after.maps), np.asarray(before.maps), rtol=1e-4, atol=1e-5)
 
