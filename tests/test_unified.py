@@ -7,6 +7,7 @@ import pytest
 from conftest import textured_image
 from defectlens.models import Detector, create_detector
 from defectlens.errors import UsageError
+from defectlens.models.modelfile import describe_model_file
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 SIDE = 64
@@ -45,7 +46,7 @@ def test_adding_a_product_leaves_the_others_scores_unchanged_and_routes_right(pr
     np.testing.assert_allclose(after.scores[:2], before.scores, rtol=1e-6)
     path = model.save(tmp_path / "unified.safetensors")
     loaded = Detector.load(path)
-    assert loaded.products == ["parts", "stripes"]
+    assert loaded.products == ["parts", "stripes"] == describe_model_file(path)["products"]
     np.testing.assert_allclose(loaded.predict(products["stripes"][6:]).scores, after.scores[2:], rtol=1e-6)
 
 

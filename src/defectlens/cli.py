@@ -228,6 +228,8 @@ def cmd_info(args) -> int:
     rest = "other parameters" if changed else "all parameters"
     print(f"{args.model}: {describe_config(method, changed)} ({rest} at the method's defaults), "
           f"model file format {info['format_version']}, {info['bytes'] / 2**20:.1f} MiB")
+    if info["products"] is not None:
+        print(f"{len(info['products'])} products: {', '.join(info['products'])}")
     scores = info["normal_scores"]
     spread = (f", {scores['min']:.4g} to {scores['max']:.4g} (median {scores['median']:.4g})" if scores["count"] else "")
     print(f"{scores['count']} held-out normal scores{spread}")

@@ -64,7 +64,7 @@ def describe_model_file(path: str | os.PathLike) -> dict[str, Any]:
     parameters, threshold and the false-alarm rate it was set for, the held-out normal scores'
     count and range, the threshold each of ``OPERATING_FPRS`` would take (the calibration rule
     on those scores, as ``--target-fpr`` sets it; None with fewer than three), the heatmap range,
-    and each stored tensor's shape and type."""
+    the products of a multi-product model (None for others), and each stored tensor's shape and type."""
     config, tensors = read_model_file(path)
     normal = tensors.pop(NORMAL_SCORES, None)
     scores = np.zeros(0) if normal is None else normal.numpy().astype(np.float64)
@@ -82,6 +82,7 @@ def describe_model_file(path: str | os.PathLike) -> dict[str, Any]:
                              if scores.size else {})},
         "operating_points": [{"fpr": fpr, "threshold": threshold_from_normal_scores(scores, fpr)} for fpr in OPERATING_FPRS],
         "map_range": config.get("map_range"),
+        "products": config.get("extra", {}).get("products"),
         "tensors": {name: {"shape": list(tensor.shape), "dtype": str(tensor.dtype).removeprefix("torch.")}
                     for name, tensor in tensors.items()},
     }
