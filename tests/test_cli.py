@@ -93,9 +93,11 @@ def test_info_shows_the_threshold_and_the_operating_points_predict_would_set(mod
     assert info["method"] == detector.name == "patchknn" and info["params"] == detector.get_params()
     assert info["threshold"] == detector.threshold
     assert info["normal_scores"]["count"] == len(detector.normal_scores) == 4
+    # the stored threshold is the listed one at the rate it was set for (from the same scores, stored as float32)
+    stored = [point["threshold"] for point in info["operating_points"] if point["fpr"] == info["operating_fpr"]]
+    assert stored == [pytest.approx(info["threshold"], rel=1e-6)]
     for point in info["operating_points"]:
         assert point["threshold"] == pytest.approx(detector.set_operating_point(point["fpr"]), rel=1e-12)
-    assert [point["fpr"] for point in info["operating_points"] if point["fpr"] == detector.operating_fpr]
     assert info["tensors"]["bank"]["shape"][1] == 152 and info["products"] is None
     assert main(["info", str(model_path)]) == 0
     text = capsys.readouterr().out
