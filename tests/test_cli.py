@@ -75,6 +75,21 @@ def test_fit_refuses_to_overwrite_a_model(model_path, tmp_path):
     assert model_path.read_bytes() == before
 
 
+def test_main_leaves_the_garbage_collector_as_it_found_it(tmp_path, mixed_inputs):
+    """main() turns the collector off while it imports and freezes what exists for the command's
+    run; a program that calls it (a test, a notebook) must get both back, after an error or an
+    exit from argparse too."""
+    import gc
+
+    frozen = gc.get_freeze_count()
+    bad = tmp_path / "bad.dlmodel"
+    bad.write_bytes(b"\x00" * 64)
+    assert main(["predict", str(bad), str(mixed_inputs / "rgb.png")]) == 2
+    with pytest.raises(SystemExit):
+        main(["--no-such-option"])
+    assert gc.isenabled() and gc.get_freeze_count() == frozen
+
+
 def test_predict_with_a_corrupt_model_file_is_a_clear_error(tmp_path, mixed_inputs, capsys):
     bad = tmp_path / "bad.dlmodel"
     bad.write_bytes(b"\x00" * 64)
