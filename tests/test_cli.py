@@ -1,4 +1,5 @@
 import csv
+import gc
 import json
 from pathlib import Path
 
@@ -79,8 +80,6 @@ def test_main_leaves_the_garbage_collector_as_it_found_it(tmp_path, mixed_inputs
     """main() turns the collector off while it imports and freezes what exists for the command's
     run; a program that calls it (a test, a notebook) must get both back, after an error or an
     exit from argparse too."""
-    import gc
-
     frozen = gc.get_freeze_count()
     bad = tmp_path / "bad.dlmodel"
     bad.write_bytes(b"\x00" * 64)
@@ -88,6 +87,12 @@ def test_main_leaves_the_garbage_collector_as_it_found_it(tmp_path, mixed_inputs
     with pytest.raises(SystemExit):
         main(["--no-such-option"])
     assert gc.isenabled() and gc.get_freeze_count() == frozen
+    gc.disable()  # a caller that had it off keeps it off
+    try:
+        assert main(["predict", str(bad), str(mixed_inputs / "rgb.png")]) == 2
+        assert not gc.isenabled()
+    finally:
+        gc.enable()
 
 
 def test_predict_with_a_corrupt_model_file_is_a_clear_error(tmp_path, mixed_inputs, capsys):

@@ -589,11 +589,13 @@ def main(argv: list[str] | None = None) -> int:
     # 0.2 s sooner (`info` A/B 0.90), the default's fit of 200 images took 6 % less with the same
     # model file, its 300-image predict 0-4 % less with the same CSV (farm-bench A/B calls;
     # benchmarks/results/speed.md).
+    collecting = gc.isenabled()
     gc.disable()
     try:
         args = build_parser().parse_args(argv)
     finally:
-        gc.enable()
+        if collecting:
+            gc.enable()
     gc.freeze()
     try:
         return _run(args)
