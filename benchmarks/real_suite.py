@@ -89,16 +89,17 @@ SETS = {
 
 def parse_config(text: str) -> tuple[str, dict]:
     """"patchcore:bank_size=16384,reweight_neighbours=0" -> ("patchcore", {...}); commas inside
-    [...] or {...} belong to a JSON value: 'ensemble:members=["padim","patchknn"],member_params={"patchknn":
-    {"bank_size":65536,"search":"ivf"}}'."""
+    [...], {...} or "..." belong to a JSON value: 'ensemble:members=["padim","patchknn"],member_params={"patchknn":
+    {"bank_size":65536,"search":"ivf"}}', 'patchknn:backbone="efficientnet-lite0@2,3,4"'."""
     method, _, rest = text.partition(":")
     method = method.strip()
     if method not in REGISTRY:
         raise SystemExit(f"--config {text!r}: unknown method {method!r}; available: {', '.join(sorted(REGISTRY))}")
-    pairs, depth, start = [], 0, 0
+    pairs, depth, start, quoted = [], 0, 0, False
     for index, char in enumerate(rest + ","):
-        depth += (char in "[{") - (char in "]}")
-        if char == "," and depth == 0:
+        quoted ^= char == '"'
+        depth += (not quoted) * ((char in "[{") - (char in "]}"))
+        if char == "," and depth == 0 and not quoted:
             pairs.append(rest[start:index])
             start = index + 1
     return method, parse_params([pair for pair in pairs if pair.strip()])
