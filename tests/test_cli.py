@@ -93,6 +93,13 @@ def test_main_leaves_the_garbage_collector_as_it_found_it(tmp_path, mixed_inputs
         assert not gc.isenabled()
     finally:
         gc.enable()
+    gc.freeze()  # and one that froze its own objects keeps them frozen, no more
+    try:
+        own = gc.get_freeze_count()
+        assert main(["predict", str(bad), str(mixed_inputs / "rgb.png")]) == 2
+        assert gc.get_freeze_count() == own
+    finally:
+        gc.unfreeze()
 
 
 def test_predict_with_a_corrupt_model_file_is_a_clear_error(tmp_path, mixed_inputs, capsys):

@@ -596,11 +596,14 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         if collecting:
             gc.enable()
-    gc.freeze()
+    freezing = gc.get_freeze_count() == 0  # a caller's own frozen objects are left as they are
+    if freezing:
+        gc.freeze()
     try:
         return _run(args)
     finally:
-        gc.unfreeze()  # a caller in the same process gets its collector back as it was
+        if freezing:
+            gc.unfreeze()  # a caller in the same process gets its collector back as it was
 
 
 def _run(args) -> int:
