@@ -86,7 +86,8 @@ def test_main_leaves_the_garbage_collector_as_it_found_it(tmp_path, mixed_inputs
     assert main(["predict", str(bad), str(mixed_inputs / "rgb.png")]) == 2
     with pytest.raises(SystemExit):
         main(["--no-such-option"])
-    assert gc.isenabled() and gc.get_freeze_count() == frozen
+    # (a frozen object that loses its last reference is still freed: the count can only drop)
+    assert gc.isenabled() and gc.get_freeze_count() <= frozen
     gc.disable()  # a caller that had it off keeps it off
     try:
         assert main(["predict", str(bad), str(mixed_inputs / "rgb.png")]) == 2
@@ -97,7 +98,7 @@ def test_main_leaves_the_garbage_collector_as_it_found_it(tmp_path, mixed_inputs
     try:
         own = gc.get_freeze_count()
         assert main(["predict", str(bad), str(mixed_inputs / "rgb.png")]) == 2
-        assert gc.get_freeze_count() == own
+        assert own // 2 < gc.get_freeze_count() <= own
     finally:
         gc.unfreeze()
 
