@@ -306,7 +306,8 @@ def _rewrite_config(source, target, **changes):
 BAD_FIELDS = [
     ("threshold", math.nan), ("threshold", "0.5"), ("threshold", math.inf), ("map_range", [0.0]),
     ("map_range", [1.0, math.nan]), ("map_range", [2.0, 1.0]), ("params", []), ("method", 7), ("extra", "x"),
-    ("format_version", "1"), ("format_version", True), ("format", "other"),
+    ("format_version", "1"), ("format_version", True), ("format", "other"), ("operating_fpr", 1.5),
+    ("operating_fpr", "0.01"),
 ]
 
 
@@ -319,6 +320,9 @@ def test_a_model_file_with_a_wrong_field_is_one_clear_line(model, images, tmp_pa
     assert predict(bad, images) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "bad.dlmodel" in err[0] and field in err[0] and "Traceback" not in err[0]
+    assert main(["info", str(bad)]) == 2  # `info` reads the file through the same checks
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "bad.dlmodel" in err[0] and field in err[0]
 
 
 def test_a_valid_model_config_passes_and_a_newer_version_is_named(model, tmp_path):

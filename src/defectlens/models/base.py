@@ -289,10 +289,7 @@ class Detector:
         normal = tensors.pop(NORMAL_SCORES, None)
         detector.normal_scores = None if normal is None else normal.numpy().astype(np.float64)
         detector.threshold = config["threshold"]
-        fpr = config.get("operating_fpr", DEFAULT_FPR)
-        if isinstance(fpr, bool) or not isinstance(fpr, (int, float)) or not 0.0 < fpr < 1.0:
-            raise ModelFileError(f"{path}: model file field 'operating_fpr' must be a number between 0 and 1, not {fpr!r}")
-        detector.operating_fpr = float(fpr)
+        detector.operating_fpr = float(config.get("operating_fpr", DEFAULT_FPR))
         detector.map_range = None if config["map_range"] is None else tuple(config["map_range"])
         try:
             detector.load_state_tensors(tensors, config["extra"])

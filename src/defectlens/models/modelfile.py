@@ -101,8 +101,9 @@ def validate_model_config(config: Any, path: str | os.PathLike) -> None:
     """Raise :class:`ModelFileError` unless ``config`` is a well-formed model config:
     ``format`` the defectlens format name, ``format_version`` an integer this version reads,
     ``method`` a non-empty string, ``params`` an object with string keys, ``threshold`` a finite
-    number or null, ``map_range`` two finite numbers (low <= high) or null, ``extra`` an object.
-    ``threshold``, ``map_range`` and ``extra`` may be absent (no threshold, no range, nothing)."""
+    number or null, ``operating_fpr`` a number between 0 and 1, ``map_range`` two finite numbers
+    (low <= high) or null, ``extra`` an object. ``threshold``, ``operating_fpr``, ``map_range`` and
+    ``extra`` may be absent (no threshold, the default rate, no range, nothing)."""
 
     def wrong(field: str, expected: str, value: Any) -> ModelFileError:
         return ModelFileError(f"{os.fspath(path)}: model file field '{field}' must be {expected}, not {_shown(value)}")
@@ -127,6 +128,9 @@ def validate_model_config(config: Any, path: str | os.PathLike) -> None:
     threshold = config.get("threshold")
     if threshold is not None and not (_is_number(threshold) and math.isfinite(threshold)):
         raise wrong("threshold", "a finite number or null", threshold)
+    fpr = config.get("operating_fpr", DEFAULT_FPR)
+    if not (_is_number(fpr) and 0.0 < fpr < 1.0):
+        raise wrong("operating_fpr", "a number between 0 and 1", fpr)
     map_range = config.get("map_range")
     if map_range is not None:
         if not (isinstance(map_range, list) and len(map_range) == 2
