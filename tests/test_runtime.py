@@ -87,6 +87,28 @@ def test_export_refuses_to_overwrite_and_mismatched_exports_are_an_error(export_
         load_runtime(detector, "onnx", export_dir=export_dir.parent)
 
 
+def test_export_overwrite_replaces_an_earlier_export_only(tmp_path, monkeypatch):
+    pytest.importorskip("onnxruntime")
+    from defectlens.errors import OutputError
+
+    folder = tmp_path / "work"
+    folder.mkdir()
+    (folder / "keep.txt").write_text("the user's")
+    (tmp_path / "a file").write_text("the user's")
+    for target in (folder, tmp_path / "a file"):  # checked before the graph is built
+        with pytest.raises(OutputError, match="keep.txt" if target == folder else "is a file"):
+            export_backbone("efficientnet-lite0", SIZE, target, "onnx", overwrite=True)
+    monkeypatch.chdir(folder)
+    with pytest.raises(OutputError, match="not an earlier export"):
+        export_backbone("efficientnet-lite0", SIZE, ".", "onnx", overwrite=True)
+    assert sorted(p.name for p in tmp_path.rglob("*")) == ["a file", "keep.txt", "work"]
+    export = export_backbone("efficientnet-lite0", SIZE, tmp_path / "export", "onnx")
+    first = (export / "export.json").stat().st_mtime_ns
+    assert export_backbone("efficientnet-lite0", SIZE, tmp_path / "export", "onnx", overwrite=True) == export
+    assert sorted(p.name for p in export.iterdir()) == ["export.json", "features.onnx"]
+    assert (export / "export.json").stat().st_mtime_ns != first
+
+
 @pytest.fixture()
 def cache_with(export_dir, tmp_path, monkeypatch):
     """A private export cache; ``cache_with(detector)`` puts the module's export where the cache

@@ -19,11 +19,14 @@ import numpy as np
 import torch
 
 from .. import __version__
-from ..errors import OutputExistsError, UsageError
+from ..errors import OutputError, OutputExistsError, UsageError
 from ..backbones import EFFICIENTNET_LITE_VARIANTS, get_backbone, is_efficientnet_lite_name
 from .backbones import open_exported
 from .graph import FeatureGraph
 from .spec import FORMATS, GRAPH_FILES, SPEC_FILE
+
+#: What an export folder may hold: ``--overwrite`` replaces a folder of these files only.
+EXPORT_FILES = frozenset({SPEC_FILE, *GRAPH_FILES.values(), "features.bin"})
 
 #: Largest absolute feature difference from PyTorch an export may have (features are O(10)).
 FEATURE_TOLERANCE = 1e-3
@@ -64,12 +67,12 @@ def export_backbone(name: str, size: int | tuple[int, int], out_dir: str | os.Pa
 
     Written into a temporary folder beside ``out_dir`` and renamed at the end, so that a
     half-written export is never read (several processes may export to one cache at once).
+    ``overwrite`` replaces an earlier export there, never a folder holding anything else.
     """
     if format not in FORMATS:
         raise UsageError(f"format must be one of {', '.join(FORMATS)}, not {format!r}")
-    out_dir = Path(out_dir)
-    if out_dir.exists() and not overwrite:
-        raise OutputExistsError(f"{out_dir} exists; refusing to overwrite it (pass --overwrite)")
+    out_dir = Path(os.path.abspath(out_dir))  # "." and "dir/" get a name to stage beside
+    check_export_target(out_dir, overwrite)
     backbone = get_backbone(name, size)
     graph = FeatureGraph(backbone).eval()
     height, width = backbone.input_hw
@@ -113,6 +116,22 @@ def export_backbone(name: str, size: int | tuple[int, int], out_dir: str | os.Pa
         shutil.rmtree(staging, ignore_errors=True)
         raise
     return out_dir
+
+
+def check_export_target(out_dir: Path, overwrite: bool) -> None:
+    """Refuse an ``out_dir`` that is a file, or a folder that ``overwrite`` would have to empty of
+    anything but an earlier export (it is deleted and replaced as a whole)."""
+    if not out_dir.exists() and not out_dir.is_symlink():
+        return
+    if not out_dir.is_dir() or out_dir.is_symlink():
+        raise OutputError(f"{out_dir} is a file, not an export folder; give a new folder name")
+    if not overwrite:
+        raise OutputExistsError(f"{out_dir} exists; refusing to overwrite it (pass --overwrite)")
+    others = sorted(entry.name for entry in out_dir.iterdir() if entry.name not in EXPORT_FILES or not entry.is_file())
+    if others or not (out_dir / SPEC_FILE).is_file():
+        held = f"it holds {', '.join(others[:3])}{' ...' if len(others) > 3 else ''}" if others else f"it has no {SPEC_FILE}"
+        raise OutputError(f"{out_dir} is not an earlier export ({held}); --overwrite replaces an export folder "
+                          "as a whole, so give a new or an export folder")
 
 
 def export_model(detector, out_dir: str | os.PathLike, format: str = "onnx", overwrite: bool = False) -> Path:
