@@ -76,6 +76,31 @@ def test_fit_refuses_to_overwrite_a_model(model_path, tmp_path):
     assert model_path.read_bytes() == before
 
 
+def test_overwrite_never_replaces_input_data_or_a_device(normal_images, tmp_path, capsys):
+    """--overwrite replaces an earlier output, not a training image, a pipe or a device (all
+    refused before any work), and --json and --report cannot be one file."""
+    import os
+
+    good = tmp_path / "good"
+    good.mkdir()
+    image = good / "good_0.png"
+    Image.fromarray(normal_images[0]).save(image)
+    before = image.read_bytes()
+    pipe = tmp_path / "pipe"
+    os.mkfifo(pipe)
+    capsys.readouterr()
+    assert main(["fit", str(good), "-o", str(image), "--overwrite", "--size", "128"]) == 2
+    assert "is a file of the input data" in capsys.readouterr().err
+    assert image.read_bytes() == before
+    assert main(["fit", str(good), "-o", str(pipe), "--overwrite", "--size", "128"]) == 2
+    assert "not a regular file" in capsys.readouterr().err
+    assert main(["benchmark", str(good), "--json", str(image), "--overwrite"]) == 2
+    assert image.read_bytes() == before
+    same = tmp_path / "out.json"
+    assert main(["benchmark", str(good), "--json", str(same), "--report", str(same)]) == 2
+    assert "name the same file" in capsys.readouterr().err and not same.exists()
+
+
 def test_main_leaves_the_garbage_collector_as_it_found_it(tmp_path, mixed_inputs):
     """main() turns the collector off while it imports and freezes what exists for the command's
     run; a program that calls it (a test, a notebook) must get both back, after an error or an

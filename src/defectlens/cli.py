@@ -86,7 +86,7 @@ def cmd_fit(args) -> int:
 
     from .engine.outputs import check_output_file
 
-    output = check_output_file(args.output, overwrite=args.overwrite, what="model file")
+    output = check_output_file(args.output, overwrite=args.overwrite, what="model file", data=args.data)
     keep_freed_memory()
     if args.update or hasattr(REGISTRY[args.method or DEFAULT_METHOD], "partial_fit"):
         return fit_products_command(args, output)
@@ -271,12 +271,14 @@ def cmd_benchmark(args) -> int:
         parse_shots,
         run_benchmark,
     )
-    from .engine.outputs import check_output_file
+    from .engine.outputs import check_output_file, same_file
     from .report import table_columns, write_benchmark_json, write_benchmark_report
 
     for target, flag in ((args.json, "--json"), (args.report, "--report")):
         if target:
-            check_output_file(target, overwrite=args.overwrite, what=flag)
+            check_output_file(target, overwrite=args.overwrite, what=flag, data=args.data)
+    if args.json and args.report and same_file(Path(args.json), Path(args.report)):
+        raise UsageError("--json and --report name the same file")
     keep_freed_memory()
     if args.incremental:
         return incremental_benchmark_command(args)

@@ -43,14 +43,20 @@ def _check_creatable(folder: Path, what: str) -> None:
         raise OutputError(f"{what} {printable(folder)}: no permission to write in {printable(existing)}")
 
 
-def check_output_file(path: str | os.PathLike, *, overwrite: bool, what: str = "output file") -> Path:
-    """Refuse a file target that cannot be written or would replace a file unasked."""
+def check_output_file(path: str | os.PathLike, *, overwrite: bool, what: str = "output file",
+                      data: str | os.PathLike | None = None) -> Path:
+    """Refuse a file target that cannot be written or would replace a file unasked; nor, even
+    with ``overwrite``, a device, pipe or socket, or a file in the input folder ``data``."""
     path = Path(path)
     if path.is_dir():
         raise OutputError(f"{what} {printable(path)} is a folder; give a file name")
     if path.exists() or path.is_symlink():
         if not overwrite:
             raise OutputExistsError(f"{what} {printable(path)} already exists; pass --overwrite to replace it")
+        if path.exists() and not path.is_file():
+            raise OutputError(f"{what} {printable(path)} is not a regular file (a device, pipe or socket); give a file name")
+        if data is not None and Path(data).is_dir() and _is_within(path, Path(data)):
+            raise OutputError(f"{what} {printable(path)} is a file of the input data {printable(data)}; it would be replaced")
         if not os.access(path, os.W_OK):
             raise OutputError(f"{what} {printable(path)} exists and is not writable")
     _check_creatable(path.parent, what)
@@ -110,7 +116,7 @@ class PredictionOutputs:
             if target is not None:
                 # Resuming appends to the earlier CSV, which must be there and ours.
                 check_output_file(target, overwrite=self.overwrite or (self.resume and flag == "--csv"), what=flag)
-        if self.csv is not None and self.report is not None and _same(self.csv, self.report):
+        if self.csv is not None and self.report is not None and same_file(self.csv, self.report):
             raise UsageError("--csv and --report name the same file")
         given = {os.path.abspath(p) for p in inputs}
         for target, flag in files:
@@ -136,7 +142,11 @@ class PredictionOutputs:
                 folder.mkdir(parents=True, exist_ok=True)
 
 
-def _same(a: Path, b: Path) -> bool:
+def _is_within(path: Path, folder: Path) -> bool:
+    return Path(os.path.realpath(path)).is_relative_to(os.path.realpath(folder))
+
+
+def same_file(a: Path, b: Path) -> bool:
     return os.path.abspath(a) == os.path.abspath(b) or (a.exists() and b.exists() and os.path.samefile(a, b))
 
 
