@@ -14,7 +14,7 @@ import time
 from pathlib import Path
 
 from defectlens.engine.benchmark import format_table, markdown_table, run_benchmark
-from defectlens.report.benchmark import TABLE_COLUMNS, json_default
+from defectlens.report.benchmark import TABLE_COLUMNS, jsonable
 
 HERE = Path(__file__).resolve().parent
 DATA = HERE.parents[1] / "shared" / "datasets" / "bsdata" / "ball_screw"
@@ -51,7 +51,7 @@ def main() -> None:
               "training images alone (target false-alarm rate 1 %). `fit_seconds` and `score_ms_per_image` exclude the backbone "
               "(features are computed once per sweep); see speed.md for end-to-end timings. Mean ± std over seeds.\n\n")
     Path(args.out + ".md").write_text(header + "\n".join(sections))
-    Path(args.out + ".json").write_text(json.dumps(results, indent=1, default=json_default))
+    Path(args.out + ".json").write_text(json.dumps(jsonable(results), indent=1, allow_nan=False))
 
 
 if __name__ == "__main__":

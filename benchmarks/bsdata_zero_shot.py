@@ -23,7 +23,7 @@ from defectlens.data.datasets import load_dataset
 from defectlens.data.io import read_image
 from defectlens.engine.benchmark import run_benchmark
 from defectlens.models import create_detector
-from defectlens.report.benchmark import json_default
+from defectlens.report.benchmark import jsonable
 
 HERE = Path(__file__).resolve().parent
 DATA = HERE.parents[1] / "shared" / "datasets" / "bsdata" / "ball_screw"
@@ -171,7 +171,7 @@ def main() -> None:
         sections += ["## The same variants on synthetic categories (defectlens generate, seed 0; 20 good + 40 defective test images each)\n",
                      table(synthetic, "category: variant") + "\n"]
     Path(args.out + ".md").write_text("\n".join(sections))
-    Path(args.out + ".json").write_text(json.dumps({"bsdata": bsdata, "synthetic": synthetic}, indent=1, default=json_default))
+    Path(args.out + ".json").write_text(json.dumps(jsonable({"bsdata": bsdata, "synthetic": synthetic}), indent=1, allow_nan=False))
 
 
 if __name__ == "__main__":

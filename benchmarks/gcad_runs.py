@@ -37,7 +37,7 @@ from defectlens.models.gcad.model import (
     MIN_STEPS,
     STEPS_PER_IMAGE,
 )
-from defectlens.report.benchmark import json_default
+from defectlens.report.benchmark import jsonable
 
 HERE = Path(__file__).resolve().parent
 BSDATA = HERE.parents[1] / "shared" / "datasets" / "bsdata" / "ball_screw"
@@ -113,7 +113,7 @@ def run_block(key: str, data: Path, name: str, shots, seeds: int, command: str) 
     # Re-read before writing: two sweeps (say one per LOCO set) may share the file.
     results = load_results() | {key: block}
     partial = OUT.with_suffix(".json.partial")
-    partial.write_text(json.dumps(results, indent=1, default=json_default))
+    partial.write_text(json.dumps(jsonable(results), indent=1, allow_nan=False))
     os.replace(partial, OUT.with_suffix(".json"))
     write_markdown(results)
     print(_block_row(name, block), flush=True)

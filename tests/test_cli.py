@@ -166,7 +166,10 @@ def test_benchmark_writes_json_and_report(synthetic_mvtec, tmp_path):
     out_json, report = tmp_path / "bench.json", tmp_path / "bench.html"
     assert main(["benchmark", str(synthetic_mvtec), "--shots", "1,2,full", "--seeds", "2", "--size", "128",
                  "--json", str(out_json), "--report", str(report)]) == 0
-    result = json.loads(out_json.read_text())
+    def no_constants(name):  # NaN / Infinity are not JSON: other readers (JavaScript, jq) refuse them
+        raise ValueError(f"{name} in the benchmark JSON")
+
+    result = json.loads(out_json.read_text(), parse_constant=no_constants)
     assert [(r["shots"], r["seed"]) for r in result["runs"]] == [(1, 0), (1, 1), (2, 0), (2, 1), (8, 0)]
     assert [row["shots"] for row in result["summary"]] == [1, 2, 8]
     assert 0.0 <= result["summary"][-1]["image_auroc"][0] <= 1.0

@@ -304,6 +304,7 @@ def incremental_benchmark_command(args) -> int:
     """benchmark --incremental SCHEDULE DATA: the unified incremental protocol (engine/incremental.py)."""
     from .backbones import DEFAULT_BACKBONE, get_backbone
     from .engine.incremental import default_params, load_objects, markdown, parse_schedule, run_incremental
+    from .report import jsonable
 
     if args.param:
         raise UsageError("--incremental runs every method with its protocol settings; --param is not supported with it")
@@ -314,7 +315,7 @@ def incremental_benchmark_command(args) -> int:
     result = run_incremental(objects, args.incremental, backbone, default_params(size))
     print(markdown(result))
     if args.json:
-        Path(args.json).write_text(json.dumps(result.to_json(), indent=1, allow_nan=True))
+        Path(args.json).write_text(json.dumps(jsonable(result.to_json()), indent=1, allow_nan=False))
     if args.report:
         from .report.incremental import write_incremental_report
 

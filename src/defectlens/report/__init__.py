@@ -7,7 +7,7 @@ scikit-learn (about a second), which a `predict` writing only a CSV or overlays 
 from importlib import import_module
 
 _HOMES = {
-    "TABLE_COLUMNS": "benchmark", "json_default": "benchmark", "table_columns": "benchmark",
+    "TABLE_COLUMNS": "benchmark", "jsonable": "benchmark", "table_columns": "benchmark",
     "write_benchmark_json": "benchmark", "write_benchmark_report": "benchmark",
     "ImageRecord": "html", "default_map_range": "html", "prediction_record": "html", "write_report": "html",
     "colorize": "overlay", "colorize_parts": "overlay", "draw_mask_contour": "overlay", "heatmap_overlay": "overlay",

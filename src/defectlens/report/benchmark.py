@@ -31,19 +31,24 @@ def table_columns(table: list[dict]) -> list[str]:
     return TABLE_COLUMNS + extra
 
 
-def json_default(value):
-    """``json.dumps(default=...)`` for benchmark results: numpy numbers as plain numbers."""
-    if isinstance(value, (np.floating, np.integer)):
-        return value.item()
-    if isinstance(value, float) and math.isnan(value):
+def jsonable(value):
+    """``value`` with numpy numbers as plain ones and NaN or infinite numbers as None (null), so
+    that ``json.dumps(..., allow_nan=False)`` writes strict JSON that every reader parses."""
+    if isinstance(value, dict):
+        return {key: jsonable(item) for key, item in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [jsonable(item) for item in value]
+    if isinstance(value, (np.floating, np.integer, np.bool_)):
+        value = value.item()
+    if isinstance(value, float) and not math.isfinite(value):
         return None
-    raise TypeError(f"cannot serialise {type(value).__name__}")
+    return value
 
 
 def write_benchmark_json(path: str | os.PathLike, result: BenchmarkResult) -> Path:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(result.to_json(), indent=2, default=json_default))
+    path.write_text(json.dumps(jsonable(result.to_json()), indent=2, allow_nan=False))
     return path
 
 
