@@ -101,6 +101,22 @@ def test_overwrite_never_replaces_input_data_or_a_device(normal_images, tmp_path
     assert "name the same file" in capsys.readouterr().err and not same.exists()
 
 
+def test_a_reader_that_stops_reading_is_not_reported_as_a_bug(model_path):
+    """`defectlens info MODEL | head -1`: the pipe's reader is gone before the output is written."""
+    import os
+    import subprocess
+    import sys
+
+    read_end, write_end = os.pipe()
+    os.close(read_end)
+    try:
+        done = subprocess.run([sys.executable, "-m", "defectlens.cli", "info", str(model_path)], stdout=write_end,
+                              stderr=subprocess.PIPE, text=True, timeout=120)
+    finally:
+        os.close(write_end)
+    assert (done.returncode, done.stderr) == (141, "")
+
+
 def test_main_leaves_the_garbage_collector_as_it_found_it(tmp_path, mixed_inputs):
     """main() turns the collector off while it imports and freezes what exists for the command's
     run; a program that calls it (a test, a notebook) must get both back, after an error or an

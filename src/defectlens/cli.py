@@ -6,6 +6,8 @@ import argparse
 import gc
 import json
 import math
+import os
+import select
 import sys
 import time
 import traceback
@@ -23,6 +25,7 @@ EXIT_USAGE = 2
 #: A bug in defectlens: the message says so and ``--debug`` shows the traceback.
 EXIT_INTERNAL = 3
 EXIT_INTERRUPTED = 130
+EXIT_OUTPUT_CLOSED = 141  # as a shell reports a command ended by SIGPIPE
 
 
 def parse_params(pairs: list[str] | None) -> dict:
@@ -620,15 +623,39 @@ def _run(args) -> int:
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return EXIT_INTERRUPTED
+    except BrokenPipeError as error:
+        if not _stdout_closed():
+            return _internal_error(args, error)
+        return EXIT_OUTPUT_CLOSED  # the reader stopped reading (`| head`): not a bug, nothing to say
     except Exception as error:  # noqa: BLE001 - the last resort that tells a bug from a user mistake
-        if args.debug:
-            traceback.print_exc()
-            hint = "the traceback is above"
-        else:
-            hint = "run again with --debug for the traceback"
-        print(f"defectlens {args.command}: internal error (a bug in defectlens, please report it): "
-              f"{type(error).__name__}: {_printable(error)}; {hint}", file=sys.stderr)
-        return EXIT_INTERNAL
+        return _internal_error(args, error)
+
+
+def _internal_error(args, error: BaseException) -> int:
+    if args.debug:
+        traceback.print_exception(error)
+        hint = "the traceback is above"
+    else:
+        hint = "run again with --debug for the traceback"
+    print(f"defectlens {args.command}: internal error (a bug in defectlens, please report it): "
+          f"{type(error).__name__}: {_printable(error)}; {hint}", file=sys.stderr)
+    return EXIT_INTERNAL
+
+
+def _stdout_closed() -> bool:
+    """Whether standard output is a pipe whose reader has gone (the pipe reports an error); if so,
+    it is pointed at /dev/null so that the interpreter's last flush at exit does not fail again."""
+    try:
+        poller = select.poll()
+        poller.register(sys.stdout.fileno(), select.POLLOUT)
+        closed = any(events & select.POLLERR for _, events in poller.poll(0))
+    except (AttributeError, OSError, ValueError):  # no fd (a caller's StringIO) or no poll()
+        return False
+    if closed:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        os.close(devnull)
+    return closed
 
 
 def _printable(error: BaseException) -> str:
