@@ -398,6 +398,9 @@ def test_verdicts_move_the_threshold_view(service):
     assert lowest["false_alarm_rate"] == 1.0
     assert lowest["recent_flagged"] == lowest["recent"]
     assert view["drift"]["status"] in {"ok", "drift", "unknown"} and view["drift"]["reason"]
+    for odd in ("nan", "inf", "-inf", "1e400"):  # not a threshold: a clear 422, not a 500
+        refused = client.get("/v1/models/tiny/threshold-view", params={"threshold": odd})
+        assert refused.status_code == 422 and "threshold" in error_of(refused)["message"]
 
 
 def test_confirmed_good_export(service, tmp_path):

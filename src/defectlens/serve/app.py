@@ -262,7 +262,7 @@ def create_app(config: ServeConfig, models: dict[str, LoadedModel] | None = None
 
     # -- thresholds, drift, feedback -------------------------------------------------------------
     @app.get("/v1/models/{name}/threshold-view")
-    async def threshold_view(name: str, threshold: float | None = None, recent: int = Query(500, ge=1, le=100_000),
+    async def threshold_view(name: str, threshold: float | None = Query(None, allow_inf_nan=False), recent: int = Query(500, ge=1, le=100_000),
                              bins: int = Query(30, ge=2, le=200)):
         """Histograms of held-out normal and recent scores; the rates at ``threshold`` (default: the
         model's own); drift of recent scores from the normal ones."""
