@@ -511,3 +511,20 @@ def test_store_on_postgresql():
         assert connection.execute(text("SELECT max(version) FROM defectlens_schema")).scalar() == LATEST
     assert reopened.count() == 2
     reopened.close()
+
+
+def test_cli_refuses_a_taken_port_and_bad_limits(tmp_path_factory, tmp_path, capsys):
+    import socket
+
+    from defectlens.cli import main
+
+    model = tiny_model(tmp_path_factory)
+    with socket.create_server(("127.0.0.1", 0)) as taken:
+        port = taken.getsockname()[1]
+        assert main(["serve", str(model), "--port", str(port), "--data", str(tmp_path)]) == 2
+    assert f"cannot listen on 127.0.0.1:{port}" in capsys.readouterr().err
+    for option in (["--port", "99999"], ["--workers", "0"], ["--queue", "-1"], ["--max-upload-mb", "-1"],
+                   ["--max-batch", "0"], ["--max-pixels", "nan"]):
+        with pytest.raises(SystemExit) as stop:
+            main(["serve", str(model), *option])
+        assert stop.value.code == 2 and option[0] in capsys.readouterr().err

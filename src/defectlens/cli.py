@@ -403,6 +403,14 @@ def _positive(text: str) -> int:
     return value
 
 
+def _port(text: str) -> int:
+    """argparse type: a TCP port, 0 (any free one) to 65535."""
+    value = _count(text)
+    if value > 65535:
+        raise argparse.ArgumentTypeError(f"expected a port number from 0 to 65535, not {text!r}")
+    return value
+
+
 def _fraction(text: str) -> float:
     """argparse type: a number strictly between 0 and 1."""
     value = _finite_float(text)
@@ -538,19 +546,19 @@ def build_parser() -> argparse.ArgumentParser:
     serve = commands.add_parser("serve", help="inspection service: REST API, history database, live dashboard")
     serve.add_argument("models", nargs="+", metavar="MODEL", help="model files, each PATH or NAME=PATH (name: the file stem)")
     serve.add_argument("--host", default="127.0.0.1", help="address to listen on (default loopback only)")
-    serve.add_argument("--port", type=int, default=8000)
+    serve.add_argument("--port", type=_port, default=8000)
     serve.add_argument("--data", default="defectlens-serve",
                        help="folder for stored images and maps, and the SQLite database unless --db (default ./defectlens-serve)")
     serve.add_argument("--db", default=None, help="SQLAlchemy database URL, e.g. postgresql+psycopg://user:pw@host/db")
     serve.add_argument("--token", action="append",
                        help="API token (repeatable; DEFECTLENS_TOKEN is also read, and keeps the token out of `ps`)")
     serve.add_argument("--insecure", action="store_true", help="allow listening beyond loopback without a token")
-    serve.add_argument("--workers", type=int, default=1, help="prediction threads (default 1)")
-    serve.add_argument("--queue", type=int, default=32, help="requests that may wait for a worker; more get 503 (default 32)")
-    serve.add_argument("--max-connections", type=int, default=256, help="open connections before uvicorn answers 503 (default 256)")
-    serve.add_argument("--max-upload-mb", type=float, default=32.0, help="request body limit (default 32 MiB)")
-    serve.add_argument("--max-pixels", type=float, default=40e6, help="pixels per image (default 40e6)")
-    serve.add_argument("--max-batch", type=int, default=16, help="images per request (default 16)")
+    serve.add_argument("--workers", type=_positive, default=1, help="prediction threads (default 1)")
+    serve.add_argument("--queue", type=_count, default=32, help="requests that may wait for a worker; more get 503 (default 32)")
+    serve.add_argument("--max-connections", type=_positive, default=256, help="open connections before uvicorn answers 503 (default 256)")
+    serve.add_argument("--max-upload-mb", type=_positive_float, default=32.0, help="request body limit (default 32 MiB)")
+    serve.add_argument("--max-pixels", type=_positive_float, default=40e6, help="pixels per image (default 40e6)")
+    serve.add_argument("--max-batch", type=_positive, default=16, help="images per request (default 16)")
     serve.add_argument("--cors-origin", action="append", help="allow browser calls from this origin (default: none)")
     serve.add_argument("--runtime", default="auto", choices=["auto", "torch", "onnx", "openvino"],
                        help="where the backbone runs, as for predict; auto (default): the fastest installed, "

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import logging
+import socket
 from pathlib import Path
 
+from ..errors import UsageError
 from .blobs import BlobStore
 from .config import ServeConfig
 from .export import export_folder
@@ -24,6 +26,7 @@ def run(config: ServeConfig, max_connections: int = 256, log_level: str = "info"
     from .app import create_app
 
     config.check_exposure()
+    check_can_listen(config.host, config.port)  # before the models load, which takes a while
     models = {}
     for name, path in config.models.items():
         models[name] = LoadedModel.load(name, path, config.runtime)
@@ -35,6 +38,16 @@ def run(config: ServeConfig, max_connections: int = 256, log_level: str = "info"
           f"dashboard at http://{config.host}:{config.port}/", flush=True)
     uvicorn.run(app, host=config.host, port=config.port, log_level=log_level, server_header=False,
                 timeout_graceful_shutdown=config.graceful_timeout, limit_concurrency=max_connections)
+
+
+def check_can_listen(host: str, port: int) -> None:
+    """Refuse, as a usage error, an address this process cannot listen on (the port taken, the
+    host not an address of this machine); the check binds and lets go at once."""
+    try:
+        with socket.create_server((host, port)):
+            pass
+    except OSError as error:
+        raise UsageError(f"cannot listen on {host}:{port}: {error.strerror or error}") from None
 
 
 def export_good(config: ServeConfig, folder: str | Path) -> dict[str, int]:
