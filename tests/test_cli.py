@@ -193,6 +193,17 @@ def test_benchmark_writes_json_and_report(synthetic_mvtec, tmp_path):
     assert report.read_text().count("<img") >= 3
 
 
+def test_benchmark_options_it_would_ignore_are_errors(tmp_path, capsys):
+    """No empty table from `--shots ''`, and --incremental (every method, every image) does not
+    silently drop a --method, --shots or --seeds it was given."""
+    for shots in ("", ",", " , "):
+        assert main(["benchmark", str(tmp_path), "--shots", shots]) == 2
+        assert "names no number of shots" in capsys.readouterr().err
+    for option in (["--method", "patchcore"], ["--shots", "1"], ["--seeds", "2"]):
+        assert main(["benchmark", str(tmp_path), "--incremental", "2-1x2", *option]) == 2
+        assert f"drop {option[0]}" in capsys.readouterr().err
+
+
 def test_param_reaches_the_method_and_bad_params_are_one_line_errors(tmp_path, normal_images, capsys):
     from defectlens.models import Detector, ParameterError, create_detector
 

@@ -24,6 +24,8 @@ EXIT_INPUT_FAILED = 1
 EXIT_USAGE = 2
 #: A bug in defectlens: the message says so and ``--debug`` shows the traceback.
 EXIT_INTERNAL = 3
+#: ``benchmark``'s protocol unless --shots / --seeds say otherwise.
+DEFAULT_SHOTS, DEFAULT_SEEDS = "1,2,4,8,full", 5
 EXIT_INTERRUPTED = 130
 EXIT_OUTPUT_CLOSED = 141  # as a shell reports a command ended by SIGPIPE
 
@@ -286,12 +288,12 @@ def cmd_benchmark(args) -> int:
     if args.incremental:
         return incremental_benchmark_command(args)
     # Without --method: the default for the fewest images asked for, which every run can fit.
-    shots = parse_shots(args.shots)
+    shots = parse_shots(DEFAULT_SHOTS if args.shots is None else args.shots)
     counts = [count for count in shots if count not in ("full", 0)]
     params, chosen = resolved_params(args, min(counts) if counts else None)
     if chosen:
         print(f"took {chosen}")
-    result = run_benchmark(args.data, kind=args.dataset, method=args.method, shots=shots, seeds=args.seeds, params=params)
+    result = run_benchmark(args.data, kind=args.dataset, method=args.method, shots=shots, seeds=DEFAULT_SEEDS if args.seeds is None else args.seeds, params=params)
     table = format_table(result.summary, result.n_train)
     print(f"{result.method} on {result.dataset} ({result.n_train} train, {result.n_test} test, size {result.params.get('size')})")
     print(markdown_table(table, table_columns(table)))
@@ -309,8 +311,10 @@ def incremental_benchmark_command(args) -> int:
     from .engine.incremental import default_params, load_objects, markdown, parse_schedule, run_incremental
     from .report import jsonable
 
-    if args.param:
-        raise UsageError("--incremental runs every method with its protocol settings; --param is not supported with it")
+    given = [flag for flag, value in (("--param", args.param), ("--method", args.method), ("--shots", args.shots),
+                                      ("--seeds", args.seeds)) if value is not None]
+    if given:
+        raise UsageError(f"--incremental runs every method with its protocol settings on every image; drop {', '.join(given)}")
     parse_schedule(args.incremental)
     size = args.size or 128
     backbone = get_backbone(args.backbone or DEFAULT_BACKBONE, size)
@@ -495,8 +499,8 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--dataset", default="auto", choices=["auto", "mvtec", "loco", "visa", "folder"])
     bench.add_argument("--method", default=None, choices=methods,
                        help=f"default: as for fit, for the fewest --shots given ({default_help})")
-    bench.add_argument("--shots", default="1,2,4,8,full", help="comma list; 0 = zero-shot, 'full' = every training image (default 1,2,4,8,full)")
-    bench.add_argument("--seeds", type=_positive, default=5)
+    bench.add_argument("--shots", default=None, help="comma list; 0 = zero-shot, 'full' = every training image (default 1,2,4,8,full)")
+    bench.add_argument("--seeds", type=_positive, default=None, help="shot draws per number of shots (default 5)")
     bench.add_argument("--size", type=int, default=None, help="input size in pixels (default: the method's own)")
     bench.add_argument("--backbone", default=None)
     bench.add_argument("--param", action="append", metavar="KEY=VALUE", help="a method parameter, repeatable")

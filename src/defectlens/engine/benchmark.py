@@ -47,6 +47,8 @@ def parse_shots(text: str) -> list[int | str]:
             shots.append(int(token))
         else:
             raise UsageError(f"--shots: {token!r} is neither a number nor 'full'")
+    if not shots:
+        raise UsageError(f"--shots {text!r} names no number of shots; e.g. --shots 1,4,full")
     return shots
 
 
