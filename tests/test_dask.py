@@ -82,3 +82,13 @@ def test_cli_writes_the_same_csv_and_maps_with_a_local_cluster(job, tmp_path):
     assert names == sorted(p.name for p in (tmp_path / "two").iterdir()) and len(names) == len(paths) - 1
     for name in names:
         np.testing.assert_allclose(np.load(tmp_path / "two" / name), np.load(tmp_path / "one" / name), rtol=1e-5, atol=1e-6)
+
+
+def test_a_wrong_scheduler_is_one_line_and_leaves_no_output(job, tmp_path, capsys):
+    from defectlens.cli import main
+
+    model, paths = job
+    for scheduler, message in (("local:0", "N >= 1"), ("local:two", "N >= 1"), ("bogus", "cannot reach a Dask scheduler")):
+        assert main(["predict", str(model), str(paths[0]), "--dask", scheduler, "--csv", str(tmp_path / "out.csv")]) == 2
+        assert message in capsys.readouterr().err
+        assert not (tmp_path / "out.csv").exists()

@@ -188,11 +188,12 @@ def cmd_predict(args) -> int:
         print(f"{scan.duplicates} inputs named more than once, scored once", file=sys.stderr)
     if not scan.paths:
         raise UsageError("no input images found in " + ", ".join(map(printable, args.inputs)))
-    score_paths = None
-    if args.dask:
-        from .engine.dask import predict_paths_dask
+    score_paths = client = None
+    if args.dask:  # connected before any output is written: a wrong address leaves nothing behind
+        from .engine.dask import close, connect, predict_paths_dask
 
-        score_paths = partial(predict_paths_dask, args.model, scheduler=args.dask, runtime=args.runtime)
+        client = connect(args.dask)
+        score_paths = partial(predict_paths_dask, args.model, scheduler=client, runtime=args.runtime)
 
     def show(row: dict) -> None:
         if row["error"]:
@@ -210,6 +211,9 @@ def cmd_predict(args) -> int:
             print(f"interrupted: the rows written so far are in {printable(args.csv)}; run the same command with "
                   "--resume instead of --overwrite to carry on", file=sys.stderr)
         raise
+    finally:
+        if client is not None:
+            close(client)
     rows, failed = summary.rows, summary.failed
     resumed = f" ({summary.resumed} from the earlier run)" if summary.resumed else ""
     print(f"{len(rows)} images{resumed}: {summary.anomalous} anomalous, {len(rows) - summary.anomalous - failed} normal"

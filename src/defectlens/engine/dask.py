@@ -18,6 +18,7 @@ from pathlib import Path
 
 from tqdm.auto import tqdm
 
+from ..errors import UsageError
 from .predict import Result
 
 # Detectors loaded on this worker process, by the hash of their model file.
@@ -58,23 +59,36 @@ def connect(scheduler: str):
     from distributed import Client, LocalCluster
 
     if scheduler == "local" or scheduler.startswith("local:"):
-        workers = int(scheduler.split(":", 1)[1]) if ":" in scheduler else len(os.sched_getaffinity(0))
-        if workers < 1:
-            raise ValueError(f"--dask local:N needs N >= 1, not {workers}")
+        count = scheduler.split(":", 1)[1] if ":" in scheduler else str(len(os.sched_getaffinity(0)))
+        if not count.isdigit() or int(count) < 1:
+            raise UsageError(f"--dask local:N needs a whole number N >= 1, not {count!r}")
+        workers = int(count)
         # Each worker process gets its share of the cores for torch/faiss: N processes each
         # running all cores' threads would oversubscribe them.
         threads = max(1, len(os.sched_getaffinity(0)) // workers)
         cluster = LocalCluster(n_workers=workers, threads_per_worker=1, processes=True, dashboard_address=None,
                                env={"DEFECTLENS_THREADS": str(threads), "OMP_NUM_THREADS": str(threads)})
         return Client(cluster)
-    return Client(scheduler)
+    try:
+        return Client(scheduler)
+    except (OSError, ValueError) as error:  # unreachable, or not an address ("missing port number")
+        raise UsageError(f"--dask {scheduler}: cannot reach a Dask scheduler there ({error}); give local, local:N "
+                         "or a scheduler's address such as tcp://host:8786") from None
+
+
+def close(client) -> None:
+    """Close ``client`` and the LocalCluster it started, if any."""
+    cluster = client.cluster
+    client.close()
+    if cluster is not None:
+        cluster.close()
 
 
 def predict_paths_dask(model_path: str | os.PathLike, paths: Sequence[Path], scheduler: str = "local", chunk: int = 8,
                        runtime: str = "torch", keep_images: bool = False, progress: bool = True,
                        retries: int = 2, max_pixels: int | None = None, maps: bool = True) -> Iterator[Result]:
     """Yield one Result per path, in input order, scored on the Dask cluster ``scheduler``
-    (see :func:`connect`; a Client object is used as it is)."""
+    (see :func:`connect`; a Client object is used as it is, and left open)."""
     from distributed import Client, as_completed
 
     model_bytes = Path(model_path).read_bytes()
@@ -101,7 +115,4 @@ def predict_paths_dask(model_path: str | os.PathLike, paths: Sequence[Path], sch
                     next_chunk += 1
     finally:
         if owned:
-            cluster = client.cluster
-            client.close()
-            if cluster is not None:
-                cluster.close()
+            close(client)
