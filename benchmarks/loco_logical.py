@@ -45,7 +45,7 @@ from defectlens.engine.fit import normal_training_samples
 from defectlens.metrics import image_auroc
 from defectlens.models import REGISTRY, create_detector
 from defectlens.models.composition.model import SCORES, WRITE_UP_SCORES, combine
-from defectlens.report.benchmark import json_default
+from defectlens.report.benchmark import jsonable
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from real_suite import parse_config as method_config  # noqa: E402
@@ -323,7 +323,7 @@ def main() -> None:
     args_line = command_line(args)
 
     def save() -> None:
-        out.with_suffix(".json").write_text(json.dumps(store, indent=1, default=json_default))
+        out.with_suffix(".json").write_text(json.dumps(jsonable(store), indent=1, allow_nan=False))
         write_markdown(store, args_line)
 
     folders = {}
