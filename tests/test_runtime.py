@@ -124,6 +124,32 @@ def cache_with(export_dir, tmp_path, monkeypatch):
     return place
 
 
+def test_a_broken_export_is_a_clear_error_and_a_broken_cached_one_is_made_again(cache_with, export_dir, tmp_path,
+                                                                                  normal_images, capsys):
+    import shutil
+
+    from defectlens.runtime import BrokenExportError, cached_export
+    from defectlens.runtime.spec import GRAPH_FILES
+
+    runtime = read_spec(export_dir)["format"]
+    detector = create_detector("patchcore", size=SIZE).fit(normal_images[:3])
+    expected = detector.predict(normal_images[3:5]).scores
+    broken = tmp_path / "broken"
+    shutil.copytree(export_dir, broken)
+    (broken / GRAPH_FILES[runtime]).write_bytes(b"cut short")
+    with pytest.raises(BrokenExportError, match="graph cannot be loaded"):
+        load_runtime(detector, runtime, export_dir=broken)
+    (broken / "export.json").write_text("{not json")
+    with pytest.raises(BrokenExportError, match="not valid JSON"):
+        load_runtime(detector, runtime, export_dir=broken)
+    cache_with(detector)
+    (cached_export(detector, runtime) / GRAPH_FILES[runtime]).write_bytes(b"cut short")
+    capsys.readouterr()
+    load_runtime(detector, runtime)
+    assert "the cached export is made again" in capsys.readouterr().err
+    np.testing.assert_allclose(detector.predict(normal_images[3:5]).scores, expected, rtol=SCORE_RTOL)
+
+
 def test_fit_auto_embeds_on_a_cached_export_with_the_pytorch_fit_bank_and_threshold(cache_with, export_dir, tmp_path,
                                                                                   normal_images, defect_image):
     from PIL import Image

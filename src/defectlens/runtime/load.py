@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import importlib.util
 import os
+import shutil
+import sys
 from pathlib import Path
 
 import torch
@@ -12,7 +14,7 @@ from .. import __version__
 from ..errors import UsageError
 from .backbones import open_exported
 from .export import NotExportableError, check_exportable, export_backbone
-from .spec import SPEC_FILE, read_spec
+from .spec import SPEC_FILE, BrokenExportError, read_spec
 
 RUNTIMES = ("auto", "torch", "onnx", "openvino")
 # Fastest first: "auto" takes the first one installed. The default's whole predict process on
@@ -62,22 +64,45 @@ def load_runtime(detector, runtime: str = "auto", export_dir: str | os.PathLike 
     if not installed(runtime):
         raise UsageError(f"runtime '{runtime}' is not installed: pip install {MODULES[runtime]} "
                            "(or defectlens[export] for both)")
-    name, size = detector.backbone, detector.size
-    if export_dir is None:
-        export_dir = cached_export(detector, runtime)
-        if not (export_dir / SPEC_FILE).is_file():
-            try:
-                export_backbone(name, size, export_dir, runtime)
-            except FileExistsError:
-                pass  # exported by another process meanwhile
+    if export_dir is not None:
+        detector.backbone_network = _opened(export_dir, detector, runtime, fitting)
+        return detector
+    export_dir = cached_export(detector, runtime)
+    if not (export_dir / SPEC_FILE).is_file():
+        _export_to_cache(detector, runtime, export_dir)
+    try:
+        detector.backbone_network = _opened(export_dir, detector, runtime, fitting)
+    except BrokenExportError as error:
+        # A cached export cut short (a full disk, a killed process) would fail every later run:
+        # the cache is ours, so it is made again.
+        print(f"defectlens: {error}; the cached export is made again", file=sys.stderr)
+        shutil.rmtree(export_dir, ignore_errors=True)
+        _export_to_cache(detector, runtime, export_dir)
+        detector.backbone_network = _opened(export_dir, detector, runtime, fitting)
+    return detector
+
+
+def _export_to_cache(detector, runtime: str, export_dir: Path) -> None:
+    try:
+        export_backbone(detector.backbone, detector.size, export_dir, runtime)
+    except FileExistsError:
+        pass  # exported by another process meanwhile
+
+
+def _opened(export_dir: str | os.PathLike, detector, runtime: str, fitting: bool):
+    """The backbone of the export in ``export_dir``, checked to be what ``detector`` needs."""
     spec = read_spec(export_dir)
+    name, size = detector.backbone, detector.size
     if spec["format"] != runtime:
-        raise UsageError(f"{export_dir} holds a {spec['format']} export, not {runtime}")
+        raise UsageError(f"{export_dir} holds an {spec['format']} export, not {runtime}")
     expected = [size, size] if isinstance(size, int) else list(size)
     if spec["backbone"] != name or spec["input_hw"] != expected:
         raise UsageError(f"{export_dir} exports {spec['backbone']} at {spec['input_hw']} px; the model needs {name} at {expected}")
-    detector.backbone_network = open_exported(export_dir, hold_memory=not fitting)
-    return detector
+    try:
+        return open_exported(export_dir, hold_memory=not fitting)
+    except Exception as error:  # noqa: BLE001 - each runtime raises its own types for an unreadable graph
+        raise BrokenExportError(f"{export_dir}: its {runtime} graph cannot be loaded ({type(error).__name__}: "
+                                f"{error}); export again") from None
 
 
 def cached_export(detector, runtime: str) -> Path:
