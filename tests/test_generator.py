@@ -199,6 +199,12 @@ def test_cli_generate_categories(tmp_path, capsys):
     assert len(list((tmp_path / "capsule" / "test" / "hole").glob("*.png"))) == 8
     assert main(["generate", str(tmp_path / "x"), "--categories", "carpet"]) == 2
     assert "unknown categories ['carpet']" in capsys.readouterr().err
+    (tmp_path / "a file").write_text("the user's")
+    assert main(["generate", str(tmp_path / "a file"), "--categories", "wood", "--size", "64"]) == 2
+    assert "is a file, not a folder" in capsys.readouterr().err
+    with pytest.raises(SystemExit):  # a typo, not a scene: refused before anything is drawn
+        main(["generate", str(tmp_path / "huge"), "--categories", "wood", "--size", "100000"])
+    assert "from 32 to 4096 pixels" in capsys.readouterr().err and not (tmp_path / "huge").exists()
 
 
 def test_bad_arguments():

@@ -338,7 +338,9 @@ def incremental_benchmark_command(args) -> int:
 # -- generate and demo --------------------------------------------------------------------------
 def cmd_generate(args) -> int:
     from .data.generator import generate
+    from .engine.outputs import check_output_folder
 
+    check_output_folder(args.out)
     folders = generate(args.out, kind=args.kind, seed=args.seed, size=args.size, categories=args.categories,
                        overwrite=args.overwrite, photos=args.photos)
     print("wrote " + ", ".join(str(f) for f in folders))
@@ -416,6 +418,19 @@ def _port(text: str) -> int:
     value = _count(text)
     if value > 65535:
         raise argparse.ArgumentTypeError(f"expected a port number from 0 to 65535, not {text!r}")
+    return value
+
+
+#: The largest side ``generate`` draws: memory grows with the side's square (--size 100000 asked for
+#: 149 GiB and failed after a half-written category), so a larger side is taken for a typo.
+MAX_GENERATED_SIDE = 4096
+
+
+def _generated_side(text: str) -> int:
+    """argparse type: a generated image's side, 32 to ``MAX_GENERATED_SIDE`` pixels."""
+    value = _count(text)
+    if not 32 <= value <= MAX_GENERATED_SIDE:
+        raise argparse.ArgumentTypeError(f"expected a side from 32 to {MAX_GENERATED_SIDE} pixels, not {text!r}")
     return value
 
 
@@ -522,7 +537,7 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("out")
     gen.add_argument("--kind", default="mvtec", choices=["mvtec", "loco"])
     gen.add_argument("--seed", type=int, default=0)
-    gen.add_argument("--size", type=int, default=256)
+    gen.add_argument("--size", type=_generated_side, default=256, help=f"image side in pixels, 32 to {MAX_GENERATED_SIDE} (default 256)")
     gen.add_argument("--categories", default=None, metavar="A,B,...|all",
                      help="MVTec-layout categories to write, comma-separated, or all (default fabric,washer); "
                           "others: brushed_metal, wood, tiles, leaf, leather, perforated_metal, screw, capsule, hex_nut, connector, gear; "
