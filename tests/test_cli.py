@@ -204,6 +204,12 @@ def test_benchmark_options_it_would_ignore_are_errors(tmp_path, capsys):
         assert f"drop {option[0]}" in capsys.readouterr().err
 
 
+def test_a_param_given_twice_is_an_error_not_the_last_one(tmp_path, capsys):
+    assert main(["fit", str(tmp_path), "-o", str(tmp_path / "m.dlmodel"), "--param", "bank_size=64",
+                 "--param", "bank_size=32"]) == 2
+    assert "--param bank_size is given twice" in capsys.readouterr().err
+
+
 def test_param_reaches_the_method_and_bad_params_are_one_line_errors(tmp_path, normal_images, capsys):
     from defectlens.models import Detector, ParameterError, create_detector
 

@@ -202,9 +202,11 @@ def test_cli_generate_categories(tmp_path, capsys):
     (tmp_path / "a file").write_text("the user's")
     assert main(["generate", str(tmp_path / "a file"), "--categories", "wood", "--size", "64"]) == 2
     assert "is a file, not a folder" in capsys.readouterr().err
-    with pytest.raises(SystemExit):  # a typo, not a scene: refused before anything is drawn
-        main(["generate", str(tmp_path / "huge"), "--categories", "wood", "--size", "100000"])
-    assert "from 32 to 4096 pixels" in capsys.readouterr().err and not (tmp_path / "huge").exists()
+    # a typo, not a scene: refused before anything is drawn
+    assert main(["generate", str(tmp_path / "huge"), "--categories", "wood", "--size", "100000"]) == 2
+    assert "from 64 to 4096" in capsys.readouterr().err and not (tmp_path / "huge").exists()
+    assert main(["generate", str(tmp_path / "twice"), "--categories", "wood,wood", "--size", "64"]) == 0
+    assert capsys.readouterr().out.count("wood") == 1
 
 
 def test_bad_arguments():

@@ -208,7 +208,7 @@ def _decode(source, name, max_side: int | None, max_pixels: int) -> np.ndarray:
                 if width * height > max_pixels:
                     raise ImageReadError(name, f"image is {width}×{height} ({width * height / 1e6:.0f} Mpx), above the "
                                                f"{max_pixels / 1e6:g} Mpx decoding limit; tile or downscale it, or raise "
-                                               "the limit (--max-megapixels)")
+                                               "the limit (predict: --max-megapixels, serve: --max-pixels)")
                 if max_side is not None and image.format == "JPEG":
                     image.draft("RGB", (max_side, max_side))
                 image.load()

@@ -97,6 +97,7 @@ def generate(out: str | Path, kind: str = "mvtec", seed: int = 0, size: int = 25
         cats = list(known) if every else [c.strip() for c in categories.split(",") if c.strip()]
     else:
         cats = list(categories)
+    cats = list(dict.fromkeys(cats))  # each named once, in the order given
     _check_categories(cats, known)
     scenes = None
     if kind == "loco":
@@ -113,9 +114,14 @@ def generate(out: str | Path, kind: str = "mvtec", seed: int = 0, size: int = 25
                          scenes)
 
 
+#: The largest side drawn: memory grows with its square (a side of 100,000 asked for 149 GiB and
+#: failed after a half-written category), so a larger one is taken for a typo.
+MAX_SIZE = 4096
+
+
 def _check_size(size: int) -> None:
-    if not isinstance(size, (int, np.integer)) or size < 64:
-        raise UsageError(f"size must be an integer of at least 64 pixels, got {size!r}")
+    if not isinstance(size, (int, np.integer)) or not 64 <= size <= MAX_SIZE:
+        raise UsageError(f"size must be a whole number of pixels from 64 to {MAX_SIZE}, got {size!r}")
 
 
 def _check_categories(categories: Sequence[str], known: Sequence[str]) -> None:

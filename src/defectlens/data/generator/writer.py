@@ -34,11 +34,11 @@ def write_dataset(out: Path, kind: str, categories: Sequence[str], seed: int, si
     folders = [out / c for c in categories]
     readme = out / "README.txt"
     if readme.exists() and not overwrite and not _ours(readme):
-        raise OutputExistsError(f"{readme} exists and was not written by the generator; pass overwrite=True (--overwrite on the command line) to replace it")
+        raise OutputExistsError(f"{readme} exists and was not written by the generator; pass --overwrite (overwrite=True from Python) to replace it")
     for folder in folders:
         if folder.is_dir() and any(folder.iterdir()):
             if not overwrite:
-                raise OutputExistsError(f"{folder} already exists and is not empty; pass overwrite=True (--overwrite on the command line) to replace it")
+                raise OutputExistsError(f"{folder} already exists and is not empty; pass --overwrite (overwrite=True from Python) to replace it")
         elif folder.exists() and not folder.is_dir():
             raise OutputError(f"{folder} exists and is not a folder")
     for folder in folders:
