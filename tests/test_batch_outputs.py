@@ -325,6 +325,19 @@ def test_a_model_file_with_a_wrong_field_is_one_clear_line(model, images, tmp_pa
     assert len(err) == 1 and "bad.dlmodel" in err[0] and field in err[0]
 
 
+@pytest.mark.parametrize("changes,named", [({"method": "nosuch"}, "unknown method 'nosuch'"),
+                                           ({"params": {"size": 5}}, "size"), ({"params": {"nosuch": 1}}, "nosuch")])
+def test_info_refuses_the_method_and_parameters_load_refuses(model, images, tmp_path, capsys, changes, named):
+    bad = tmp_path / "bad.dlmodel"
+    with safe_open(str(model), framework="pt") as handle:
+        params = json.loads(handle.metadata()["defectlens"])["params"]
+    _rewrite_config(model, bad, **{key: {**params, **value} if key == "params" else value for key, value in changes.items()})
+    for command in (["predict", str(bad), str(images)], ["info", str(bad)]):
+        assert main(command) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and "bad.dlmodel" in err[0] and named in err[0]
+
+
 def test_a_valid_model_config_passes_and_a_newer_version_is_named(model, tmp_path):
     with safe_open(str(model), framework="pt") as handle:
         config = json.loads(handle.metadata()["defectlens"])

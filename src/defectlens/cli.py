@@ -227,9 +227,11 @@ def cmd_predict(args) -> int:
 # -- info ---------------------------------------------------------------------------------------
 def cmd_info(args) -> int:
     from .models import REGISTRY, describe_config
+    from .models.base import checked_method
     from .models.modelfile import describe_model_file
 
     info = describe_model_file(args.model)
+    checked_method(info["method"], info["params"], args.model)  # what load refuses, info refuses
     if args.json:
         print(json.dumps(info, indent=2))
         return 0

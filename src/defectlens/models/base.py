@@ -78,6 +78,18 @@ def register(cls: type[Detector]) -> type[Detector]:
     return cls
 
 
+def checked_method(method: str, params: dict, path: str | os.PathLike) -> type[Detector]:
+    """The detector class a model file's ``method`` names, its ``params`` checked against that
+    class's constraints; ModelFileError naming ``path`` otherwise (``Detector.load``, ``info``)."""
+    if method not in REGISTRY:
+        raise ModelFileError(f"{path}: unknown method '{method}' (known: {', '.join(sorted(REGISTRY))})")
+    try:
+        REGISTRY[method].check_params(params)
+    except ParameterError as error:
+        raise ModelFileError(f"{path}: {error}") from None
+    return REGISTRY[method]
+
+
 class Detector:
     """Base of every method, in the manner of scikit-learn's estimators.
 
@@ -276,15 +288,9 @@ class Detector:
     def load(cls, path: str | os.PathLike) -> Detector:
         config, tensors = read_model_file(path)
         method = config["method"]
-        if method not in REGISTRY:
-            raise ModelFileError(f"{path}: unknown method '{method}' (known: {', '.join(sorted(REGISTRY))})")
-        detector_cls = REGISTRY[method]
+        detector_cls = checked_method(method, config["params"], path)
         if cls is not Detector and not issubclass(detector_cls, cls):
             raise ModelFileError(f"{path}: holds a '{method}' model, not a {cls.name} model")
-        try:
-            detector_cls.check_params(config["params"])
-        except ParameterError as error:
-            raise ModelFileError(f"{path}: {error}") from None
         detector = detector_cls(**config["params"])
         normal = tensors.pop(NORMAL_SCORES, None)
         detector.normal_scores = None if normal is None else normal.numpy().astype(np.float64)
