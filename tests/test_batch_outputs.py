@@ -16,7 +16,7 @@ from defectlens.cli import main
 from defectlens.data import io as image_io
 from defectlens.engine import predict as predict_module
 from defectlens.engine.outputs import output_stem
-from defectlens.models import ModelFileError
+from defectlens.models import ModelFileError, create_detector
 from defectlens.models.base import Detector
 from defectlens.models.modelfile import validate_model_config
 
@@ -135,7 +135,7 @@ def test_rows_survive_an_interruption_and_resume_scores_only_the_rest(model, ima
     seen.clear()
     monkeypatch.setattr(predict_module, "read_image", lambda path, *a, **k: seen.append(path) or real(path, *a, **k))
     assert predict(model, images, "--csv", out, "--maps", maps, "--resume", "--report", tmp_path / "r.html") == 0
-    assert [p.name for p in seen] == ["img_2.png", "img_3.png"]
+    assert [p.name for p in seen] == ["img_1.png", "img_2.png", "img_3.png"]  # img_1: the same model? (checked)
     assert "4 inputs, 0 failed" in (tmp_path / "r.html").read_text()  # the report covers the earlier rows too
     rows = rows_of(out)
     assert [os.path.basename(r["path"]) for r in rows] == ["img_0.png", "img_1.png", "img_2.png", "img_3.png"]
@@ -144,6 +144,23 @@ def test_rows_survive_an_interruption_and_resume_scores_only_the_rest(model, ima
     # Or start again from scratch over the partial output.
     assert predict(model, images, "--csv", out, "--maps", maps, "--overwrite") == 0
     assert len(rows_of(out)) == 4
+
+
+def test_resume_refuses_a_csv_another_model_wrote(model, images, tmp_path, normal_images, capsys):
+    out = tmp_path / "out.csv"
+    assert predict(model, images, "--csv", out) == 0
+    kept = rows_of(out)[:2]
+    with open(out, "w", newline="", encoding="utf-8") as handle:  # as if interrupted after two rows
+        writer = csv.DictWriter(handle, fieldnames=list(kept[0]))
+        writer.writeheader()
+        writer.writerows(kept)
+    other = tmp_path / "other.dlmodel"
+    create_detector("patchcore", size=64).fit(normal_images[3:6]).save(other)
+    capsys.readouterr()
+    assert predict(other, images, "--csv", out, "--resume") == 2
+    assert "written by another model" in capsys.readouterr().err
+    assert rows_of(out) == kept
+    assert predict(model, images, "--csv", out, "--resume") == 0 and len(rows_of(out)) == 4
 
 
 def test_an_internal_error_keeps_the_finished_rows_and_says_it_is_a_bug(model, images, tmp_path, monkeypatch, capsys,

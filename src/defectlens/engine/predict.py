@@ -186,6 +186,8 @@ def predict_to_outputs(detector: Detector, paths: Sequence[Path], outputs: Predi
             summary.resumed += 1
             if outputs.report is not None:
                 records.append(_resumed_record(earlier))
+        if summary.resumed and todo:
+            _check_same_scores(detector, summary.rows[-1], max_pixels)
         score = score_paths or partial(predict_paths, detector)
         # Maps cost time of their own (upsampling, and every patch's distance): only when written.
         maps = outputs.maps is not None or outputs.overlays is not None or outputs.report is not None
@@ -235,6 +237,21 @@ def _write_files(result: Result, outputs: PredictionOutputs, map_range, threshol
         _guarded(target, save_png, target, heatmap_overlay(result.image, anomaly_map, low, high))
         row["overlay"] = str(target)
     return row
+
+
+def _check_same_scores(detector: Detector, earlier: dict, max_pixels: int | None) -> None:
+    """--resume appends to an earlier CSV: refuse one whose last score this detector does not
+    give again (another model, or other settings), instead of one file mixing two models' scores.
+    Equal up to the exported runtimes' differences (1e-5 relative) and the CSV's six digits; not
+    checked for transductive methods (a score depends on its batch) nor for an input now unreadable."""
+    if not detector.predict_chunk:
+        return
+    result = next(predict_paths(detector, [Path(earlier["path"])], progress=False, max_pixels=max_pixels, maps=False))
+    if result.score is None or math.isclose(float(earlier["score"]), result.score, rel_tol=1e-3, abs_tol=1e-4):
+        return
+    raise UsageError(f"--resume: the earlier CSV scored {printable(earlier['path'])} {earlier['score']}, this model "
+                     f"{result.score:.6g}: it was written by another model or with other settings; give a new --csv, "
+                     "or --overwrite to start again")
 
 
 def _resumed_record(row: dict) -> ImageRecord:
