@@ -204,6 +204,12 @@ def test_benchmark_options_it_would_ignore_are_errors(tmp_path, capsys):
         assert f"drop {option[0]}" in capsys.readouterr().err
 
 
+def test_a_folder_given_as_the_model_is_named_as_such(tmp_path, capsys):
+    for command in ("info", "predict"):
+        assert main([command, str(tmp_path)] + ([str(tmp_path)] if command == "predict" else [])) == 2
+        assert "is a folder, not a model file" in capsys.readouterr().err
+
+
 def test_a_param_given_twice_is_an_error_not_the_last_one(tmp_path, capsys):
     assert main(["fit", str(tmp_path), "-o", str(tmp_path / "m.dlmodel"), "--param", "bank_size=64",
                  "--param", "bank_size=32"]) == 2

@@ -37,6 +37,8 @@ class ModelFileError(DefectlensError, ValueError):
 def read_model_file(path: str | os.PathLike) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
     """The checked config and the tensors of the model file at ``path``."""
     path = Path(path)
+    if path.is_dir():
+        raise ModelFileError(f"{path}: is a folder, not a model file (a .dlmodel file that `fit -o` wrote)")
     if not path.is_file():
         raise ModelFileError(f"{path}: model file does not exist")
     try:
