@@ -204,6 +204,14 @@ def test_benchmark_options_it_would_ignore_are_errors(tmp_path, capsys):
         assert f"drop {option[0]}" in capsys.readouterr().err
 
 
+def test_more_shots_than_images_says_so(tmp_path, normal_images, capsys):
+    for i, image in enumerate(normal_images[:3]):
+        Image.fromarray(image).save(tmp_path / f"good_{i}.png")
+    assert main(["fit", str(tmp_path), "-o", str(tmp_path / "m" / "m.dlmodel"), "--shots", "10", "--size", "64",
+                 "--method", "patchcore"]) == 0
+    assert "--shots 10: " in capsys.readouterr().err
+
+
 def test_a_folder_given_as_the_model_is_named_as_such(tmp_path, capsys):
     for command in ("info", "predict"):
         assert main([command, str(tmp_path)] + ([str(tmp_path)] if command == "predict" else [])) == 2

@@ -116,6 +116,11 @@ def cmd_fit(args) -> int:
     zero = " (zero-shot)" if not training.images and detector.learning_type == LearningType.ZERO_SHOT else ""
     if chosen:
         print(f"took {chosen}; --method picks another")
+    if args.shots and training.normal_count < args.shots:
+        from .data.io import printable
+
+        print(f"--shots {args.shots}: {printable(args.data)} holds {training.normal_count} normal training images; "
+              "all of them were used", file=sys.stderr)
     print(f"fitted {detector.name} on {kind} images{zero} in {time.perf_counter() - started:.1f} s; "
           f"threshold {threshold}; saved {output}")
     return 0
