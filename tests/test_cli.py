@@ -212,6 +212,19 @@ def test_more_shots_than_images_says_so(tmp_path, normal_images, capsys):
     assert "--shots 10: " in capsys.readouterr().err
 
 
+def test_our_warnings_reach_the_user_as_one_line(tmp_path, normal_images):
+    import subprocess
+    import sys
+
+    Image.fromarray(normal_images[0]).save(tmp_path / "good.png")
+    done = subprocess.run([sys.executable, "-m", "defectlens.cli", "fit", str(tmp_path), "-o", str(tmp_path / "m.dlmodel"),
+                           "--method", "musc"], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0
+    warning = [line for line in done.stderr.splitlines() if "zero-shot" in line]
+    assert len(warning) == 1 and warning[0].startswith("defectlens: warning: musc is zero-shot")
+    assert "model.py" not in done.stderr and "warnings.warn" not in done.stderr
+
+
 def test_a_folder_given_as_the_model_is_named_as_such(tmp_path, capsys):
     for command in ("info", "predict"):
         assert main([command, str(tmp_path)] + ([str(tmp_path)] if command == "predict" else [])) == 2

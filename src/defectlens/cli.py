@@ -11,6 +11,7 @@ import select
 import sys
 import time
 import traceback
+import warnings
 from functools import partial
 from pathlib import Path
 
@@ -632,11 +633,22 @@ def main(argv: list[str] | None = None) -> int:
     freezing = gc.get_freeze_count() == 0  # a caller's own frozen objects are left as they are
     if freezing:
         gc.freeze()
+    shown = warnings.formatwarning
+    warnings.formatwarning = partial(_one_line_warning, shown)
     try:
         return _run(args)
     finally:
+        warnings.formatwarning = shown
         if freezing:
             gc.unfreeze()  # a caller in the same process gets its collector back as it was
+
+
+def _one_line_warning(shown, message, category, filename, lineno, line=None) -> str:
+    """defectlens's own warnings as one line for the user ("defectlens: warning: ..."), not Python's
+    file, line and source; other libraries' warnings as ``shown`` formats them."""
+    if f"{os.sep}defectlens{os.sep}" in filename:
+        return f"defectlens: warning: {message}\n"
+    return shown(message, category, filename, lineno, line)
 
 
 def _run(args) -> int:
