@@ -225,6 +225,18 @@ def test_our_warnings_reach_the_user_as_one_line(tmp_path, normal_images):
     assert "model.py" not in done.stderr and "warnings.warn" not in done.stderr
 
 
+def test_stdout_has_one_line_of_three_fields_per_input_whatever_the_file_names(model_path, tmp_path, normal_images, capsys):
+    names = ["plain.png", "tab\there.png", "line\nbreak.png", "cr\rhere.png"]
+    for name in names:
+        Image.fromarray(normal_images[0]).save(tmp_path / name, format="PNG")
+    capsys.readouterr()
+    assert main(["predict", str(model_path), str(tmp_path)]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert len(lines) == len(names) and all(len(line.split("\t")) == 3 for line in lines)
+    assert {line.split("\t")[0].rsplit("/", 1)[1] for line in lines} == {"plain.png", "tab\\there.png",
+                                                                           "line\\nbreak.png", "cr\\rhere.png"}
+
+
 def test_a_folder_given_as_the_model_is_named_as_such(tmp_path, capsys):
     for command in ("info", "predict"):
         assert main([command, str(tmp_path)] + ([str(tmp_path)] if command == "predict" else [])) == 2

@@ -28,6 +28,8 @@ EXIT_INTERNAL = 3
 #: ``benchmark``'s protocol unless --shots / --seeds say otherwise.
 DEFAULT_SHOTS, DEFAULT_SEEDS = "1,2,4,8,full", 5
 EXIT_INTERRUPTED = 130
+#: predict's stdout lines are tab-separated: what a file name's own tabs and breaks become there.
+TSV_ESCAPES = str.maketrans({"\t": "\\t", "\n": "\\n", "\r": "\\r"})
 EXIT_OUTPUT_CLOSED = 141  # as a shell reports a command ended by SIGPIPE
 
 
@@ -207,7 +209,9 @@ def cmd_predict(args) -> int:
         if row["error"]:
             print(f"error: {printable(row['error'])}", file=sys.stderr)
         if not args.csv:
-            print(printable(f"{row['path']}\t{row['score'] or 'ERROR'}\t{row['label']}"), flush=True)
+            # A tab or line break in a file name would split the line: written as \t, \n, \r.
+            path = printable(row["path"]).translate(TSV_ESCAPES)
+            print(f"{path}\t{row['score'] or 'ERROR'}\t{row['label']}", flush=True)
 
     max_pixels = None if args.max_megapixels is None else round(args.max_megapixels * 1e6)
     try:
