@@ -237,6 +237,15 @@ def test_stdout_has_one_line_of_three_fields_per_input_whatever_the_file_names(m
                                                                            "line\\nbreak.png", "cr\\rhere.png"}
 
 
+def test_a_target_fpr_the_shots_cannot_give_keeps_the_fitted_model(tmp_path, normal_images, capsys):
+    for i, image in enumerate(normal_images[:3]):
+        Image.fromarray(image).save(tmp_path / f"good_{i}.png")
+    model = tmp_path / "m" / "m.dlmodel"
+    assert main(["fit", str(tmp_path), "-o", str(model), "--shots", "1", "--target-fpr", "0.05", "--size", "64",
+                 "--method", "patchcore"]) == 2
+    assert "needs at least 3" in capsys.readouterr().err and model.is_file()
+
+
 def test_a_folder_given_as_the_model_is_named_as_such(tmp_path, capsys):
     for command in ("info", "predict"):
         assert main([command, str(tmp_path)] + ([str(tmp_path)] if command == "predict" else [])) == 2

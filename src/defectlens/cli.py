@@ -105,7 +105,11 @@ def cmd_fit(args) -> int:
     detector, training = fit_from_folder(args.data, method=args.method, shots=args.shots, seed=args.seed, params=params,
                                          runtime=args.runtime)
     if args.target_fpr is not None:
-        detector.set_operating_point(args.target_fpr)
+        try:
+            detector.set_operating_point(args.target_fpr)
+        except UsageError as error:  # the fit is not lost to it
+            detector.save(output)
+            raise UsageError(f"{error}; the fitted model is saved at {output} without --target-fpr's threshold") from None
     detector.save(output)
     if detector.threshold is not None:
         threshold = f"{detector.threshold:.4g} ({operating_point_text(detector)})"
