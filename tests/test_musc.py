@@ -230,7 +230,7 @@ def test_benchmark_zero_shot_and_predict_labels_from_the_batch(synthetic_mvtec, 
 
     model = tmp_path / "musc.dlmodel"
     assert main(["fit", str(synthetic_mvtec), "-o", str(model), "--method", "musc", "--shots", "0", "--size", "96"]) == 0
-    assert "set from each predicted batch" in capsys.readouterr().out
+    assert "set from each predicted batch of 3 images or more" in capsys.readouterr().out
     csv_path = tmp_path / "scores.csv"
     assert main(["predict", str(model), str(synthetic_mvtec / "test"), "--csv", str(csv_path)]) == 0
     rows = [line.split(",") for line in csv_path.read_text().splitlines()[1:]]

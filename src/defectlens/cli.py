@@ -93,6 +93,7 @@ def cmd_fit(args) -> int:
     from .engine.allocator import keep_freed_memory
     from .engine.fit import fit_from_folder
     from .models import DEFAULT_METHOD, REGISTRY, LearningType
+    from .models.calibration import MIN_SCORES
 
     from .engine.outputs import check_output_file
 
@@ -114,7 +115,7 @@ def cmd_fit(args) -> int:
     if detector.threshold is not None:
         threshold = f"{detector.threshold:.4g} ({operating_point_text(detector)})"
     elif detector.predict_chunk is None:
-        threshold = "set from each predicted batch (override with --threshold)"
+        threshold = f"set from each predicted batch of {MIN_SCORES} images or more (override with --threshold)"
     else:
         threshold = "none (needs at least 3 held-out normal scores; pass --threshold to predict)"
     anomalous = len(training.labels) - training.normal_count
