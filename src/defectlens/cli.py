@@ -25,12 +25,12 @@ EXIT_INPUT_FAILED = 1
 EXIT_USAGE = 2
 #: A bug in defectlens: the message says so and ``--debug`` shows the traceback.
 EXIT_INTERNAL = 3
+EXIT_INTERRUPTED = 130
+EXIT_OUTPUT_CLOSED = 141  # as a shell reports a command ended by SIGPIPE
 #: ``benchmark``'s protocol unless --shots / --seeds say otherwise.
 DEFAULT_SHOTS, DEFAULT_SEEDS = "1,2,4,8,full", 5
-EXIT_INTERRUPTED = 130
 #: predict's stdout lines are tab-separated: what a file name's own tabs and breaks become there.
 TSV_ESCAPES = str.maketrans({"\t": "\\t", "\n": "\\n", "\r": "\\r"})
-EXIT_OUTPUT_CLOSED = 141  # as a shell reports a command ended by SIGPIPE
 
 
 def parse_params(pairs: list[str] | None) -> dict:
@@ -316,7 +316,8 @@ def cmd_benchmark(args) -> int:
     params, chosen = resolved_params(args, min(counts) if counts else None)
     if chosen:
         print(f"took {chosen}")
-    result = run_benchmark(args.data, kind=args.dataset, method=args.method, shots=shots, seeds=DEFAULT_SEEDS if args.seeds is None else args.seeds, params=params)
+    seeds = DEFAULT_SEEDS if args.seeds is None else args.seeds
+    result = run_benchmark(args.data, kind=args.dataset, method=args.method, shots=shots, seeds=seeds, params=params)
     table = format_table(result.summary, result.n_train)
     print(f"{result.method} on {result.dataset} ({result.n_train} train, {result.n_test} test, size {result.params.get('size')})")
     print(markdown_table(table, table_columns(table)))
