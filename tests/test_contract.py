@@ -15,6 +15,7 @@ import pytest
 from conftest import textured_image
 from defectlens.models import REGISTRY, Detector, LearningType, ParameterError, create_detector
 from defectlens.models.calibration import MIN_SCORES
+from defectlens.errors import UsageError
 from defectlens.models.modelfile import describe_model_file
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -141,6 +142,17 @@ def test_save_load_gives_identical_predictions(fitted, images, tmp_path):
     np.testing.assert_allclose(np.asarray(after.maps), np.asarray(before.maps), rtol=1e-4, atol=1e-5)
 
 
+def test_a_pickled_or_copied_detector_predicts_the_same(fitted, images):
+    import copy
+    import pickle
+
+    _, _, _, detector = fitted
+    batch = [images[0][3], images[1][1]]
+    before = detector.predict(batch, maps=False).scores
+    for twin in (pickle.loads(pickle.dumps(detector)), copy.deepcopy(detector)):
+        np.testing.assert_allclose(twin.predict(batch, maps=False).scores, before, rtol=1e-5, atol=1e-6)
+
+
 def test_float_gray_and_rgba_inputs_score_like_their_rgb_versions(fitted, images):
     _, _, _, detector = fitted
     normal, anomalous = images
@@ -186,3 +198,20 @@ def test_unfitted_detector_refuses_to_predict_and_to_save(tmp_path):
         detector.predict([np.zeros((8, 8, 3), np.uint8)])
     with pytest.raises(RuntimeError, match="fit before saving"):
         detector.save(tmp_path / "m.dlmodel")
+
+
+def test_a_parameter_changed_after_fit_needs_a_fit_again(images, tmp_path):
+    """The bank was learned with the old parameters: predicting or saving with the new ones would
+    mix them (a cosine bank saved as L2 flagged every image after loading)."""
+    detector = create_detector("patchknn", size=64).fit(images[0][:4])
+    detector.set_params(metric="cosine", size=64)  # the values it has: still fitted
+    detector.predict(images[0][:1])
+    detector.set_params(metric="l2")
+    with pytest.raises(RuntimeError, match="call fit"):
+        detector.predict(images[0][:1])
+    with pytest.raises(RuntimeError, match="fit before saving"):
+        detector.save(tmp_path / "m.dlmodel")
+    assert not (tmp_path / "m.dlmodel").exists()
+    detector.fit(images[0][:4]).save(tmp_path / "m.dlmodel")
+    with pytest.raises(UsageError, match="is a folder"):
+        detector.save(tmp_path)

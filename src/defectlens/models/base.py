@@ -123,6 +123,9 @@ class Detector:
     #: The false-alarm rate the threshold was set for (``set_operating_point``).
     operating_fpr: float = DEFAULT_FPR
     _fitted: bool = False
+    #: Parameters that say where weights are found (a local folder), not what was learned: moving
+    #: the weights and setting the new place keeps a fitted detector fitted (``set_params``).
+    weight_locations: tuple[str, ...] = ()
 
     # -- parameters -----------------------------------------------------------------------
     @classmethod
@@ -146,7 +149,13 @@ class Detector:
         return {name: getattr(self, name) for name in self.get_param_names()}
 
     def set_params(self, **params: Any) -> Detector:
+        """Set parameters; on a fitted detector a changed one (but ``weight_locations``) makes it
+        unfitted, as its learned state (bank, threshold, held-out scores) came from the parameters
+        it was fitted with: predicting or saving it would mix the two."""
         self.check_params(params)
+        current = self.get_params()
+        if self._fitted and any(current.get(key) != value for key, value in params.items() if key not in self.weight_locations):
+            self._fitted = False
         for key, value in params.items():
             setattr(self, key, value)
         return self
@@ -263,7 +272,10 @@ class Detector:
         if path.exists() and not overwrite:
             raise FileExistsError(f"{path} exists; refusing to overwrite it (pass overwrite=True)")
         if not self._fitted:
-            raise NotFittedError(f"{self.name}: fit before saving")
+            raise NotFittedError(f"{self.name}: fit before saving (set_params after a fit needs a fit again)")
+        self.validate_params()  # a dict given as a parameter may have changed since: no file load refuses
+        if path.is_dir():
+            raise UsageError(f"{path} is a folder; give the model file's name")
         config = {
             "format": FORMAT,
             "format_version": FORMAT_VERSION,

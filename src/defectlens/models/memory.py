@@ -114,6 +114,15 @@ class NearestNeighbours:
         self._balls: _ListBalls | None = None
         self._lazy_lock = threading.Lock()  # what is built on first use is built once, whatever the threads
 
+    def __getstate__(self) -> dict:  # pickling and deepcopy: a lock is not copied, a fresh one is made
+        state = dict(self.__dict__)
+        del state["_lazy_lock"]
+        return state
+
+    def __setstate__(self, state: dict) -> None:
+        self.__dict__.update(state)
+        self._lazy_lock = threading.Lock()
+
     def _add(self, bank: np.ndarray, row_lists: np.ndarray | None) -> None:
         """The bank's rows into the index, brought to its space ``ADD_CHUNK`` rows at a time where
         that builds the same index (a flat one, or IVF lists given ``row_lists``): no normalised

@@ -309,6 +309,7 @@ class Composition(BackboneDetector):
     """Segment, align, score nine features against the few normal shots, combine them calibrated."""
 
     name = "composition"
+    weight_locations = ("sam_model",)
     parameter_constraints = {"backbone": BACKBONE, "size": INPUT_SIZE, "seed": SEED, "parts": Integer(2, 64),
                              "part_size": Integer(16, 1024), "scores": ListOf(Choice(SCORES)),
                              "top_fraction": Real(0.0, 1.0, open_low=True), "blur_sigma": BLUR_SIGMA,

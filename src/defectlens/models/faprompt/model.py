@@ -80,6 +80,7 @@ class FAPrompt(Detector):
     name = "faprompt"
     #: The engine gives this method every labelled image of DATA (train and test, with masks).
     learning_type = LearningType.AUXILIARY
+    weight_locations = ("clip_model",)
     parameter_constraints = {
         "clip_model": Optional(Text()), "prompt_file": Optional(Text()), "size": INPUT_SIZE,
         "normal_tokens": Integer(1, 64), "abnormal_tokens": Integer(1, 64), "prompts": Integer(1, 256),

@@ -34,6 +34,7 @@ class TrainedDetector(Detector):
     """
 
     learning_type = LearningType.FEW_ANOMALIES
+    weight_locations = ("sd_model",)
     parameter_constraints = {"size": INPUT_SIZE, "crop": Integer(MULTIPLE, 2048), "batch_size": BATCH_SIZE,
                              "steps": Optional(Integer(1, 10**6)), "lr": Real(0.0, 1.0, open_low=True),
                              "anomalies": Integer(0, 10**4), "anomaly_source": Choice(SOURCES),

@@ -61,6 +61,7 @@ def clip_fingerprint(clip) -> list[float]:
 class WinCLIP(Detector):
     name = "winclip"
     learning_type = LearningType.ZERO_SHOT
+    weight_locations = ("clip_model",)
     parameter_constraints = {"clip_model": Optional(Text()), "object_name": Optional(Text()), "size": INPUT_SIZE,
                              "scales": ListOf(Integer(1, 64)), "softmax_scale": Optional(Real(0.0, 1000.0, open_low=True)),
                              "seed": SEED, "augment": Choice(AUGMENTS), "augment_max_images": Integer(0, 10**6)}
@@ -108,6 +109,11 @@ class WinCLIP(Detector):
                                         "the one this winclip model was fitted with; fit again or point to that CLIP")
             self._encoder = WindowEncoder(clip, self.size, sorted(set(self.scales)))
         return self._encoder
+
+    def __getstate__(self) -> dict:
+        """Pickling and deepcopy leave the loaded CLIP behind (transformers' hooks do not pickle);
+        the copy loads it again on first use, checked as ``encoder`` checks it."""
+        return {**self.__dict__, "_encoder": None}
 
     # -- contract ---------------------------------------------------------------------------
     def fit_images(self, images: list, masks: list, labels: list[int]) -> None:
