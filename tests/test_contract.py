@@ -200,6 +200,25 @@ def test_unfitted_detector_refuses_to_predict_and_to_save(tmp_path):
         detector.save(tmp_path / "m.dlmodel")
 
 
+@pytest.mark.parametrize("method", ["patchcore", "musc"])
+def test_one_image_instead_of_a_list_and_an_empty_image_are_clear_errors(method, images, tmp_path):
+    from PIL import Image
+
+    detector = create_detector(method, size=64)
+    if method != "musc":
+        detector.fit(images[0][:3])
+    path = tmp_path / "one.png"
+    Image.fromarray(images[0][0]).save(path)
+    for one in (images[0][0], images[0][0][..., 0], str(path), path, Image.fromarray(images[0][0])):
+        with pytest.raises(UsageError, match="pass \\["):
+            detector.predict(one)
+    with pytest.raises(UsageError, match="pass \\["):
+        create_detector(method, size=64).fit(images[0][0])
+    for empty in (np.zeros((0, 0, 3), np.uint8), np.zeros((0, 5), np.float32)):
+        with pytest.raises(ValueError, match="holds no pixel"):
+            detector.predict([empty, images[0][1]])
+
+
 def test_a_parameter_changed_after_fit_needs_a_fit_again(images, tmp_path):
     """The bank was learned with the old parameters: predicting or saving with the new ones would
     mix them (a cosine bank saved as L2 flagged every image after loading)."""

@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-from ..errors import DefectlensError
+from ..errors import DefectlensError, UsageError
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp")
 
@@ -251,6 +251,20 @@ def read_mask(path: str | os.PathLike, shape: tuple[int, int] | None = None) -> 
     return as_mask(mask, shape)
 
 
+def image_list(images, what: str = "images") -> list:
+    """``images`` (a sequence of paths or arrays, or an (N, H, W[, C]) array) as a list; a single
+    path or a single H×W[×C] image is refused by name, where iterating it would make a list of
+    characters or of pixel rows."""
+    if isinstance(images, (str, os.PathLike)):
+        raise UsageError(f"{what}: expected a list of images, got one path ({printable(images)}); pass [path]")
+    if isinstance(images, np.ndarray) and (images.ndim == 2 or (images.ndim == 3 and images.shape[2] in (3, 4))):
+        raise UsageError(f"{what}: expected a list of images or an (N, H, W[, C]) array, got one image of shape "
+                         f"{images.shape}; pass [image]")
+    if isinstance(images, Image.Image):
+        raise UsageError(f"{what}: expected a list of images, got one PIL image; pass [image]")
+    return list(images)
+
+
 def as_image(item) -> np.ndarray:
     """Accept a path or an array wherever a user passes an image; return RGB uint8."""
     if isinstance(item, (str, os.PathLike)):
@@ -260,6 +274,8 @@ def as_image(item) -> np.ndarray:
         array = np.repeat(array[..., None], 3, axis=2)
     if array.ndim != 3 or array.shape[2] not in (1, 3, 4):
         raise ValueError(f"expected an H×W×3 RGB image array, got shape {array.shape}")
+    if array.shape[0] == 0 or array.shape[1] == 0:
+        raise ValueError(f"an image array of shape {array.shape} holds no pixel")
     if array.shape[2] == 1:
         array = np.repeat(array, 3, axis=2)
     if array.shape[2] == 4:

@@ -20,6 +20,7 @@ import torch
 from safetensors.torch import save_file
 
 from ..backbones import get_backbone
+from ..data.io import image_list
 from ..errors import DefectlensError, UsageError
 from .calibration import DEFAULT_FPR, NONE, Calibration, threshold_from_normal_scores
 from .modelfile import FORMAT, FORMAT_VERSION, NORMAL_SCORES, ModelFileError, read_model_file
@@ -187,7 +188,7 @@ class Detector:
         ``masks`` (one per image: None, an array, a path or a list of paths, see data.io.as_mask)
         matter to methods that learn from anomalies."""
         self.validate_params()
-        images = list(images)
+        images = image_list(images, f"{self.name}.fit")
         labels = [0] * len(images) if labels is None else [int(label) for label in labels]
         masks = [None] * len(images) if masks is None else list(masks)
         if not len(images) == len(labels) == len(masks):
@@ -220,7 +221,7 @@ class Detector:
         backbone forward) runs now, the rest is returned as a function that gives the
         Prediction, to call once, in any thread. A batch loop scores one chunk in another thread
         while the next chunk's first stage runs (engine.predict)."""
-        images = list(images)
+        images = image_list(images, f"{self.name}.predict")
         if not images:
             return lambda: Prediction(scores=np.zeros(0), maps=[] if maps else None)
         if not self._fitted:
