@@ -385,6 +385,12 @@ def test_verdicts_move_the_threshold_view(service):
     invalid = client.post(f"/v1/inspections/{good['id']}/verdict", json={"verdict": "maybe"})
     assert invalid.status_code == 422 and "verdict" in error_of(invalid)["message"]
     assert client.post("/v1/inspections/999999/verdict", json={"verdict": "normal"}).status_code == 404
+    huge = str(2**63)  # beyond the database's integers: 422, not an overflow (500)
+    for call in (lambda: client.get(f"/v1/inspections/{huge}"), lambda: client.get(f"/v1/inspections/{huge}/image"),
+                 lambda: client.post(f"/v1/inspections/{huge}/verdict", json={"verdict": "normal"}),
+                 lambda: client.get("/v1/inspections", params={"before_id": huge}),
+                 lambda: client.get("/v1/inspections", params={"after_id": huge})):
+        assert call().status_code == 422
 
     view = client.get("/v1/models/tiny/threshold-view").json()
     normal = np.asarray(service[1].state.models["tiny"].detector.normal_scores)
@@ -398,7 +404,7 @@ def test_verdicts_move_the_threshold_view(service):
     assert lowest["false_alarm_rate"] == 1.0
     assert lowest["recent_flagged"] == lowest["recent"]
     assert view["drift"]["status"] in {"ok", "drift", "unknown"} and view["drift"]["reason"]
-    for odd in ("nan", "inf", "-inf", "1e400"):  # not a threshold: a clear 422, not a 500
+    for odd in ("nan", "inf", "-inf", "1e400", "1.7976931348623157e308"):  # not a threshold: a clear 422, not a 500
         refused = client.get("/v1/models/tiny/threshold-view", params={"threshold": odd})
         assert refused.status_code == 422 and "threshold" in error_of(refused)["message"]
 
@@ -523,6 +529,11 @@ def test_cli_refuses_a_taken_port_and_bad_limits(tmp_path_factory, tmp_path, cap
         port = taken.getsockname()[1]
         assert main(["serve", str(model), "--port", str(port), "--data", str(tmp_path)]) == 2
     assert f"cannot listen on 127.0.0.1:{port}" in capsys.readouterr().err
+    (tmp_path / "a file").write_text("x")
+    (tmp_path / "db" / "inspections.db").mkdir(parents=True)
+    for data, message in ((tmp_path / "a file", "is a file, not a folder"), (tmp_path / "db", "is a folder, not the history")):
+        assert main(["serve", str(model), "--data", str(data)]) == 2
+        assert message in capsys.readouterr().err
     for option in (["--port", "99999"], ["--workers", "0"], ["--queue", "-1"], ["--max-upload-mb", "-1"],
                    ["--max-batch", "0"], ["--max-pixels", "nan"]):
         with pytest.raises(SystemExit) as stop:

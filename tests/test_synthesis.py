@@ -200,6 +200,9 @@ def test_synthesize_cli_rejects_unknown_params_and_missing_anomalies(synthetic_m
     assert "no anomalous test images" in capsys.readouterr().err
     assert main(["synthesize", str(normals), str(tmp_path / "c"), "--kind", "cutpaste", "-n", "2", "--param", "variant=scar"]) == 0
     assert len(list((tmp_path / "c" / "masks").iterdir())) == 2
+    (tmp_path / "a file").write_text("x")
+    assert main(["synthesize", str(normals), str(tmp_path / "a file"), "--kind", "cutpaste", "-n", "2"]) == 2
+    assert "is a file, not a folder" in capsys.readouterr().err
 
 
 def test_synthesize_diffusion_without_weights_says_how_to_get_them(synthetic_mvtec, tmp_path, capsys, monkeypatch):

@@ -370,6 +370,9 @@ def cmd_generate(args) -> int:
 def cmd_synthesize(args) -> int:
     from .synthesis.run import synthesize_folder
 
+    from .engine.outputs import check_output_folder
+
+    check_output_folder(args.out)
     params = parse_params(args.param)
     started = time.perf_counter()
     manifest = synthesize_folder(args.data, args.out, kind=args.kind, count=args.n, seed=args.seed,
@@ -413,6 +416,12 @@ def cmd_serve(args) -> int:
     for name, path in config.models.items():
         if not path.is_file():
             raise UsageError(f"model {name}: {path} does not exist")
+    from .engine.outputs import check_output_folder
+
+    check_output_folder(args.data, what="--data")  # images and maps go there: checked before the models load
+    if args.db is None:
+        if (Path(args.data) / "inspections.db").is_dir():
+            raise UsageError(f"--data {args.data}: inspections.db there is a folder, not the history database")
     run(config, max_connections=args.max_connections)
     return 0
 

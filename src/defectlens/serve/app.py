@@ -6,10 +6,11 @@ import tempfile
 from contextlib import asynccontextmanager
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Literal
+from typing import Annotated, Literal
 
 import numpy as np
 from fastapi import FastAPI, Query, Request
+from fastapi import Path as PathParameter
 from fastapi.exceptions import RequestValidationError
 from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import FileResponse, JSONResponse, RedirectResponse, Response, StreamingResponse
@@ -40,6 +41,11 @@ class ApiError(Exception):
         self.status, self.code, self.message, self.headers = status, code, message, headers
         super().__init__(message)
 
+
+#: An inspection id as the database stores it (a signed 64-bit integer): larger ones are a 422,
+#: not an overflow deep in the database driver.
+MAX_ID = 2**63 - 1
+InspectionId = Annotated[int, PathParameter(ge=1, le=MAX_ID)]
 
 def _error(status: int, code: str, message: str, headers: dict | None = None) -> JSONResponse:
     return JSONResponse({"error": {"code": code, "message": message}}, status_code=status, headers=headers)
@@ -217,8 +223,8 @@ def create_app(config: ServeConfig, models: dict[str, LoadedModel] | None = None
         verdict: Literal["normal", "anomalous", "none"] | None = None,
         since: datetime | None = Query(None, description="UTC, ISO 8601"),
         until: datetime | None = Query(None, description="UTC, ISO 8601"),
-        before_id: int | None = Query(None, ge=1),
-        after_id: int | None = Query(None, ge=0),
+        before_id: int | None = Query(None, ge=1, le=MAX_ID),
+        after_id: int | None = Query(None, ge=0, le=MAX_ID),
         limit: int = Query(50, ge=1, le=500),
     ):
         if model is not None:
@@ -230,22 +236,22 @@ def create_app(config: ServeConfig, models: dict[str, LoadedModel] | None = None
         return {"items": items, "next_before_id": items[-1]["id"] if more and items else None}
 
     @app.get("/v1/inspections/{inspection_id}")
-    async def get_inspection(inspection_id: int):
+    async def get_inspection(inspection_id: InspectionId):
         return public_record(inspection(inspection_id))
 
     @app.get("/v1/inspections/{inspection_id}/image")
-    async def get_image(inspection_id: int):
+    async def get_image(inspection_id: InspectionId):
         return FileResponse(blobs.path(inspection(inspection_id)["image_key"]))
 
     @app.get("/v1/inspections/{inspection_id}/overlay.png")
-    async def get_overlay(inspection_id: int):
+    async def get_overlay(inspection_id: InspectionId):
         row = inspection(inspection_id)
         if not row["overlay_key"]:
             raise ApiError(404, "no_map", f"inspection {inspection_id} has no heatmap (its method gives no maps)")
         return FileResponse(blobs.path(row["overlay_key"]), media_type="image/png")
 
     @app.get("/v1/inspections/{inspection_id}/map.npy")
-    async def get_map(inspection_id: int):
+    async def get_map(inspection_id: InspectionId):
         row = inspection(inspection_id)
         if not row["map_key"]:
             raise ApiError(404, "no_map", f"inspection {inspection_id} has no anomaly map (its method gives no maps)")
@@ -253,7 +259,7 @@ def create_app(config: ServeConfig, models: dict[str, LoadedModel] | None = None
                             filename=f"inspection-{inspection_id}.npy")
 
     @app.post("/v1/inspections/{inspection_id}/verdict")
-    async def set_verdict(inspection_id: int, body: VerdictIn):
+    async def set_verdict(inspection_id: InspectionId, body: VerdictIn):
         """The operator confirms (same as the label) or overrides (the other one) a verdict."""
         row = await run_in_threadpool(store.set_verdict, inspection_id, body.verdict, body.operator, body.note)
         if row is None:
@@ -262,7 +268,8 @@ def create_app(config: ServeConfig, models: dict[str, LoadedModel] | None = None
 
     # -- thresholds, drift, feedback -------------------------------------------------------------
     @app.get("/v1/models/{name}/threshold-view")
-    async def threshold_view(name: str, threshold: float | None = Query(None, allow_inf_nan=False), recent: int = Query(500, ge=1, le=100_000),
+    async def threshold_view(name: str, threshold: float | None = Query(None, allow_inf_nan=False, ge=-1e15, le=1e15),
+                             recent: int = Query(500, ge=1, le=100_000),
                              bins: int = Query(30, ge=2, le=200)):
         """Histograms of held-out normal and recent scores; the rates at ``threshold`` (default: the
         model's own); drift of recent scores from the normal ones."""
