@@ -209,6 +209,12 @@ def test_image_field_holding_text(service):
     client, _, _ = service
     response = client.post("/v1/models/tiny/inspect", data={"image": "part.png"}, files=[("other", ("x", b"x"))])
     assert response.status_code == 422 and "file upload" in error_of(response)["message"]
+    # One image part without a filename in a batch: refused whole, not dropped from it.
+    body = b"".join([b"--B\r\nContent-Disposition: form-data; name=\"image\"; filename=\"a.png\"\r\n"
+                     b"Content-Type: image/png\r\n\r\n" + png_bytes(good_image()) + b"\r\n",
+                     b"--B\r\nContent-Disposition: form-data; name=\"image\"\r\n\r\nnot a file\r\n--B--\r\n"])
+    mixed = client.post("/v1/models/tiny/inspect", content=body, headers={"content-type": "multipart/form-data; boundary=B"})
+    assert mixed.status_code == 422 and "part 2 of 2" in error_of(mixed)["message"]
 
 
 def test_not_multipart(service):

@@ -189,9 +189,12 @@ def create_app(config: ServeConfig, models: dict[str, LoadedModel] | None = None
             raise ApiError(415, "not_multipart",
                            f"send the image as multipart/form-data in a field named '{IMAGE_FIELD}'")
         form = await request.form(max_files=config.max_batch, max_fields=config.max_batch + 8)
-        files = [value for key, value in form.multi_items() if key == IMAGE_FIELD and isinstance(value, UploadFile)]
-        if not files and IMAGE_FIELD in form:
-            raise ApiError(422, "no_image", f"field '{IMAGE_FIELD}' holds text; send the image as a file upload")
+        parts = [value for key, value in form.multi_items() if key == IMAGE_FIELD]
+        files = [value for value in parts if isinstance(value, UploadFile)]
+        if len(files) < len(parts):  # a part without a filename arrives as text: refused, never dropped
+            texts = [number for number, value in enumerate(parts, 1) if not isinstance(value, UploadFile)]
+            raise ApiError(422, "no_image", f"field '{IMAGE_FIELD}' holds text (part {', '.join(map(str, texts))} of "
+                           f"{len(parts)}: no filename); send each image as a file upload")
         if not files:
             fields = ", ".join(sorted({f"'{key}'" for key in form.keys()})) or "none"
             raise ApiError(422, "no_image", f"no file in a multipart field named '{IMAGE_FIELD}' (fields sent: {fields})")
