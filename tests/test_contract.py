@@ -219,6 +219,13 @@ def test_one_image_instead_of_a_list_and_an_empty_image_are_clear_errors(method,
             detector.predict([empty, images[0][1]])
 
 
+def test_numpy_numbers_as_parameters_and_rates(images):
+    with pytest.raises(ParameterError, match="plain Python number"):
+        create_detector("patchcore", size=np.int64(64)).fit(images[0][:3])
+    detector = create_detector("patchcore", size=64).fit(images[0][:6])
+    assert detector.set_operating_point(np.float32(0.05)) == pytest.approx(detector.set_operating_point(0.05), rel=1e-6)
+
+
 def test_a_parameter_changed_after_fit_needs_a_fit_again(images, tmp_path):
     """The bank was learned with the old parameters: predicting or saving with the new ones would
     mix them (a cosine bank saved as L2 flagged every image after loading)."""

@@ -172,6 +172,7 @@ class Detector:
         """Move the threshold to where about ``fpr`` of good parts are flagged (0.01: one in a
         hundred), recomputed from the stored held-out normal scores by the calibration rule; the
         model file keeps it. Returns the threshold."""
+        fpr = float(fpr) if isinstance(fpr, np.floating) else fpr  # a numpy rate is a rate
         if not (isinstance(fpr, (int, float)) and 0.0 < fpr < 1.0):
             raise UsageError(f"{self.name}: a target false-alarm rate must be between 0 and 1 (exclusive), not {fpr!r}")
         count = 0 if self.normal_scores is None else int(np.isfinite(self.normal_scores).sum())

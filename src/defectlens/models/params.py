@@ -192,4 +192,6 @@ def check_values(method: str, values: dict[str, Any], constraints: dict[str, Con
     for name, value in values.items():
         constraint = constraints[name]
         if not constraint.accepts(value):
-            raise ParameterError(f"{method}: {name} must be {constraint.describe()}, not {value!r}")
+            # numpy numbers are not stored: a model file holds plain JSON numbers
+            hint = "; pass a plain Python number (int(...), float(...))" if type(value).__module__ == "numpy" else ""
+            raise ParameterError(f"{method}: {name} must be {constraint.describe()}, not {value!r}{hint}")
