@@ -61,6 +61,11 @@ def test_rgba_is_composited_onto_black(tmp_path):
     np.testing.assert_array_equal(image[0, 0], [0, 0, 0])  # fully transparent red -> black
     np.testing.assert_array_equal(image[0, 1], [0, 255, 0])  # opaque green stays
     assert image[0, 2, 0] == 0 and image[0, 2, 1] == 0 and abs(image[0, 2, 2] - 128) <= 1
+    # The same RGBA given as an array (the Python API) is the same image, not its alpha dropped.
+    noisy = np.random.default_rng(0).integers(0, 256, (20, 30, 4), dtype=np.uint8)
+    Image.fromarray(noisy, mode="RGBA").save(tmp_path / "noisy.png")
+    np.testing.assert_array_equal(as_image(rgba), image)
+    np.testing.assert_array_equal(as_image(noisy), read_image(tmp_path / "noisy.png"))
 
 
 def test_palette_image_maps_to_its_colours(tmp_path):

@@ -278,8 +278,9 @@ def as_image(item) -> np.ndarray:
         raise ValueError(f"an image array of shape {array.shape} holds no pixel")
     if array.shape[2] == 1:
         array = np.repeat(array, 3, axis=2)
-    if array.shape[2] == 4:
-        array = array[..., :3]
+    if array.shape[2] == 4:  # onto black, as an RGBA file is read: the same image, the same score
+        rgba = _to_uint8(array).astype(np.uint16)
+        return ((rgba[..., :3] * rgba[..., 3:] + 127) // 255).astype(np.uint8)
     return _to_uint8(array)
 
 
