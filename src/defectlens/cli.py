@@ -117,7 +117,7 @@ def cmd_fit(args) -> int:
     elif detector.predict_chunk is None:
         threshold = f"set from each predicted batch of {MIN_SCORES} images or more (override with --threshold)"
     else:
-        threshold = "none (needs at least 3 held-out normal scores; pass --threshold to predict)"
+        threshold = f"none (needs at least {MIN_SCORES} held-out normal scores; pass --threshold to predict)"
     anomalous = len(training.labels) - training.normal_count
     kind = (f"{training.normal_count} normal and {anomalous} anomalous" if anomalous
             else f"{training.normal_count} normal")
@@ -368,9 +368,8 @@ def cmd_generate(args) -> int:
 
 
 def cmd_synthesize(args) -> int:
-    from .synthesis.run import synthesize_folder
-
     from .engine.outputs import check_output_folder
+    from .synthesis.run import synthesize_folder
 
     check_output_folder(args.out)
     params = parse_params(args.param)
@@ -416,12 +415,6 @@ def cmd_serve(args) -> int:
     for name, path in config.models.items():
         if not path.is_file():
             raise UsageError(f"model {name}: {path} does not exist")
-    from .engine.outputs import check_output_folder
-
-    check_output_folder(args.data, what="--data")  # images and maps go there: checked before the models load
-    if args.db is None:
-        if (Path(args.data) / "inspections.db").is_dir():
-            raise UsageError(f"--data {args.data}: inspections.db there is a folder, not the history database")
     run(config, max_connections=args.max_connections)
     return 0
 

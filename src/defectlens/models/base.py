@@ -22,7 +22,7 @@ from safetensors.torch import save_file
 from ..backbones import get_backbone
 from ..data.io import image_list
 from ..errors import DefectlensError, UsageError
-from .calibration import DEFAULT_FPR, NONE, Calibration, threshold_from_normal_scores
+from .calibration import DEFAULT_FPR, MIN_SCORES, NONE, Calibration, threshold_from_normal_scores
 from .modelfile import FORMAT, FORMAT_VERSION, NORMAL_SCORES, ModelFileError, read_model_file
 from .params import Constraint, ParameterError, check_names, check_values, get_param_names
 
@@ -179,7 +179,7 @@ class Detector:
         threshold = threshold_from_normal_scores(self.normal_scores, fpr) if count else None
         if threshold is None:
             raise UsageError(f"{self.name}: this model holds {count} held-out normal scores; an operating point needs at "
-                             "least 3 (fit on more good images, or pass a threshold yourself)")
+                             f"least {MIN_SCORES} (fit on more good images, or pass a threshold yourself)")
         self.threshold, self.operating_fpr = threshold, float(fpr)
         return threshold
 

@@ -47,6 +47,7 @@ class ApiError(Exception):
 MAX_ID = 2**63 - 1
 InspectionId = Annotated[int, PathParameter(ge=1, le=MAX_ID)]
 
+
 def _error(status: int, code: str, message: str, headers: dict | None = None) -> JSONResponse:
     return JSONResponse({"error": {"code": code, "message": message}}, status_code=status, headers=headers)
 

@@ -6,6 +6,7 @@ import logging
 import socket
 from pathlib import Path
 
+from ..engine.outputs import check_output_folder
 from ..errors import UsageError
 from .blobs import BlobStore
 from .config import ServeConfig
@@ -26,7 +27,9 @@ def run(config: ServeConfig, max_connections: int = 256, log_level: str = "info"
     from .app import create_app
 
     config.check_exposure()
-    check_can_listen(config.host, config.port)  # before the models load, which takes a while
+    # Before the models load, which takes a while: where it would listen and write.
+    check_can_listen(config.host, config.port)
+    check_data_folder(config)
     models = {}
     for name, path in config.models.items():
         models[name] = LoadedModel.load(name, path, config.runtime)
@@ -48,6 +51,14 @@ def check_can_listen(host: str, port: int) -> None:
             pass
     except OSError as error:
         raise UsageError(f"cannot listen on {host}:{port}: {error.strerror or error}") from None
+
+
+def check_data_folder(config: ServeConfig) -> None:
+    """Refuse a data folder the stored images and maps (and the SQLite history, without a database
+    URL) cannot go to, as a usage error naming it."""
+    check_output_folder(config.data_dir, what="--data")
+    if not config.db_url and (Path(config.data_dir) / "inspections.db").is_dir():
+        raise UsageError(f"--data {config.data_dir}: inspections.db there is a folder, not the history database")
 
 
 def export_good(config: ServeConfig, folder: str | Path) -> dict[str, int]:
