@@ -58,6 +58,22 @@ def test_model_file_rejects_newer_versions_and_foreign_files(tmp_path, normal_im
         Detector.load(tmp_path / "missing.dlmodel")
 
 
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+def test_a_model_file_holding_nan_or_infinity_is_refused_by_name(tmp_path, normal_images, bad):
+    """A damaged bank used to load and score every image 0 (NaN distances sort last)."""
+    from safetensors import safe_open
+    from safetensors.torch import load_file, save_file
+
+    path = create_detector("patchknn", size=64, bank_size=256).fit(normal_images[:3]).save(tmp_path / "m.dlmodel")
+    with safe_open(str(path), framework="pt") as handle:
+        metadata = handle.metadata()
+    tensors = load_file(str(path))
+    tensors["bank"][3, 5] = bad
+    save_file(tensors, str(tmp_path / "bad.dlmodel"), metadata=metadata)
+    with pytest.raises(ModelFileError, match=r"bad\.dlmodel: damaged model file: bank holds NaN or infinite"):
+        Detector.load(tmp_path / "bad.dlmodel")
+
+
 def test_every_registered_method_is_named_as_its_folder():
     assert set(PATCH_METHODS) <= set(REGISTRY)
     for name, cls in REGISTRY.items():
