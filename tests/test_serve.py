@@ -545,3 +545,25 @@ def test_cli_refuses_a_taken_port_and_bad_limits(tmp_path_factory, tmp_path, cap
         with pytest.raises(SystemExit) as stop:
             main(["serve", str(model), *option])
         assert stop.value.code == 2 and option[0] in capsys.readouterr().err
+
+
+def test_healthz_is_unavailable_once_the_data_folder_is_deleted(tmp_path_factory, tmp_path):
+    """It said ok while every upload failed: the open SQLite connection still answered SELECT 1."""
+    import shutil
+
+    from fastapi.testclient import TestClient
+
+    from defectlens.serve import create_app
+
+    data = tmp_path / "data"
+    config = ServeConfig(models={"tiny": tiny_model(tmp_path_factory)}, data_dir=data, workers=1)
+    with TestClient(create_app(config)) as client:
+        assert client.get("/healthz").json()["status"] == "ok"
+        shutil.rmtree(data / "blobs")
+        images_gone = client.get("/healthz")
+        shutil.rmtree(data)
+        all_gone = client.get("/healthz")
+    assert images_gone.status_code == all_gone.status_code == 503
+    assert error_of(images_gone) == {"code": "unavailable",
+                                     "message": f"cannot store inspections: the image folder {data / 'blobs'} is gone"}
+    assert error_of(all_gone)["message"] == f"cannot store inspections: the database file {data.resolve() / 'inspections.db'} is gone"

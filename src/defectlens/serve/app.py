@@ -16,7 +16,6 @@ from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import FileResponse, JSONResponse, RedirectResponse, Response, StreamingResponse
 from fastapi.staticfiles import StaticFiles
 from pydantic import BaseModel, Field
-from sqlalchemy import text
 from starlette.concurrency import run_in_threadpool
 from starlette.datastructures import UploadFile
 from starlette.exceptions import HTTPException as StarletteHTTPException
@@ -154,10 +153,10 @@ def create_app(config: ServeConfig, models: dict[str, LoadedModel] | None = None
 
     @app.get("/healthz")
     async def healthz():
-        def database_ok():
-            with store.engine.connect() as connection:
-                connection.execute(text("SELECT 1"))
-        await run_in_threadpool(database_ok)
+        # Unhealthy when an inspection could not be stored: a load balancer then stops sending work.
+        problem = await run_in_threadpool(lambda: store.unusable() or blobs.unusable())
+        if problem:
+            raise ApiError(503, "unavailable", f"cannot store inspections: {problem}")
         return {"status": "ok", "version": __version__, "models": sorted(models), "queue": pool.pending,
                 "capacity": pool.capacity}
 

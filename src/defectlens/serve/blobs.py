@@ -38,6 +38,14 @@ class BlobStore:
             raise
         return key
 
+    def unusable(self) -> str | None:
+        """Why blobs cannot be written now (the folder deleted or made read-only under the service), or None."""
+        if not self.root.is_dir():
+            return f"the image folder {self.root} is gone"
+        if not os.access(self.root, os.W_OK):
+            return f"the image folder {self.root} is not writable"
+        return None
+
     def path(self, key: str) -> Path:
         """The file of a key; keys are checked so a stored value can never escape the folder."""
         match = KEY.match(key)

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 
-from sqlalchemy import MetaData, Table, and_, create_engine, event, func, select
+from sqlalchemy import MetaData, Table, and_, create_engine, event, func, select, text
 from sqlalchemy.engine import make_url
 
 from .migrations import migrate
@@ -56,6 +56,16 @@ class InspectionStore:
 
     def close(self) -> None:
         self.engine.dispose()
+
+    def unusable(self) -> str | None:
+        """Why inspections cannot be stored (the database unreachable, or its SQLite file deleted
+        under the service, which an open connection would not notice), or None."""
+        with self.engine.connect() as connection:
+            connection.execute(text("SELECT 1"))
+        database = self.engine.url.database
+        if self.is_sqlite and database and database != ":memory:" and not Path(database).is_file():
+            return f"the database file {database} is gone"
+        return None
 
     # -- writing ------------------------------------------------------------------------------
     def add(self, records: list[dict]) -> list[int]:
