@@ -8,7 +8,10 @@ k-shot × seeds, with a headline (mean over the real sets), the worst set and a 
 
 Sets: bsdata (metal, tiny pits, masks), deeppcb (PCB scans, small defects, box masks), elpv-mono and
 elpv-poly (solar cells, image labels only; `pip install -e ".[bench]"`), plus the generator's
-categories (gen-fabric, gen-washer) as a sanity column outside the headline.
+categories as a sanity column outside the headline: gen-fabric and gen-washer by default, any of its
+13 (gen-wood, gen-screw, ...) with --sets; `--sets gen-all` writes to generator_suite.json/md:
+
+    python benchmarks/real_suite.py --sets gen-all --shots full,4 --seeds 5 --config patchknn:geometry=tiles
 
 Every run (method, params, set, shots, seed) is one `run_benchmark` call on a copy of the set whose
 training list holds just that run's shots, so it is cached on its own in the JSON
@@ -41,7 +44,7 @@ from defectlens.data.datasets import Dataset, load_dataset
 from defectlens.data.elpv import CERTAIN_DEFECT, DEFECT_TYPES, load_elpv
 from defectlens.data.io import as_image
 from defectlens.data.kshot import sample_shots
-from defectlens.data.generator import generate
+from defectlens.data.generator import MVTEC_CATEGORIES, generate
 from defectlens.engine.benchmark import run_benchmark
 from defectlens.engine.fit import normal_training_samples
 from defectlens.models import MANY_IMAGES, REGISTRY, create_detector, default_config
@@ -51,9 +54,12 @@ from defectlens.models.calibration import CROSS_FOLDS, LEAVE_ONE_OUT_MAX
 HERE = Path(__file__).resolve().parent
 SHARED = HERE.parents[1] / "shared" / "datasets"
 RESULTS = HERE / "results" / "real_suite"
+GENERATED_RESULTS = HERE / "results" / "generator_suite"
 CACHE = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "defectlens" / "real_suite"
 REAL_SETS = ("bsdata", "deeppcb", "elpv-mono", "elpv-poly")
 SANITY_SETS = ("gen-fabric", "gen-washer")
+#: Every category the generator draws (surfaces, textures, objects): `--sets gen-all`.
+GENERATED_SETS = tuple(f"gen-{category}" for category in MVTEC_CATEGORIES)
 LOSO_METRIC = "image_auroc"
 DETAIL_METRICS = ("image_auroc", "image_aupr", "f1_max", "pixel_auroc", "au_pro", "fpr", "tpr",
                   "fit_seconds", "ms_per_image", "wall_seconds")
@@ -70,7 +76,7 @@ class SuiteSet:
 def _generated(category: str) -> Dataset:
     folder = CACHE / "generated-seed0"
     if not (folder / category).is_dir():
-        generate(folder, kind="mvtec", seed=0)
+        generate(folder, kind="mvtec", seed=0, categories=[category])
     return load_dataset(folder / category)
 
 
@@ -79,8 +85,7 @@ SETS = {
     "deeppcb": SuiteSet("deeppcb", lambda: load_dataset(SHARED / "deeppcb" / "pcb")),
     "elpv-mono": SuiteSet("elpv-mono", lambda: load_elpv("mono"), CERTAIN_DEFECT, False),
     "elpv-poly": SuiteSet("elpv-poly", lambda: load_elpv("poly"), CERTAIN_DEFECT, False),
-    "gen-fabric": SuiteSet("gen-fabric", lambda: _generated("fabric")),
-    "gen-washer": SuiteSet("gen-washer", lambda: _generated("washer")),
+    **{name: SuiteSet(name, lambda category=name[4:]: _generated(category)) for name in GENERATED_SETS},
 }
 
 
@@ -321,10 +326,10 @@ def aggregate(runs: dict) -> dict:
     return table
 
 
-def headline(cells: dict, metric: str = LOSO_METRIC) -> tuple[float, str, float] | None:
-    """(mean over the real sets, worst set, its value), or None unless every real set has a run."""
-    values = {name: cells[name][metric][0] for name in REAL_SETS if name in cells and cells[name].get(metric)}
-    if len(values) < len(REAL_SETS):
+def headline(cells: dict, metric: str = LOSO_METRIC, sets: tuple[str, ...] = REAL_SETS) -> tuple[float, str, float] | None:
+    """(mean over ``sets``, the real ones unless named, worst set, its value), or None unless every one has a run."""
+    values = {name: cells[name][metric][0] for name in sets if name in cells and cells[name].get(metric)}
+    if len(values) < len(sets):
         return None
     worst = min(values, key=values.get)
     return float(np.mean(list(values.values()))), worst, values[worst]
@@ -447,44 +452,56 @@ def render(runs: dict, figure: Path | None = None) -> str:
     curves = shot_curves(table)
     if figure is not None and curves:
         plot_shot_curves(curves, figure)
-    sets = [name for name in (*REAL_SETS, *SANITY_SETS) if any(e["set"] == name for e in runs.values())]
+    sets = [name for name in (*REAL_SETS, *GENERATED_SETS) if any(e["set"] == name for e in runs.values())]
+    # A report of generated sets alone (--sets gen-all) heads its tables with their mean instead.
+    real = any(name in REAL_SETS for name in sets)
+    group, label = (REAL_SETS, "real") if real else (tuple(sets), f"{len(sets)} generated")
     lines = [
-        "# Real-data suite: image AUROC across sets nobody tuned on",
+        "# Real-data suite: image AUROC across sets nobody tuned on" if real else
+        "# Generator suite: image AUROC on every category the generator draws",
         "",
         f"Generated by `benchmarks/real_suite.py` from {len(runs)} cached runs "
         f"({time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}; defectlens {__version__}; "
         f"{platform.machine()}, {len(os.sched_getaffinity(0))} cores shared with other jobs, so every time is an upper bound).",
         "",
-        "Sets: **bsdata** (ball screws, tiny pits, masks), **deeppcb** (PCB scans, small defects, box masks), "
-        "**elpv-mono / elpv-poly** (solar cells, image labels only; a fixed-seed 60 % of the defect-probability-0 "
-        "cells train, test = the other probability-0 cells against the probability-1 cells; the 1/3 and 2/3 cells "
-        "are reported as their own defect types), and the generator's **gen-fabric / gen-washer** as a sanity column "
-        "outside the headline. Headline = mean image AUROC over the four real sets; *worst* = the lowest of them. "
-        "k-shot cells are mean ± std over seeds (each seed a different draw of the k normal images). "
-        "FPR / TPR: share of good / (certainly) defective test images above the detector's own threshold, which it "
-        "set from normal training images only. `fit s` and `ms/img` exclude the backbone for the patch detectors "
-        "(backbone features of each image are computed once per set and shared by every run; see speed.md for "
-        "end-to-end prediction times). **†N**: measured on a fixed-seed stratified subset of N test images "
-        "(same share of each defect type) because the shared machine was too slow for the whole test set; "
-        "noisier than the other cells (AUROC std about 0.02–0.03 at N = 200). "
-        "Tiled patchknn (alone or as a member) scores an image by 1 % of one tile's patches since 2026-11-30; rows "
-        "naming `top_fraction: 0.01` are the runs made before, which averaged 1 % of all the image's tiles' "
-        "patches (on ELPV, one tile per cell, both rules compute the same, so its cells appear under both names). "
-        "patchknn on an approximate index (`search: ivf`) averages its top patches' exact distances since "
-        "2026-11-30 late; runs of such configurations made before averaged the index's distances (the default "
-        "full-shot then: BSData 0.9685, DeepPCB 0.981, ELPV mono 0.9526, poly 0.929; the 4-shot default searches "
-        "exactly either way).",
+        ("Sets: **bsdata** (ball screws, tiny pits, masks), **deeppcb** (PCB scans, small defects, box masks), "
+         "**elpv-mono / elpv-poly** (solar cells, image labels only; a fixed-seed 60 % of the defect-probability-0 "
+         "cells train, test = the other probability-0 cells against the probability-1 cells; the 1/3 and 2/3 cells "
+         "are reported as their own defect types), and the generator's **gen-fabric / gen-washer** as a sanity column "
+         "outside the headline. Headline = mean image AUROC over the four real sets; *worst* = the lowest of them. "
+         "k-shot cells are mean ± std over seeds (each seed a different draw of the k normal images). "
+         "FPR / TPR: share of good / (certainly) defective test images above the detector's own threshold, which it "
+         "set from normal training images only. `fit s` and `ms/img` exclude the backbone for the patch detectors "
+         "(backbone features of each image are computed once per set and shared by every run; see speed.md for "
+         "end-to-end prediction times). **†N**: measured on a fixed-seed stratified subset of N test images "
+         "(same share of each defect type) because the shared machine was too slow for the whole test set; "
+         "noisier than the other cells (AUROC std about 0.02–0.03 at N = 200). "
+         "Tiled patchknn (alone or as a member) scores an image by 1 % of one tile's patches since 2026-11-30; rows "
+         "naming `top_fraction: 0.01` are the runs made before, which averaged 1 % of all the image's tiles' "
+         "patches (on ELPV, one tile per cell, both rules compute the same, so its cells appear under both names). "
+         "patchknn on an approximate index (`search: ivf`) averages its top patches' exact distances since "
+         "2026-11-30 late; runs of such configurations made before averaged the index's distances (the default "
+         "full-shot then: BSData 0.9685, DeepPCB 0.981, ELPV mono 0.9526, poly 0.929; the 4-shot default searches "
+         "exactly either way).") if real else (
+         "Sets: the generator's categories (`defectlens generate --categories all`, seed 0, 256 px: 40 good training "
+         "images, 20 good and 40 defective test images with small, low-contrast defects on purpose; surfaces, "
+         "textures and objects, the objects turned and placed at random). A sanity view of kinds of product the "
+         "real sets lack, never used to choose a default (the lesson of tuning on the generator). "
+         "full-shot = all 40 training images, under `default_config`'s MANY_IMAGES: `fit` without --method takes "
+         "tiled patchknn there, and the ensemble from 128 good images. k-shot cells are mean ± std over seeds "
+         "(each seed a different draw of the k normal images). FPR / TPR: share of good / defective test images "
+         "above the detector's own normal-only threshold."),
         "",
     ]
     lines += _shots_section(curves, figure.name if figure is not None else None)
     for regime in sorted(table, key=_regime_order):
         configs = table[regime]
         lines += [f"## {regime}: image AUROC", "",
-                  "| configuration | " + " | ".join(sets) + " | mean (real) | worst (real) |",
+                  "| configuration | " + " | ".join(sets) + f" | mean ({label}) | worst ({label}) |",
                   "|---|" + "---|" * (len(sets) + 2)]
-        ranked = sorted(configs, key=lambda c: -(headline(configs[c]) or (-1.0,))[0])
+        ranked = sorted(configs, key=lambda c: -(headline(configs[c], sets=group) or (-1.0,))[0])
         for config in ranked:
-            summary = headline(configs[config])
+            summary = headline(configs[config], sets=group)
             row = [_cell(configs[config].get(name, {}).get(LOSO_METRIC)) + _mark(configs[config].get(name)) for name in sets]
             row += [f"**{summary[0]:.3f}**", f"{summary[2]:.3f} ({summary[1]})"] if summary else ["–", "–"]
             lines.append(f"| `{config}` | " + " | ".join(row) + " |")
@@ -567,13 +584,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--methods", default="", help="comma list of methods with their default parameters")
     parser.add_argument("--config", action="append", default=[], metavar="METHOD[:KEY=VALUE,...]",
                         help="a method with parameters, repeatable (e.g. patchcore:bank_size=16384,size=320)")
-    parser.add_argument("--sets", default=",".join((*REAL_SETS, *SANITY_SETS)))
+    parser.add_argument("--sets", default=",".join((*REAL_SETS, *SANITY_SETS)),
+                        help="comma list; gen-all: every generator category (results to generator_suite.json/md)")
     parser.add_argument("--shots", default="full", help="comma list of full and k; zero-shot methods run 0 instead")
     parser.add_argument("--seeds", type=int, default=1, help="k-shot runs use seeds 0..N-1; full-shot uses seed 0")
     parser.add_argument("--max-test", type=int, default=None,
                         help="evaluate on a fixed-seed stratified subset of at most N test images (marked in the report)")
-    parser.add_argument("--json", default=str(RESULTS) + ".json")
-    parser.add_argument("--md", default=str(RESULTS) + ".md")
+    parser.add_argument("--json", default=None, help="default: real_suite.json (generator_suite.json for --sets gen-all)")
+    parser.add_argument("--md", default=None, help="default: beside --json, .md")
     parser.add_argument("--report-only", action="store_true", help="rebuild the Markdown from the JSON and stop")
     parser.add_argument("--rerun", action="store_true",
                         help="measure the named runs again and replace their cached results (after a change that moves them)")
@@ -581,14 +599,16 @@ def main(argv: list[str] | None = None) -> int:
                         help="embed every run's images afresh instead of keeping each set's features for the next "
                              "run: for tiled or high-resolution configurations, whose features would not fit twice in memory")
     args = parser.parse_args(argv)
-    json_path, md_path = Path(args.json), Path(args.md)
+    set_names = list(GENERATED_SETS) if args.sets == "gen-all" else [s for s in args.sets.split(",") if s]
+    json_path = Path(args.json) if args.json else (GENERATED_RESULTS if args.sets == "gen-all" else RESULTS).with_suffix(".json")
+    md_path = Path(args.md) if args.md else json_path.with_suffix(".md")
     if not args.report_only:
         configs = [parse_config(m) for m in args.methods.split(",") if m.strip()] + [parse_config(c) for c in args.config]
-        unknown = [s for s in args.sets.split(",") if s not in SETS]
+        unknown = [s for s in set_names if s not in SETS]
         if unknown:
             raise SystemExit(f"--sets: unknown {', '.join(unknown)}; available: {', '.join(SETS)}")
         shot_list = [s.strip() for s in args.shots.split(",") if s.strip()]
-        for set_name in args.sets.split(","):
+        for set_name in set_names:
             suite_set = SETS[set_name]
             dataset = test_subset(suite_set.load(), args.max_test)
             MEMO.clear()
